@@ -1,0 +1,88 @@
+//! The [`Backend`] trait: the operations a transformer needs, implemented per device.
+//!
+//! Models (in `models/`) are plain Rust over this trait: they hold `B::Weight`s and `B::Buf`s
+//! and call operations; where the bytes live and which kernels run is the backend's business.
+//! Buffers hold f32 activations laid out token-major (`n_tokens × width`). The CPU backend
+//! ([`cpu::CpuBackend`]) is always present; a CUDA backend plugs in behind the same trait.
+
+pub mod cpu;
+
+use crate::error::Result;
+use crate::weights::HostTensor;
+
+/// Attention shape and masking for one call.
+#[derive(Clone, Copy, Debug)]
+pub struct AttnParams {
+    pub n_tokens: usize,
+    /// Position of the first of the `n_tokens` queries; keys `0..start_pos + n_tokens` exist.
+    pub start_pos: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    /// Sliding window: query at position p sees keys p-w+1..=p.
+    pub window: Option<usize>,
+    pub scale: f32,
+}
+
+/// Device operations used by the models.
+pub trait Backend: Send + Sync + Sized {
+    /// Activations (f32) on the device.
+    type Buf: Send + Sync;
+    /// A weight matrix `rows × cols` in its storage dtype, on the device.
+    type Weight: Send + Sync;
+    /// One layer's key/value storage.
+    type Kv: Send + Sync;
+
+    fn name(&self) -> String;
+
+    /// Makes a 2-D tensor (shape `[rows, cols]`) usable as a matrix.
+    fn weight(&self, t: HostTensor) -> Result<Self::Weight>;
+    /// Rows of a weight.
+    fn weight_rows(&self, w: &Self::Weight) -> usize;
+    /// A buffer holding these values.
+    fn buf_from(&self, v: &[f32]) -> Result<Self::Buf>;
+    /// A zeroed buffer of `n` floats.
+    fn buf_zeros(&self, n: usize) -> Result<Self::Buf>;
+    /// Copies a buffer to the host.
+    fn to_host(&self, b: &Self::Buf) -> Vec<f32>;
+
+    /// `out[t] = table[ids[t]]` (rows dequantised to f32).
+    fn embed(&self, table: &Self::Weight, ids: &[u32], out: &mut Self::Buf) -> Result<()>;
+    /// Row-wise RMSNorm of `x` (rows of width `dim`), times `w`, into `out`.
+    fn rms_norm(&self, x: &Self::Buf, w: &Self::Buf, dim: usize, eps: f32, out: &mut Self::Buf);
+    /// In-place RMSNorm of each `dim`-wide group of `x` (q/k norms).
+    fn rms_norm_inplace(&self, x: &mut Self::Buf, w: &Self::Buf, dim: usize, eps: f32);
+    /// `out[t] = W · x[t]` for `n_tokens` rows of `x`.
+    fn matmul(&self, w: &Self::Weight, x: &Self::Buf, n_tokens: usize, out: &mut Self::Buf);
+    /// `x[t] += b` for every row.
+    fn add_row_bias(&self, x: &mut Self::Buf, b: &Self::Buf);
+    /// `x += y`.
+    fn add(&self, x: &mut Self::Buf, y: &Self::Buf);
+    /// `gate = silu(gate) * up`.
+    fn silu_mul(&self, gate: &mut Self::Buf, up: &Self::Buf);
+    /// Rotary embedding on `x` (`n_tokens × n_heads × head_dim`), token t at position
+    /// `start_pos + t`, with per-pair inverse frequencies `inv_freq` (`head_dim/2`).
+    fn rope(
+        &self,
+        x: &mut Self::Buf,
+        n_heads: usize,
+        head_dim: usize,
+        start_pos: usize,
+        inv_freq: &[f32],
+        style: flowgate_formats::RopeStyle,
+    );
+
+    /// KV storage for `capacity` positions.
+    fn kv_alloc(&self, n_kv_heads: usize, head_dim: usize, capacity: usize) -> Result<Self::Kv>;
+    /// Stores keys/values (`n_tokens × n_kv_heads × head_dim`) at positions from `start_pos`.
+    fn kv_write(&self, kv: &mut Self::Kv, k: &Self::Buf, v: &Self::Buf, n_tokens: usize, start_pos: usize);
+    /// Causal attention of `q` (`n_tokens × n_heads × head_dim`) over `kv`, into `out`.
+    fn attention(&self, q: &Self::Buf, kv: &Self::Kv, p: AttnParams, out: &mut Self::Buf);
+
+    /// Gathers rows `idx` of `x` (width `dim`) into a new buffer.
+    fn gather_rows(&self, x: &Self::Buf, dim: usize, idx: &[usize]) -> Result<Self::Buf>;
+    /// `out[idx[i]] += scale[i] * y[i]` for rows of width `dim`.
+    fn scatter_add_rows(&self, out: &mut Self::Buf, y: &Self::Buf, dim: usize, idx: &[usize], scale: &[f32]);
+    /// Resizes a buffer to `n` floats (contents unspecified).
+    fn resize(&self, b: &mut Self::Buf, n: usize) -> Result<()>;
+}

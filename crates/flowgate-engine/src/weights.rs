@@ -1,0 +1,120 @@
+//! Loading a model's tensors into host memory: [`HostTensor`] and [`load_all`].
+//!
+//! Every tensor of the catalog is read with [`flowgate_io::read_ranges`] (parallel positional
+//! reads into aligned buffers). A [`HostTensor`] owns its bytes; its views (`slice_outer`) share
+//! them, so merged expert tensors are read once and handed to experts as zero-copy slices.
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::Arc;
+
+use flowgate_formats::{DType, TensorCatalog, TensorInfo};
+use flowgate_io::{AlignedBuf, ReadRequest};
+
+use crate::error::{EngineError, Result};
+
+/// A tensor's bytes in host memory (possibly a view into a larger read).
+#[derive(Clone)]
+pub struct HostTensor {
+    pub name: String,
+    pub dtype: DType,
+    /// Outermost first.
+    pub shape: Vec<usize>,
+    buf: Arc<AlignedBuf>,
+    range: Range<usize>,
+}
+
+impl std::fmt::Debug for HostTensor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "HostTensor({} {} {:?})", self.name, self.dtype, self.shape)
+    }
+}
+
+impl HostTensor {
+    /// Wraps owned bytes.
+    pub fn new(name: &str, dtype: DType, shape: Vec<usize>, buf: Arc<AlignedBuf>) -> Result<Self> {
+        let dims: Vec<u64> = shape.iter().map(|&d| d as u64).collect();
+        let need = dtype.tensor_bytes(&dims)? as usize;
+        if need != buf.len() {
+            return Err(EngineError::Weight {
+                tensor: name.into(),
+                msg: format!("{} bytes for shape {shape:?} {dtype}, expected {need}", buf.len()),
+            });
+        }
+        let len = buf.len();
+        Ok(HostTensor {
+            name: name.into(),
+            dtype,
+            shape,
+            buf,
+            range: 0..len,
+        })
+    }
+
+    /// A tensor of f32 values (tests, derived tensors).
+    pub fn from_f32(name: &str, shape: Vec<usize>, v: &[f32]) -> Result<Self> {
+        let mut b = AlignedBuf::zeroed(v.len() * 4)
+            .ok_or_else(|| EngineError::Invalid("allocation failed".into()))?;
+        for (d, x) in b.chunks_exact_mut(4).zip(v) {
+            d.copy_from_slice(&x.to_le_bytes());
+        }
+        HostTensor::new(name, DType::F32, shape, Arc::new(b))
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        &self.buf[self.range.clone()]
+    }
+
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// Slice `i` along the outermost dimension, sharing the bytes.
+    pub fn slice_outer(&self, i: usize) -> Result<HostTensor> {
+        let outer = *self.shape.first().unwrap_or(&0);
+        if i >= outer {
+            return Err(EngineError::Weight {
+                tensor: self.name.clone(),
+                msg: format!("slice {i} of {outer}"),
+            });
+        }
+        let step = self.range.len() / outer;
+        Ok(HostTensor {
+            name: format!("{}[{i}]", self.name),
+            dtype: self.dtype,
+            shape: self.shape[1..].to_vec(),
+            buf: self.buf.clone(),
+            range: self.range.start + i * step..self.range.start + (i + 1) * step,
+        })
+    }
+
+    /// All values as f32 (norm weights, biases, routers: small tensors).
+    pub fn to_f32(&self) -> Result<Vec<f32>> {
+        let mut out = vec![0f32; self.numel()];
+        flowgate_formats::quant::dequantize_row(self.dtype, self.bytes(), &mut out)?;
+        Ok(out)
+    }
+}
+
+/// Reads every tensor of `catalog` into host memory.
+pub fn load_all(catalog: &TensorCatalog, threads: usize) -> Result<HashMap<String, HostTensor>> {
+    let infos: Vec<&TensorInfo> = catalog.iter().collect();
+    let reqs: Vec<ReadRequest> = infos
+        .iter()
+        .map(|t| ReadRequest {
+            file: t.file,
+            offset: t.offset,
+            len: t.nbytes as usize,
+        })
+        .collect();
+    let bufs = flowgate_io::read_ranges(&catalog.files, &reqs, threads)?;
+    let mut out = HashMap::with_capacity(infos.len());
+    for (t, b) in infos.into_iter().zip(bufs) {
+        let shape = t.shape.iter().map(|&d| d as usize).collect();
+        out.insert(
+            t.name.clone(),
+            HostTensor::new(&t.name, t.dtype, shape, Arc::new(b))?,
+        );
+    }
+    Ok(out)
+}

@@ -1,0 +1,66 @@
+//! `flowgate generate`: token ids in, generated token ids out.
+
+use anyhow::Result;
+use clap::Args as ClapArgs;
+use flowgate_engine::runtime;
+use flowgate_engine::sampling::Sampler;
+
+use crate::common::{check_tokens, parse_tokens, ModelArgs, SampleArgs};
+
+#[derive(ClapArgs)]
+pub struct Args {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Comma-separated prompt token ids.
+    #[arg(long)]
+    pub tokens: String,
+    #[arg(long, default_value_t = 32)]
+    pub max_tokens: usize,
+    /// Keep going past end-of-sequence tokens.
+    #[arg(long)]
+    pub ignore_eos: bool,
+    /// Print `{"tokens": [...]}` (the generated ids only).
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub sample: SampleArgs,
+}
+
+pub fn main(a: Args) -> Result<()> {
+    let tokens = parse_tokens(&a.tokens)?;
+    let sampler_cfg = a.sample.config()?;
+    let loaded = a.model.load()?;
+    let m = &loaded.model;
+    check_tokens(&tokens, m.spec.vocab_size)?;
+    let mut cache = m.new_cache(a.model.ctx.max(tokens.len() + a.max_tokens))?;
+    let stop: Vec<u32> = if a.ignore_eos {
+        Vec::new()
+    } else {
+        match &loaded.tokenizer {
+            Some(t) => t.eos_ids().to_vec(),
+            None => m.spec.eos_token_ids.clone(),
+        }
+    };
+    let mut sampler = Sampler::new(sampler_cfg);
+    let (out, stats) =
+        runtime::generate(m, &mut cache, &tokens, a.max_tokens, &mut sampler, &stop, |_| true)?;
+    if a.json {
+        println!("{}", serde_json::json!({ "tokens": out }));
+    } else {
+        println!(
+            "{}",
+            out.iter()
+                .map(|t| t.to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+        );
+        eprintln!(
+            "prompt {} tokens at {:.1} tok/s, generated {} at {:.1} tok/s",
+            stats.prompt_tokens,
+            stats.prefill_tps(),
+            stats.generated,
+            stats.decode_tps()
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,6 @@
+pub mod bench;
+pub mod demo;
+pub mod generate;
+pub mod inspect;
+pub mod logits;
+pub mod run;

@@ -1,0 +1,114 @@
+//! Options and helpers shared by the commands.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::Args as ClapArgs;
+use flowgate_engine::runtime::{self, LoadOptions, Loaded};
+use flowgate_engine::sampling::SamplerConfig;
+
+/// Where and how to run a model.
+#[derive(ClapArgs, Clone, Debug)]
+pub struct ModelArgs {
+    /// A GGUF file or a Hugging Face model directory (config.json + safetensors).
+    pub model: PathBuf,
+    /// Compute threads (default: all cores).
+    #[arg(long, short = 't')]
+    pub threads: Option<usize>,
+    /// Context length: positions the KV cache holds.
+    #[arg(long, default_value_t = 4096)]
+    pub ctx: usize,
+}
+
+impl ModelArgs {
+    /// Sets up the thread pool and loads the model.
+    pub fn load(&self) -> Result<Loaded> {
+        init_threads(self.threads)?;
+        runtime::load(&self.model, &LoadOptions::default())
+            .with_context(|| format!("loading {}", self.model.display()))
+    }
+}
+
+/// Installs the global compute pool.
+pub fn init_threads(threads: Option<usize>) -> Result<usize> {
+    let n = threads.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    });
+    if n == 0 {
+        bail!("--threads must be at least 1");
+    }
+    // A second call (tests in one process) keeps the first pool.
+    let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
+    Ok(n)
+}
+
+/// Sampling flags.
+#[derive(ClapArgs, Clone, Debug)]
+pub struct SampleArgs {
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.8)]
+    pub temperature: f32,
+    /// 0 = off.
+    #[arg(long, default_value_t = 40)]
+    pub top_k: usize,
+    /// 1.0 = off.
+    #[arg(long, default_value_t = 0.95)]
+    pub top_p: f32,
+    /// 0 = off.
+    #[arg(long, default_value_t = 0.05)]
+    pub min_p: f32,
+    /// 1.0 = off.
+    #[arg(long, default_value_t = 1.1)]
+    pub repeat_penalty: f32,
+    #[arg(long, default_value_t = 64)]
+    pub repeat_last_n: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+impl SampleArgs {
+    pub fn config(&self) -> Result<SamplerConfig> {
+        if !self.temperature.is_finite() || !(0.0..=1.0).contains(&self.top_p) {
+            bail!("--temperature must be finite and --top-p within 0..=1");
+        }
+        if !(0.0..=1.0).contains(&self.min_p) || !(self.repeat_penalty > 0.0) {
+            bail!("--min-p must be within 0..=1 and --repeat-penalty positive");
+        }
+        Ok(SamplerConfig {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            min_p: self.min_p,
+            repeat_penalty: self.repeat_penalty,
+            repeat_last_n: self.repeat_last_n,
+            seed: self.seed,
+        })
+    }
+}
+
+/// Parses `1,2,3`.
+pub fn parse_tokens(s: &str) -> Result<Vec<u32>> {
+    let v = s
+        .split(',')
+        .map(|t| t.trim())
+        .filter(|t| !t.is_empty())
+        .map(|t| {
+            t.parse::<u32>()
+                .with_context(|| format!("'{t}' is not a token id"))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    if v.is_empty() {
+        bail!("--tokens is empty");
+    }
+    Ok(v)
+}
+
+/// Checks ids against the vocabulary.
+pub fn check_tokens(tokens: &[u32], vocab: usize) -> Result<()> {
+    if let Some(&t) = tokens.iter().find(|&&t| t as usize >= vocab) {
+        bail!("token id {t} is out of range: the vocabulary has {vocab} tokens");
+    }
+    Ok(())
+}
