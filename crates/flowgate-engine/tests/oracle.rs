@@ -7,11 +7,14 @@
 //! Tolerances: relative error ‖ours − ref‖ / ‖ref‖ over all logits.
 //! - F32 weights (HF safetensors or GGUF F32): ≤ 1e-4. Both sides compute in f32; the only
 //!   differences are summation order and transcendental functions (~1e-6 observed).
-//! - Q8_0 GGUF: ≤ 3e-2. Q8_0 stores each weight with 8 bits per 32-value block (relative step
-//!   ≤ 1/127 of the block's largest value, uniform rounding error ~0.2% RMS of the weight), and the
-//!   activations are quantised to Q8_0 too before the integer dot products; the errors of
-//!   thousands of products add up as random noise, giving about 1% relative error in the logits
-//!   of these small random models. The test prints the measured value.
+//! - Q8_0 GGUF, two references. (a) The same model with the Q8_0 weights dequantised, run in
+//!   float64 by tools/oracle/check_numpy.py (`<name>.logits.f32`): ≤ 2e-2. What remains is our
+//!   quantisation of the activations to Q8_0 blocks before the integer dot products (as llama.cpp
+//!   does): a rounding step of max|x|/127 per 32 values, about 0.2% RMS per activation, which the
+//!   untrained random layers amplify. (b) transformers' F32 logits: ≤ 1e-1 — the weights' own
+//!   Q8_0 rounding alone already moves these random models' logits by about 4e-2 (check_numpy.py
+//!   measures it), so only a bound of that order is meaningful there. Both measured values are
+//!   printed.
 
 use std::path::{Path, PathBuf};
 
@@ -31,8 +34,12 @@ struct Reference {
 }
 
 fn reference(dir: &Path) -> Reference {
+    reference_files(&dir.join("ref.json"), &dir.join("logits.f32"))
+}
+
+fn reference_files(json: &Path, logits: &Path) -> Reference {
     let j: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("ref.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap();
     let ids = |k: &str| -> Vec<u32> {
         j[k].as_array()
             .unwrap()
@@ -40,7 +47,7 @@ fn reference(dir: &Path) -> Reference {
             .map(|v| v.as_u64().unwrap() as u32)
             .collect()
     };
-    let raw = std::fs::read(dir.join("logits.f32")).unwrap();
+    let raw = std::fs::read(logits).unwrap();
     let logits: Vec<f32> = raw
         .chunks_exact(4)
         .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
@@ -144,34 +151,44 @@ fn olmoe_matches_transformers() {
     hf_case("olmoe");
 }
 
-fn gguf_case(arch: &str, kind: &str, bound: f64, exact_greedy: bool) {
+fn gguf_case(arch: &str, kind: &str) {
     let r = reference(&fixtures().join(arch));
     let path = fixtures().join("gguf").join(format!("{arch}-{kind}.gguf"));
     let (e_pre, e_dec, greedy) = check(&path, &r);
-    eprintln!("{arch} GGUF {kind}: prefill rel err {e_pre:.2e}, decode rel err {e_dec:.2e}");
-    assert!(e_pre <= bound, "{arch} {kind}: prefill relative error {e_pre:.3e} > {bound:e}");
-    assert!(e_dec <= bound, "{arch} {kind}: decode relative error {e_dec:.3e} > {bound:e}");
-    if exact_greedy {
+    eprintln!("{arch} GGUF {kind} vs transformers: prefill rel err {e_pre:.2e}, decode {e_dec:.2e}");
+    if kind == "f32" {
+        assert!(e_pre <= 1e-4, "{arch} {kind}: prefill relative error {e_pre:.3e}");
+        assert!(e_dec <= 1e-4, "{arch} {kind}: decode relative error {e_dec:.3e}");
         assert_eq!(greedy, r.greedy, "{arch} {kind}: greedy continuation differs");
-    } else {
-        // Quantised weights may flip a near-tie; the first tokens must still agree.
-        assert_eq!(greedy[..4], r.greedy[..4], "{arch} {kind}: greedy start differs");
+        return;
     }
+    assert!(e_pre <= 1e-1 && e_dec <= 1e-1, "{arch} {kind} vs transformers: {e_pre:.3e} / {e_dec:.3e} > 1e-1");
+    // Against the dequantised-weights reference.
+    let dir = fixtures().join("gguf");
+    let mut q = reference_files(&dir.join(format!("{arch}-{kind}.ref.json")), &dir.join(format!("{arch}-{kind}.logits.f32")));
+    q.vocab = r.vocab;
+    let (q_pre, q_dec, q_greedy) = check(&path, &q);
+    let same = q_greedy.iter().zip(&q.greedy).take_while(|(a, b)| a == b).count();
+    eprintln!("{arch} GGUF {kind} vs dequantised float64: prefill rel err {q_pre:.2e}, decode {q_dec:.2e}, greedy agrees for {same}/{} tokens", q.greedy.len());
+    assert!(q_pre <= 2e-2, "{arch} {kind}: prefill relative error {q_pre:.3e} > 2e-2");
+    assert!(q_dec <= 2e-2, "{arch} {kind}: decode relative error {q_dec:.3e} > 2e-2");
+    // Activation rounding may flip a later near-tie; the start of the continuation must agree.
+    assert!(same >= 4, "{arch} {kind}: greedy differs from the dequantised reference at token {same}");
 }
 
 #[test]
 fn llama_gguf_f32_matches_transformers() {
-    gguf_case("llama", "f32", 1e-4, true);
+    gguf_case("llama", "f32");
 }
 #[test]
 fn qwen3_moe_gguf_f32_matches_transformers() {
-    gguf_case("qwen3_moe", "f32", 1e-4, true);
+    gguf_case("qwen3_moe", "f32");
 }
 #[test]
-fn llama_gguf_q8_0_close_to_transformers() {
-    gguf_case("llama", "q8_0", 3e-2, false);
+fn llama_gguf_q8_0_close_to_references() {
+    gguf_case("llama", "q8_0");
 }
 #[test]
-fn qwen3_moe_gguf_q8_0_close_to_transformers() {
-    gguf_case("qwen3_moe", "q8_0", 3e-2, false);
+fn qwen3_moe_gguf_q8_0_close_to_references() {
+    gguf_case("qwen3_moe", "q8_0");
 }
