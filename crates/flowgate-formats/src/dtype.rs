@@ -120,7 +120,7 @@ impl DType {
     /// Bytes of a row of `n` elements; errors when `n` is not a multiple of the block size.
     pub fn row_bytes(self, n: u64) -> Result<u64> {
         let bs = self.block_size() as u64;
-        if n % bs != 0 {
+        if !n.is_multiple_of(bs) {
             return Err(FormatError::Other(format!(
                 "row of {n} elements is not a multiple of the {} block size {bs}",
                 self.name()

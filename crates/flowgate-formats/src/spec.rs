@@ -166,13 +166,13 @@ impl ModelSpec {
         if self.n_heads == 0 || self.n_kv_heads == 0 || self.head_dim == 0 {
             return bad("head counts and head_dim must be positive".into());
         }
-        if self.n_heads % self.n_kv_heads != 0 {
+        if !self.n_heads.is_multiple_of(self.n_kv_heads) {
             return bad(format!(
                 "{} attention heads are not a multiple of {} kv heads",
                 self.n_heads, self.n_kv_heads
             ));
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             return bad(format!("head_dim {} is odd", self.head_dim));
         }
         const LIMIT: usize = 1 << 24;
