@@ -1,13 +1,13 @@
 //! flowgate-engine: running models.
 //!
-//! - [`backend`]: the [`backend::Backend`] trait and the CPU backend with its SIMD kernels.
-//! - [`models`]: [`models::Model`], one decoder for every supported architecture
+//! - [`backend`] — the [`backend::Backend`] trait and the CPU backend with its SIMD kernels.
+//! - [`models`] — [`models::Model`], one decoder for every supported architecture
 //!   (`llama.rs` for the dense block, `moe.rs` for sparse FFNs).
-//! - [`kv`]: [`kv::KvCache`].
-//! - [`weights`]: loading tensors into host memory through `flowgate-io`.
-//! - [`sampling`]: greedy / temperature / top-k / top-p / min-p / repeat penalty.
-//! - [`tokenizer`] and [`chat`]: text in and out, chat templates.
-//! - [`runtime`]: [`runtime::load`] opens a model path and builds all of the above.
+//! - [`kv`] — [`kv::KvCache`].
+//! - [`weights`] — loading tensors into host memory through `flowgate-io`.
+//! - [`sampling`] — greedy / temperature / top-k / top-p / min-p / repeat penalty.
+//! - [`tokenizer`] and [`chat`] — text in and out, chat templates.
+//! - [`runtime`] — [`runtime::load`] opens a model path and builds all of the above.
 
 pub mod backend;
 pub mod chat;

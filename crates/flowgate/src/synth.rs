@@ -14,7 +14,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use clap::{Args as ClapArgs, ValueEnum};
-use flowgate_formats::gguf::{GgufValue, GgufWriter};
+use flowgate_formats::gguf::writer::GgufWriter;
+use flowgate_formats::gguf::GgufValue;
 use flowgate_formats::DType;
 use half::f16;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -103,14 +104,52 @@ pub struct Args {
     /// Seed of the random weights.
     #[arg(long, default_value_t = 0x5EED)]
     pub seed: u64,
+    /// Copy the tokenizer (every `tokenizer.*` key, chat template included) from this GGUF file,
+    /// so that the synthetic model takes and produces text (still meaningless: random weights).
+    #[arg(long)]
+    pub tokenizer_from: Option<PathBuf>,
+    /// A chat template (Jinja source file) to store as `tokenizer.chat_template`.
+    #[arg(long)]
+    pub chat_template: Option<PathBuf>,
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
 }
 
+/// Metadata taken from `--tokenizer-from` and `--chat-template`.
+fn extra_metadata(a: &Args, vocab: usize) -> Result<Vec<(String, GgufValue)>> {
+    let mut out = Vec::new();
+    if let Some(p) = &a.tokenizer_from {
+        let g = flowgate_formats::gguf::GgufFile::open(p)
+            .with_context(|| format!("reading the tokenizer of {}", p.display()))?;
+        let n = g
+            .get("tokenizer.ggml.tokens")
+            .and_then(|v| v.as_array())
+            .map(|a| a.len())
+            .with_context(|| format!("{} has no tokenizer.ggml.tokens", p.display()))?;
+        anyhow::ensure!(
+            n <= vocab,
+            "the tokenizer of {} has {n} tokens, more than the {vocab} of this shape",
+            p.display()
+        );
+        out.extend(
+            g.metadata
+                .iter()
+                .filter(|(k, _)| k.starts_with("tokenizer."))
+                .cloned(),
+        );
+    }
+    if let Some(p) = &a.chat_template {
+        let t = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+        out.push(("tokenizer.chat_template".into(), GgufValue::String(t)));
+    }
+    Ok(out)
+}
+
 pub fn main(a: Args) -> Result<()> {
     crate::common::init_threads(None)?;
-    let bytes = write(a.shape, &a.out, a.seed, !a.quiet)?;
+    let extra = extra_metadata(&a, a.shape.spec().vocab)?;
+    let bytes = write(a.shape, &a.out, a.seed, &extra, !a.quiet)?;
     eprintln!(
         "wrote {} ({:?}, {:.2} GiB, random weights)",
         a.out.display(),
@@ -261,11 +300,22 @@ fn fill(f: &Fill, out: &mut [u8], seed: u64) {
 }
 
 /// Writes the model; returns the file size.
-pub fn write(shape: Shape, path: &Path, seed: u64, progress: bool) -> Result<u64> {
+pub fn write(
+    shape: Shape,
+    path: &Path,
+    seed: u64,
+    extra: &[(String, GgufValue)],
+    progress: bool,
+) -> Result<u64> {
     let s = shape.spec();
     let tensors = plan(&s);
     let mut w = GgufWriter::new(32);
-    for (k, v) in metadata(&s, shape) {
+    let mut meta = metadata(&s, shape);
+    for (k, v) in extra {
+        meta.retain(|(mk, _)| mk != k);
+        meta.push((k.clone(), v.clone()));
+    }
+    for (k, v) in meta {
         w.add_metadata(&k, v);
     }
     let mut total = 0u64;

@@ -22,6 +22,8 @@ use crate::common::ModelArgs;
 pub enum BenchCmd {
     /// Prefill and decode throughput.
     Decode(DecodeArgs),
+    /// Load every tensor into host memory; compare with O_DIRECT, mmap and read().
+    Load(super::bench_load::LoadArgs),
 }
 
 #[derive(ClapArgs)]
@@ -43,6 +45,7 @@ pub struct DecodeArgs {
 pub fn main(c: BenchCmd) -> Result<()> {
     match c {
         BenchCmd::Decode(a) => decode(a),
+        BenchCmd::Load(a) => super::bench_load::load(a),
     }
 }
 

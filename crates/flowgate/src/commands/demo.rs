@@ -40,7 +40,7 @@ pub fn main(a: Args) -> Result<()> {
     let path = dir.join(format!("synthetic-{:?}.gguf", a.shape).to_lowercase());
     println!("flowgate demo: the weights are RANDOM (a synthetic {:?} model), so the tokens below are meaningless.", a.shape);
     println!("It shows the whole path working: GGUF writing and parsing, loading, Q4_K kernels, prefill, KV cache, decode.");
-    let bytes = synth::write(a.shape, &path, 0x5EED, false)?;
+    let bytes = synth::write(a.shape, &path, 0x5EED, &[], false)?;
     println!(
         "wrote {} ({:.1} MiB)",
         path.display(),

@@ -1,4 +1,5 @@
 pub mod bench;
+pub mod bench_load;
 pub mod demo;
 pub mod generate;
 pub mod inspect;
