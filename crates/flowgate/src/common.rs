@@ -59,8 +59,8 @@ pub struct SampleArgs {
     /// 0 = off.
     #[arg(long, default_value_t = 0.05)]
     pub min_p: f32,
-    /// 1.0 = off.
-    #[arg(long, default_value_t = 1.1)]
+    /// 1.0 = off (llama.cpp's default; Ollama uses 1.1).
+    #[arg(long, default_value_t = 1.0)]
     pub repeat_penalty: f32,
     #[arg(long, default_value_t = 64)]
     pub repeat_last_n: usize,

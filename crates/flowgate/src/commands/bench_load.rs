@@ -264,8 +264,10 @@ pub fn load(a: LoadArgs) -> Result<()> {
             secs,
         });
         notes.push(format!(
-            "flowgate: {} reads, {:.2} s copying out of bounce buffers, {:.2} s waiting on io_uring, {} retries",
+            "flowgate: {} reads ({:.2} GB direct, {:.2} GB buffered), {:.2} s copying out of bounce buffers, {:.2} s waiting on io_uring, {} retries",
             st.reads,
+            st.direct_bytes as f64 / 1e9,
+            st.buffered_bytes as f64 / 1e9,
             st.copy_time.as_secs_f64(),
             st.wait_time.as_secs_f64(),
             st.retries
