@@ -63,7 +63,9 @@ pub fn main(a: Args) -> Result<()> {
     );
     let prompt: Vec<u32> = (0..16u32).map(|i| (i * 37 + 11) % s.vocab_size as u32).collect();
     let mut cache = loaded.model.new_cache(prompt.len() + a.max_tokens)?;
-    let mut sampler = Sampler::new(SamplerConfig::greedy());
+    // Seeded sampling (temperature 0.8, top-k 40, top-p 0.95): greedy decoding of random weights
+    // tends to repeat one token.
+    let mut sampler = Sampler::new(SamplerConfig::default());
     let (out, stats) = runtime::generate(
         &loaded.model,
         &mut cache,
