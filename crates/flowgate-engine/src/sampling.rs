@@ -193,7 +193,9 @@ mod tests {
             let mut c = cfg(1.0);
             c.seed = seed;
             let mut s = Sampler::new(c);
-            (0..4000).map(|_| s.sample(&logits, &[])).collect::<Vec<_>>()
+            (0..4000)
+                .map(|_| s.sample(&logits, &[]))
+                .collect::<Vec<_>>()
         };
         let a = draw(42);
         assert_eq!(a, draw(42));

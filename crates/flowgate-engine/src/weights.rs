@@ -26,7 +26,11 @@ pub struct HostTensor {
 
 impl std::fmt::Debug for HostTensor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "HostTensor({} {} {:?})", self.name, self.dtype, self.shape)
+        write!(
+            f,
+            "HostTensor({} {} {:?})",
+            self.name, self.dtype, self.shape
+        )
     }
 }
 
@@ -38,7 +42,10 @@ impl HostTensor {
         if need != buf.len() {
             return Err(EngineError::Weight {
                 tensor: name.into(),
-                msg: format!("{} bytes for shape {shape:?} {dtype}, expected {need}", buf.len()),
+                msg: format!(
+                    "{} bytes for shape {shape:?} {dtype}, expected {need}",
+                    buf.len()
+                ),
             });
         }
         let len = buf.len();

@@ -3,7 +3,7 @@
 //
 // Inputs are random (seeded): random block bytes with sane random f16 scale fields (never
 // zero), random activations with a few larger outliers. The reference dequantises each weight
-// row (the reference dequantiser, see `ref_dequant`) and multiplies in f64 with the activations
+// row with `flowgate_formats::quant::dequantize_row` (never the kernels' own code) and multiplies in f64 with the activations
 // exactly as the kernel sees them (Q8/Q8_K quantised then dequantised, or f32).
 //
 // Tolerances, per output element, relative to the magnitude sum `Σ_c |w_c · x_c|` (robust to
@@ -17,8 +17,8 @@
 //   (one scale per 256 elements; the test activations carry 8× outliers every 97 elements).
 
 use flowgate_engine::backend::cpu::kernels::{
-    act_format, dequantize_row_into, matmul, matmul_acts, matmul_acts_isa, matmul_isa, quantize,
-    ActFormat, Activations, Isa, KernelError, QMatrix,
+    act_format, dequantize_row_into, matmul, matmul_acts, matmul_acts_isa, matmul_isa, matmul_many,
+    quantize, ActFormat, Activations, Isa, KernelError, QMatrix,
 };
 use flowgate_formats::DType;
 use half::{bf16, f16};
@@ -317,6 +317,14 @@ fn shared_activations_give_the_same_result_and_threads_do_not_matter() {
             matmul_isa(Isa::Scalar, &w, &x, n, &mut y4);
             assert_eq!(y3, y4, "{dtype}: {threads} threads");
         }
+        // Several matrices over one x.
+        let wb2 = random_weights(&mut rng, DType::Q6K, 64, cols);
+        let w2 = QMatrix::new(DType::Q6K, 64, cols, &wb2).unwrap();
+        let mut y5 = vec![0f32; n * 64];
+        matmul(&w2, &x, n, &mut y5);
+        let (mut m1, mut m2) = (vec![0f32; n * rows], vec![0f32; n * 64]);
+        matmul_many(&[w, w2], &x, n, &mut [&mut m1, &mut m2]);
+        assert_eq!((m1, m2), (y1.clone(), y5), "{dtype}: matmul_many");
         // A subset of rows equals the same rows of the whole product.
         let sub = w.rows_slice(50..121);
         let mut ys = vec![0f32; n * sub.rows];

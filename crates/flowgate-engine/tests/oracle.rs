@@ -115,8 +115,14 @@ fn hf_case(arch: &str) {
     let r = reference(&dir);
     let (e_pre, e_dec, greedy) = check(&dir, &r);
     eprintln!("{arch}: prefill rel err {e_pre:.2e}, decode rel err {e_dec:.2e}");
-    assert!(e_pre <= 1e-4, "{arch}: prefill relative error {e_pre:.3e} > 1e-4");
-    assert!(e_dec <= 1e-4, "{arch}: decode relative error {e_dec:.3e} > 1e-4");
+    assert!(
+        e_pre <= 1e-4,
+        "{arch}: prefill relative error {e_pre:.3e} > 1e-4"
+    );
+    assert!(
+        e_dec <= 1e-4,
+        "{arch}: decode relative error {e_dec:.3e} > 1e-4"
+    );
     assert_eq!(greedy, r.greedy, "{arch}: greedy continuation differs");
 }
 
@@ -157,27 +163,60 @@ fn gguf_case(arch: &str, kind: &str) {
     let r = reference(&fixtures().join(arch));
     let path = fixtures().join("gguf").join(format!("{arch}-{kind}.gguf"));
     let (e_pre, e_dec, greedy) = check(&path, &r);
-    eprintln!("{arch} GGUF {kind} vs transformers: prefill rel err {e_pre:.2e}, decode {e_dec:.2e}");
+    eprintln!(
+        "{arch} GGUF {kind} vs transformers: prefill rel err {e_pre:.2e}, decode {e_dec:.2e}"
+    );
     if kind == "f32" {
-        assert!(e_pre <= 1e-4, "{arch} {kind}: prefill relative error {e_pre:.3e}");
-        assert!(e_dec <= 1e-4, "{arch} {kind}: decode relative error {e_dec:.3e}");
-        assert_eq!(greedy, r.greedy, "{arch} {kind}: greedy continuation differs");
+        assert!(
+            e_pre <= 1e-4,
+            "{arch} {kind}: prefill relative error {e_pre:.3e}"
+        );
+        assert!(
+            e_dec <= 1e-4,
+            "{arch} {kind}: decode relative error {e_dec:.3e}"
+        );
+        assert_eq!(
+            greedy, r.greedy,
+            "{arch} {kind}: greedy continuation differs"
+        );
         return;
     }
-    assert!(e_pre <= 1e-1 && e_dec <= 1e-1, "{arch} {kind} vs transformers: {e_pre:.3e} / {e_dec:.3e} > 1e-1");
+    assert!(
+        e_pre <= 1e-1 && e_dec <= 1e-1,
+        "{arch} {kind} vs transformers: {e_pre:.3e} / {e_dec:.3e} > 1e-1"
+    );
     // Against the dequantised-weights reference.
     let dir = fixtures().join("gguf");
-    let mut q = reference_files(&dir.join(format!("{arch}-{kind}.ref.json")), &dir.join(format!("{arch}-{kind}.logits.f32")));
+    let mut q = reference_files(
+        &dir.join(format!("{arch}-{kind}.ref.json")),
+        &dir.join(format!("{arch}-{kind}.logits.f32")),
+    );
     q.vocab = r.vocab;
     let (q_pre, q_dec, q_greedy) = check(&path, &q);
-    let same = q_greedy.iter().zip(&q.greedy).take_while(|(a, b)| a == b).count();
+    let same = q_greedy
+        .iter()
+        .zip(&q.greedy)
+        .take_while(|(a, b)| a == b)
+        .count();
     eprintln!("{arch} GGUF {kind} vs dequantised float64: prefill rel err {q_pre:.2e}, decode {q_dec:.2e}, greedy agrees for {same}/{} tokens", q.greedy.len());
-    assert!(q_pre <= 5e-2, "{arch} {kind}: prefill relative error {q_pre:.3e} > 5e-2");
-    assert!(q_dec <= 5e-2, "{arch} {kind}: decode relative error {q_dec:.3e} > 5e-2");
-    assert_eq!(q_greedy[0], q.greedy[0], "{arch} {kind}: first greedy token differs");
+    assert!(
+        q_pre <= 5e-2,
+        "{arch} {kind}: prefill relative error {q_pre:.3e} > 5e-2"
+    );
+    assert!(
+        q_dec <= 5e-2,
+        "{arch} {kind}: decode relative error {q_dec:.3e} > 5e-2"
+    );
+    assert_eq!(
+        q_greedy[0], q.greedy[0],
+        "{arch} {kind}: first greedy token differs"
+    );
     let loaded = runtime::load(&path, &LoadOptions::default()).unwrap();
     let mut cache = loaded.model.new_cache(q.tokens.len()).unwrap();
-    let ours = loaded.model.forward(&q.tokens, &mut cache, Logits::All).unwrap();
+    let ours = loaded
+        .model
+        .forward(&q.tokens, &mut cache, Logits::All)
+        .unwrap();
     let agree = ours
         .chunks(q.vocab)
         .zip(q.logits.chunks(q.vocab))
@@ -185,7 +224,10 @@ fn gguf_case(arch: &str, kind: &str) {
         .count();
     let n = q.tokens.len();
     eprintln!("{arch} GGUF {kind}: arg-max agrees with the dequantised reference at {agree}/{n} positions");
-    assert!(agree * 10 >= n * 9, "{arch} {kind}: arg-max agrees at only {agree}/{n} positions");
+    assert!(
+        agree * 10 >= n * 9,
+        "{arch} {kind}: arg-max agrees at only {agree}/{n} positions"
+    );
 }
 
 #[test]

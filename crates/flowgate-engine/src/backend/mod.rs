@@ -54,6 +54,19 @@ pub trait Backend: Send + Sync + Sized {
     fn rms_norm_inplace(&self, x: &mut Self::Buf, w: &Self::Buf, dim: usize, eps: f32);
     /// `out[t] = W · x[t]` for `n_tokens` rows of `x`.
     fn matmul(&self, w: &Self::Weight, x: &Self::Buf, n_tokens: usize, out: &mut Self::Buf);
+    /// `outs[i] = ws[i] · x` for matrices reading the same input (q/k/v, gate/up), so that a
+    /// backend can prepare `x` once. The default runs them one by one.
+    fn matmul_many(
+        &self,
+        ws: &[&Self::Weight],
+        x: &Self::Buf,
+        n_tokens: usize,
+        outs: &mut [&mut Self::Buf],
+    ) {
+        for (w, o) in ws.iter().zip(outs.iter_mut()) {
+            self.matmul(w, x, n_tokens, o);
+        }
+    }
     /// `x[t] += b` for every row.
     fn add_row_bias(&self, x: &mut Self::Buf, b: &Self::Buf);
     /// `x += y`.
@@ -75,14 +88,28 @@ pub trait Backend: Send + Sync + Sized {
     /// KV storage for `capacity` positions.
     fn kv_alloc(&self, n_kv_heads: usize, head_dim: usize, capacity: usize) -> Result<Self::Kv>;
     /// Stores keys/values (`n_tokens × n_kv_heads × head_dim`) at positions from `start_pos`.
-    fn kv_write(&self, kv: &mut Self::Kv, k: &Self::Buf, v: &Self::Buf, n_tokens: usize, start_pos: usize);
+    fn kv_write(
+        &self,
+        kv: &mut Self::Kv,
+        k: &Self::Buf,
+        v: &Self::Buf,
+        n_tokens: usize,
+        start_pos: usize,
+    );
     /// Causal attention of `q` (`n_tokens × n_heads × head_dim`) over `kv`, into `out`.
     fn attention(&self, q: &Self::Buf, kv: &Self::Kv, p: AttnParams, out: &mut Self::Buf);
 
     /// Gathers rows `idx` of `x` (width `dim`) into a new buffer.
     fn gather_rows(&self, x: &Self::Buf, dim: usize, idx: &[usize]) -> Result<Self::Buf>;
     /// `out[idx[i]] += scale[i] * y[i]` for rows of width `dim`.
-    fn scatter_add_rows(&self, out: &mut Self::Buf, y: &Self::Buf, dim: usize, idx: &[usize], scale: &[f32]);
+    fn scatter_add_rows(
+        &self,
+        out: &mut Self::Buf,
+        y: &Self::Buf,
+        dim: usize,
+        idx: &[usize],
+        scale: &[f32],
+    );
     /// Resizes a buffer to `n` floats (contents unspecified).
     fn resize(&self, b: &mut Self::Buf, n: usize) -> Result<()>;
 }

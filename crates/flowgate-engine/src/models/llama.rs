@@ -100,9 +100,12 @@ impl<B: Backend> Attention<B> {
     ) -> Result<&'a B::Buf> {
         let qd = s.n_heads * s.head_dim;
         let kvd = s.n_kv_heads * s.head_dim;
-        b.matmul(&self.wq, h, n, &mut sc.q);
-        b.matmul(&self.wk, h, n, &mut sc.k);
-        b.matmul(&self.wv, h, n, &mut sc.v);
+        b.matmul_many(
+            &[&self.wq, &self.wk, &self.wv],
+            h,
+            n,
+            &mut [&mut sc.q, &mut sc.k, &mut sc.v],
+        );
         if let Some([bq, bk, bv]) = &self.bias {
             b.add_row_bias(&mut sc.q, bq);
             b.add_row_bias(&mut sc.k, bk);
@@ -123,8 +126,22 @@ impl<B: Backend> Attention<B> {
                 }
             }
         }
-        b.rope(&mut sc.q, s.n_heads, s.head_dim, start, inv_freq, s.rope.style);
-        b.rope(&mut sc.k, s.n_kv_heads, s.head_dim, start, inv_freq, s.rope.style);
+        b.rope(
+            &mut sc.q,
+            s.n_heads,
+            s.head_dim,
+            start,
+            inv_freq,
+            s.rope.style,
+        );
+        b.rope(
+            &mut sc.k,
+            s.n_kv_heads,
+            s.head_dim,
+            start,
+            inv_freq,
+            s.rope.style,
+        );
         b.kv_write(kv, &sc.k, &sc.v, n, start);
         let p = AttnParams {
             n_tokens: n,
@@ -180,8 +197,12 @@ impl<B: Backend> DenseFfn<B> {
         n: usize,
         sc: &'a mut Scratch<B>,
     ) -> Result<&'a B::Buf> {
-        b.matmul(&self.gate, h, n, &mut sc.gate);
-        b.matmul(&self.up, h, n, &mut sc.up);
+        b.matmul_many(
+            &[&self.gate, &self.up],
+            h,
+            n,
+            &mut [&mut sc.gate, &mut sc.up],
+        );
         b.silu_mul(&mut sc.gate, &sc.up);
         b.matmul(&self.down, &sc.gate, n, &mut sc.out);
         Ok(&sc.out)
@@ -192,8 +213,7 @@ impl<B: Backend> DenseFfn<B> {
         let mut gate = b.buf_zeros(0)?;
         let mut up = b.buf_zeros(0)?;
         let mut out = b.buf_zeros(0)?;
-        b.matmul(&self.gate, h, n, &mut gate);
-        b.matmul(&self.up, h, n, &mut up);
+        b.matmul_many(&[&self.gate, &self.up], h, n, &mut [&mut gate, &mut up]);
         b.silu_mul(&mut gate, &up);
         b.matmul(&self.down, &gate, n, &mut out);
         Ok(out)

@@ -181,7 +181,12 @@ impl<B: Backend> Model<B> {
 
     /// Runs `tokens` (positions `cache.len()..`) through the model, appending to the cache.
     /// Returns logits, `vocab_size` per requested position, row-major.
-    pub fn forward(&self, tokens: &[u32], cache: &mut KvCache<B>, which: Logits) -> Result<Vec<f32>> {
+    pub fn forward(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache<B>,
+        which: Logits,
+    ) -> Result<Vec<f32>> {
         if tokens.is_empty() {
             return Err(EngineError::EmptyInput);
         }

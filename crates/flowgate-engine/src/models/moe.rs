@@ -45,13 +45,33 @@ impl<B: Backend> MoeFfn<B> {
             .moe
             .as_ref()
             .ok_or_else(|| EngineError::Invalid("sparse layer without MoE spec".into()))?;
-        let router = src.matrix(b, &names::blk(l, "ffn_gate_inp.weight"), m.n_experts, s.hidden)?;
+        let router = src.matrix(
+            b,
+            &names::blk(l, "ffn_gate_inp.weight"),
+            m.n_experts,
+            s.hidden,
+        )?;
         let mut experts = Vec::with_capacity(m.n_experts);
         for e in 0..m.n_experts {
             experts.push(DenseFfn {
-                gate: matrix_from(b, expert_tensor(src, l, "ffn_gate", e)?, m.expert_ffn, s.hidden)?,
-                up: matrix_from(b, expert_tensor(src, l, "ffn_up", e)?, m.expert_ffn, s.hidden)?,
-                down: matrix_from(b, expert_tensor(src, l, "ffn_down", e)?, s.hidden, m.expert_ffn)?,
+                gate: matrix_from(
+                    b,
+                    expert_tensor(src, l, "ffn_gate", e)?,
+                    m.expert_ffn,
+                    s.hidden,
+                )?,
+                up: matrix_from(
+                    b,
+                    expert_tensor(src, l, "ffn_up", e)?,
+                    m.expert_ffn,
+                    s.hidden,
+                )?,
+                down: matrix_from(
+                    b,
+                    expert_tensor(src, l, "ffn_down", e)?,
+                    s.hidden,
+                    m.expert_ffn,
+                )?,
             });
         }
         for stem in ["ffn_gate", "ffn_up", "ffn_down"] {
@@ -95,7 +115,11 @@ impl<B: Backend> MoeFfn<B> {
         // Per expert: the tokens that chose it and their weights.
         let mut chosen: Vec<(Vec<usize>, Vec<f32>)> = vec![(Vec::new(), Vec::new()); n_exp];
         for t in 0..n {
-            for (e, w) in route(&logits[t * n_exp..(t + 1) * n_exp], self.n_used, self.norm_topk) {
+            for (e, w) in route(
+                &logits[t * n_exp..(t + 1) * n_exp],
+                self.n_used,
+                self.norm_topk,
+            ) {
                 chosen[e].0.push(t);
                 chosen[e].1.push(w);
             }

@@ -94,10 +94,7 @@ impl Backend for CpuBackend {
         let m = table.matrix();
         for &id in ids {
             if id as usize >= m.rows {
-                return Err(EngineError::TokenOutOfRange {
-                    id,
-                    vocab: m.rows,
-                });
+                return Err(EngineError::TokenOutOfRange { id, vocab: m.rows });
             }
         }
         out.resize(ids.len() * m.cols, 0.0);
@@ -126,6 +123,23 @@ impl Backend for CpuBackend {
     fn matmul(&self, w: &CpuWeight, x: &Vec<f32>, n_tokens: usize, out: &mut Vec<f32>) {
         out.resize(n_tokens * w.rows, 0.0);
         kernels::matmul(&w.matrix(), &x[..n_tokens * w.cols], n_tokens, out);
+    }
+
+    fn matmul_many(
+        &self,
+        ws: &[&CpuWeight],
+        x: &Vec<f32>,
+        n_tokens: usize,
+        outs: &mut [&mut Vec<f32>],
+    ) {
+        let Some(first) = ws.first() else { return };
+        let ms: Vec<QMatrix> = ws.iter().map(|w| w.matrix()).collect();
+        let mut ys: Vec<&mut [f32]> = Vec::with_capacity(outs.len());
+        for (w, o) in ws.iter().zip(outs.iter_mut()) {
+            o.resize(n_tokens * w.rows, 0.0);
+            ys.push(o.as_mut_slice());
+        }
+        kernels::matmul_many(&ms, &x[..n_tokens * first.cols], n_tokens, &mut ys);
     }
 
     fn add_row_bias(&self, x: &mut Vec<f32>, b: &Vec<f32>) {
@@ -210,7 +224,14 @@ impl Backend for CpuBackend {
         })
     }
 
-    fn kv_write(&self, kv: &mut CpuKv, k: &Vec<f32>, v: &Vec<f32>, n_tokens: usize, start_pos: usize) {
+    fn kv_write(
+        &self,
+        kv: &mut CpuKv,
+        k: &Vec<f32>,
+        v: &Vec<f32>,
+        n_tokens: usize,
+        start_pos: usize,
+    ) {
         let w = kv.width;
         debug_assert!(start_pos + n_tokens <= kv.capacity);
         kv.k[start_pos * w..(start_pos + n_tokens) * w].copy_from_slice(&k[..n_tokens * w]);
@@ -265,7 +286,14 @@ impl Backend for CpuBackend {
         Ok(out)
     }
 
-    fn scatter_add_rows(&self, out: &mut Vec<f32>, y: &Vec<f32>, dim: usize, idx: &[usize], scale: &[f32]) {
+    fn scatter_add_rows(
+        &self,
+        out: &mut Vec<f32>,
+        y: &Vec<f32>,
+        dim: usize,
+        idx: &[usize],
+        scale: &[f32],
+    ) {
         for ((yr, &i), &s) in y.chunks(dim).zip(idx).zip(scale) {
             for (a, b) in out[i * dim..(i + 1) * dim].iter_mut().zip(yr) {
                 *a += s * b;

@@ -100,7 +100,6 @@ mod imp {
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) fn dot(dtype: DType, row: &[u8], x: &ActSrc) -> Option<f32> {
         let ts = dtype.type_size();
-        let bs = dtype.block_size();
         // The kernels read whole blocks through raw pointers: bound them by both inputs.
         Some(match (dtype, *x) {
             (DType::F32 | DType::F16 | DType::BF16, ActSrc::F32(x)) => {
@@ -119,7 +118,6 @@ mod imp {
                 ActSrc::Q8(y),
             ) => {
                 let nb = (row.len() / ts).min(y.len());
-                let _ = bs;
                 // SAFETY: nb blocks of row and of y are in bounds.
                 unsafe {
                     match dtype {
@@ -220,6 +218,7 @@ mod imp {
                     q[2 * j] = _mm256_and_si256(v, m4);
                     q[2 * j + 1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
                 }
+                let m16 = mins16(&m);
                 let scw = scale_words(&sc);
                 for (k, s) in sc16.iter_mut().enumerate() {
                     *s = scale_word(scw, k);
@@ -236,7 +235,7 @@ mod imp {
                         );
                     }
                     let yd = _mm256_set1_ps(yb.d);
-                    let prod = mins_dot_bsums(&m, &yb.bsums);
+                    let prod = mins16_dot_bsums(m16, &yb.bsums);
                     *a = _mm256_fmadd_ps(_mm256_mul_ps(d, yd), _mm256_cvtepi32_ps(sumi), *a);
                     *a = _mm256_fnmadd_ps(_mm256_mul_ps(dmin, yd), _mm256_cvtepi32_ps(prod), *a);
                 }
@@ -622,12 +621,23 @@ mod imp {
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
     fn mins_dot_bsums(m: &[u8; 8], bsums: &[i16; 16]) -> __m256i {
-        // SAFETY: 8 and 32 readable bytes.
-        unsafe {
-            let mv = _mm_loadl_epi64(m.as_ptr() as *const __m128i);
-            let m16 = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(mv, mv));
-            _mm256_madd_epi16(_mm256_loadu_si256(bsums.as_ptr() as *const __m256i), m16)
-        }
+        mins16_dot_bsums(mins16(m), bsums)
+    }
+
+    /// The 8 minimums as 16 words, each twice (pairs with the 16 block sums).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    fn mins16(m: &[u8; 8]) -> __m256i {
+        let mv = _mm_cvtsi64_si128(i64::from_le_bytes(*m));
+        _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(mv, mv))
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    fn mins16_dot_bsums(m16: __m256i, bsums: &[i16; 16]) -> __m256i {
+        // SAFETY: 32 readable bytes.
+        let bs = unsafe { _mm256_loadu_si256(bsums.as_ptr() as *const __m256i) };
+        _mm256_madd_epi16(bs, m16)
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]

@@ -178,7 +178,8 @@ impl fmt::Display for Isa {
     }
 }
 
-/// The best instruction set of this machine (detected once).
+/// The best instruction set of this machine (detected once; `FLOWGATE_FORCE_SCALAR=1` in the
+/// environment forces [`Isa::Scalar`]).
 pub fn simd_level() -> Isa {
     static LEVEL: OnceLock<Isa> = OnceLock::new();
     *LEVEL.get_or_init(|| {
@@ -310,6 +311,23 @@ pub fn matmul_isa(isa: Isa, w: &QMatrix, x: &[f32], n_tokens: usize, y: &mut [f3
 /// If `acts.cols() != w.cols` or `y.len() != n_tokens * rows`.
 pub fn matmul_acts(w: &QMatrix, acts: &Activations, y: &mut [f32]) {
     matmul_acts_isa(simd_level(), w, acts, y)
+}
+
+/// `ys[i] = ws[i] · x` for several matrices reading the same `x` (q/k/v, gate/up): `x` is
+/// quantised once per activation format (Q4_K and Q6_K weights share one Q8_K copy).
+///
+/// # Panics
+/// If the lengths disagree as in [`matmul`], or `ws.len() != ys.len()`.
+pub fn matmul_many(ws: &[QMatrix], x: &[f32], n_tokens: usize, ys: &mut [&mut [f32]]) {
+    assert_eq!(ws.len(), ys.len(), "matmul_many: one output per matrix");
+    let Some(first) = ws.first() else { return };
+    let acts = match Activations::new(x, first.cols, n_tokens) {
+        Ok(a) => a,
+        Err(e) => panic!("matmul_many: {e}"),
+    };
+    for (w, y) in ws.iter().zip(ys.iter_mut()) {
+        matmul_acts(w, &acts, y);
+    }
 }
 
 /// Rows per parallel task: enough tasks to balance, few enough to keep rayon overhead small.
