@@ -40,7 +40,9 @@ pub fn init_threads(threads: Option<usize>) -> Result<usize> {
         bail!("--threads must be at least 1");
     }
     // A second call (tests in one process) keeps the first pool.
-    let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
+    let _ = rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .build_global();
     Ok(n)
 }
 
@@ -111,4 +113,24 @@ pub fn check_tokens(tokens: &[u32], vocab: usize) -> Result<()> {
         bail!("token id {t} is out of range: the vocabulary has {vocab} tokens");
     }
     Ok(())
+}
+
+/// Writes a line to stdout. When stdout is a closed pipe (`flowgate inspect … | head`), exits
+/// quietly with success instead of panicking the way `println!` does.
+pub fn emit_line(s: &str) {
+    use std::io::Write;
+    let mut o = std::io::stdout().lock();
+    if let Err(e) = writeln!(o, "{s}").and_then(|_| o.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("error: writing to stdout: {e}");
+        std::process::exit(1);
+    }
+}
+
+/// `println!` that survives a closed pipe (see [`emit_line`]).
+macro_rules! outln {
+    () => { $crate::common::emit_line("") };
+    ($($t:tt)*) => { $crate::common::emit_line(&format!($($t)*)) };
 }

@@ -3,14 +3,19 @@
 //! Commands: `run` (chat or complete, streaming), `inspect`, `logits`, `generate`, `synth`
 //! (synthetic GGUF models of real shapes), `demo` and `bench`. Each lives in `commands/`.
 
-mod commands;
+#[macro_use]
 mod common;
+mod commands;
 mod synth;
 
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "flowgate", version, about = "Run models bigger than your GPU and your RAM")]
+#[command(
+    name = "flowgate",
+    version,
+    about = "Run models bigger than your GPU and your RAM"
+)]
 struct Cli {
     /// Log filter (e.g. info, debug); also RUST_LOG.
     #[arg(long, global = true, default_value = "warn")]

@@ -239,7 +239,10 @@ fn metadata(s: &ShapeSpec, shape: Shape) -> Vec<(String, GgufValue)> {
         ),
         ("general.file_type".into(), GgufValue::U32(14)),
         (k("vocab_size"), u(s.vocab)),
-        (k("context_length"), u(if s.experts.is_some() { 4096 } else { 8192 })),
+        (
+            k("context_length"),
+            u(if s.experts.is_some() { 4096 } else { 8192 }),
+        ),
         (k("embedding_length"), u(s.d_model)),
         (k("block_count"), u(s.layers)),
         (k("feed_forward_length"), u(s.ffn)),
@@ -251,7 +254,10 @@ fn metadata(s: &ShapeSpec, shape: Shape) -> Vec<(String, GgufValue)> {
             k("attention.layer_norm_rms_epsilon"),
             GgufValue::F32(if s.experts.is_some() { 1e-6 } else { 1e-5 }),
         ),
-        ("tokenizer.ggml.model".into(), GgufValue::String("none".into())),
+        (
+            "tokenizer.ggml.model".into(),
+            GgufValue::String("none".into()),
+        ),
     ];
     if let Some((e, used)) = s.experts {
         m.push((k("attention.key_length"), u(s.head_dim)));
@@ -273,7 +279,8 @@ fn fill(f: &Fill, out: &mut [u8], seed: u64) {
             // Chunks of whole blocks so block headers never straddle two chunks.
             let chunk = CHUNK / 144 * 144;
             out.par_chunks_mut(chunk).enumerate().for_each(|(i, c)| {
-                let mut rng = StdRng::seed_from_u64(seed ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+                let mut rng =
+                    StdRng::seed_from_u64(seed ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
                 rng.fill_bytes(c);
                 for b in c.chunks_exact_mut(144) {
                     b[0..2].copy_from_slice(&d);

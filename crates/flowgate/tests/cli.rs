@@ -27,8 +27,15 @@ fn ok(args: &[&str]) -> String {
 fn fails(args: &[&str]) -> String {
     let o = run(args);
     let err = String::from_utf8_lossy(&o.stderr).to_string();
-    assert_eq!(o.status.code(), Some(1), "flowgate {args:?}: expected exit 1, stderr: {err}");
-    assert!(!err.contains("panicked"), "flowgate {args:?} panicked: {err}");
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "flowgate {args:?}: expected exit 1, stderr: {err}"
+    );
+    assert!(
+        !err.contains("panicked"),
+        "flowgate {args:?} panicked: {err}"
+    );
     assert!(err.starts_with("error: "), "flowgate {args:?}: {err}");
     err
 }
@@ -39,14 +46,23 @@ fn tiny() -> &'static Path {
     let (_, p) = P.get_or_init(|| {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("tiny.gguf");
-        ok(&["synth", "--shape", "tiny", "--out", p.to_str().unwrap(), "--quiet"]);
+        ok(&[
+            "synth",
+            "--shape",
+            "tiny",
+            "--out",
+            p.to_str().unwrap(),
+            "--quiet",
+        ]);
         (d, p)
     });
     p
 }
 
 fn logits(model: &str, tokens: &str, mode: &str) -> Vec<Vec<f32>> {
-    let out = ok(&["logits", model, "--tokens", tokens, "--mode", mode, "-t", "2"]);
+    let out = ok(&[
+        "logits", model, "--tokens", tokens, "--mode", mode, "-t", "2",
+    ]);
     let j: serde_json::Value = serde_json::from_str(&out).unwrap();
     j["logits"]
         .as_array()
@@ -76,7 +92,14 @@ fn synth_is_deterministic_and_inspectable() {
     let p = tiny();
     let d = tempfile::tempdir().unwrap();
     let p2 = d.path().join("again.gguf");
-    ok(&["synth", "--shape", "tiny", "--out", p2.to_str().unwrap(), "--quiet"]);
+    ok(&[
+        "synth",
+        "--shape",
+        "tiny",
+        "--out",
+        p2.to_str().unwrap(),
+        "--quiet",
+    ]);
     assert_eq!(std::fs::read(p).unwrap(), std::fs::read(&p2).unwrap());
     let out = ok(&["inspect", p.to_str().unwrap()]);
     assert!(out.contains("architecture  llama"), "{out}");
@@ -105,8 +128,16 @@ fn prefill_and_decode_agree_on_q4k() {
 fn generate_json_is_deterministic_greedy() {
     let p = tiny().to_str().unwrap();
     let args = [
-        "generate", p, "--tokens", "1,2,3", "--max-tokens", "12", "--temperature", "0",
-        "--ignore-eos", "--json",
+        "generate",
+        p,
+        "--tokens",
+        "1,2,3",
+        "--max-tokens",
+        "12",
+        "--temperature",
+        "0",
+        "--ignore-eos",
+        "--json",
     ];
     let a: serde_json::Value = serde_json::from_str(&ok(&args)).unwrap();
     let b: serde_json::Value = serde_json::from_str(&ok(&args)).unwrap();
@@ -122,8 +153,18 @@ fn generate_json_is_deterministic_greedy() {
     assert_eq!(toks[0].as_u64().unwrap() as usize, best);
     // Sampling with a seed is reproducible too.
     let s = [
-        "generate", p, "--tokens", "1,2,3", "--max-tokens", "8", "--temperature", "1.0",
-        "--seed", "9", "--ignore-eos", "--json",
+        "generate",
+        p,
+        "--tokens",
+        "1,2,3",
+        "--max-tokens",
+        "8",
+        "--temperature",
+        "1.0",
+        "--seed",
+        "9",
+        "--ignore-eos",
+        "--json",
     ];
     assert_eq!(ok(&s), ok(&s));
 }
@@ -154,9 +195,16 @@ fn fixture_through_the_cli_matches_transformers() {
         assert!(e <= 1e-4, "{mode}: relative error {e}");
     }
     let greedy: serde_json::Value = serde_json::from_str(&ok(&[
-        "generate", dir.to_str().unwrap(), "--tokens", &tokens.join(","), "--max-tokens",
-        &j["greedy"].as_array().unwrap().len().to_string(), "--temperature", "0",
-        "--ignore-eos", "--json",
+        "generate",
+        dir.to_str().unwrap(),
+        "--tokens",
+        &tokens.join(","),
+        "--max-tokens",
+        &j["greedy"].as_array().unwrap().len().to_string(),
+        "--temperature",
+        "0",
+        "--ignore-eos",
+        "--json",
     ]))
     .unwrap();
     assert_eq!(greedy["tokens"], j["greedy"]);
@@ -209,17 +257,23 @@ fn bad_input_gives_one_clear_error() {
 /// chat template from the engine's tokenizer fixtures.
 fn tiny_with_tokenizer(dir: &Path) -> PathBuf {
     let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("../flowgate-engine/tests/data");
-    let templates: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(data.join("chat/templates.json")).unwrap(),
-    )
-    .unwrap();
+    let templates: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(data.join("chat/templates.json")).unwrap())
+            .unwrap();
     let tpl = dir.join("chatml.jinja");
     std::fs::write(&tpl, templates["qwen2.5"]["source"].as_str().unwrap()).unwrap();
     let p = dir.join("talk.gguf");
     ok(&[
-        "synth", "--shape", "tiny", "--out", p.to_str().unwrap(), "--quiet",
-        "--tokenizer-from", data.join("tok/bpe/bpe.gguf").to_str().unwrap(),
-        "--chat-template", tpl.to_str().unwrap(),
+        "synth",
+        "--shape",
+        "tiny",
+        "--out",
+        p.to_str().unwrap(),
+        "--quiet",
+        "--tokenizer-from",
+        data.join("tok/bpe/bpe.gguf").to_str().unwrap(),
+        "--chat-template",
+        tpl.to_str().unwrap(),
     ]);
     p
 }
@@ -229,7 +283,16 @@ fn run_streams_text_with_prompt_and_in_chat() {
     let d = tempfile::tempdir().unwrap();
     let p = tiny_with_tokenizer(d.path());
     let model = p.to_str().unwrap();
-    let greedy = ["--temperature", "0", "--max-tokens", "6", "-t", "2", "--ctx", "512"];
+    let greedy = [
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "6",
+        "-t",
+        "2",
+        "--ctx",
+        "512",
+    ];
     let mut args = vec!["run", model, "Hello there"];
     args.extend(greedy);
     let a = ok(&args);
@@ -258,4 +321,23 @@ fn run_streams_text_with_prompt_and_in_chat() {
     // The first answer equals the one-shot answer to the same prompt; a second one follows.
     assert!(out.starts_with(&a), "{out:?} vs {a:?}");
     assert!(out.len() > a.len(), "{out:?}");
+}
+
+#[test]
+fn closed_stdout_is_not_a_panic() {
+    use std::io::Read;
+    let p = tiny().to_str().unwrap();
+    let mut child = bin()
+        .args(["logits", p, "--tokens", "1,2,3,4,5,6,7,8", "-t", "2"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = [0u8; 8];
+    child.stdout.take().unwrap().read_exact(&mut first).unwrap();
+    // stdout is now closed: the rest of the write hits a broken pipe.
+    let o = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(o.status.code(), Some(0), "{err}");
 }

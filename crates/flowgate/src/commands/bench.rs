@@ -74,7 +74,12 @@ fn memory_read_gbps() -> f64 {
 
 /// llama.cpp figures from ANCHORS.md for the synthetic shapes on the 2-core CPU machine.
 fn anchor(spec: &flowgate_formats::ModelSpec) -> Option<(&'static str, f64, f64)> {
-    match (spec.n_layers, spec.hidden, spec.vocab_size, spec.moe.is_some()) {
+    match (
+        spec.n_layers,
+        spec.hidden,
+        spec.vocab_size,
+        spec.moe.is_some(),
+    ) {
         (16, 2048, 128256, false) => Some(("dense1b", 214.0, 52.0)),
         (16, 2048, 50304, true) => Some(("moe7b", 110.0, 51.6)),
         _ => None,
@@ -87,8 +92,11 @@ fn is_expert_tensor(name: &str) -> bool {
         return true;
     }
     ["ffn_gate.", "ffn_up.", "ffn_down."].iter().any(|p| {
-        name.split_once(p)
-            .is_some_and(|(_, rest)| rest.split('.').next().is_some_and(|e| e.parse::<u32>().is_ok()))
+        name.split_once(p).is_some_and(|(_, rest)| {
+            rest.split('.')
+                .next()
+                .is_some_and(|e| e.parse::<u32>().is_ok())
+        })
     })
 }
 
@@ -155,17 +163,17 @@ fn decode(a: DecodeArgs) -> Result<()> {
                 "source": "ANCHORS.md (llama.cpp CPU, 2 threads, pp64/tg32; recorded, not this run)"});
             j["decode_vs_llamacpp"] = serde_json::json!(tg / atg);
         }
-        println!("{}", serde_json::to_string_pretty(&j)?);
+        outln!("{}", serde_json::to_string_pretty(&j)?);
         return Ok(());
     }
-    println!("model     {} ({})", loaded.file.name, s.arch);
-    println!("backend   {}, {threads} threads", m.backend_name());
-    println!();
-    println!("{:<28} {:>12}", "test", "tok/s");
-    println!("{:<28} {:>12.1}", format!("prefill pp{}", prompt.len()), pp);
-    println!("{:<28} {:>12.1}", format!("decode tg{}", a.gen), tg);
-    println!();
-    println!(
+    outln!("model     {} ({})", loaded.file.name, s.arch);
+    outln!("backend   {}, {threads} threads", m.backend_name());
+    outln!();
+    outln!("{:<28} {:>12}", "test", "tok/s");
+    outln!("{:<28} {:>12.1}", format!("prefill pp{}", prompt.len()), pp);
+    outln!("{:<28} {:>12.1}", format!("decode tg{}", a.gen), tg);
+    outln!();
+    outln!(
         "decode reads {:.1} MiB of weights per token: {:.2} GB/s, {:.0}% of this machine's memory read bandwidth ({:.2} GB/s, measured now)",
         per_token / (1u64 << 20) as f64,
         achieved,
@@ -173,7 +181,7 @@ fn decode(a: DecodeArgs) -> Result<()> {
         ceiling
     );
     if let Some((name, app, atg)) = anchor {
-        println!(
+        outln!(
             "llama.cpp on {name} (ANCHORS.md, recorded on this machine type, 2 threads): pp64 {app} tok/s, tg32 {atg} tok/s -> flowgate decode is {:.2}x, prefill {:.2}x",
             tg / atg,
             pp / app

@@ -68,6 +68,12 @@ pub struct LoadArgs {
     /// Size of one direct read, MiB.
     #[arg(long, default_value_t = 8)]
     pub chunk_mib: usize,
+    /// Reads in flight for (a), the sequential O_DIRECT ceiling.
+    #[arg(long, default_value_t = 8)]
+    pub direct_depth: usize,
+    /// Size of one read of (a), MiB.
+    #[arg(long, default_value_t = 16)]
+    pub direct_chunk_mib: usize,
     /// Bounce buffers (of --chunk-mib each) for direct reads that need a copy.
     #[arg(long, default_value_t = 16)]
     pub bounce_buffers: usize,
@@ -85,6 +91,9 @@ pub struct LoadArgs {
     /// out of the figures, equally for every variant.
     #[arg(long)]
     pub no_prime: bool,
+    /// Run every variant this many times (interleaved) and report the median.
+    #[arg(long, default_value_t = 1)]
+    pub reps: usize,
     /// Run only these variants (comma-separated: flowgate,direct,mmap,buffered).
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
@@ -94,12 +103,32 @@ struct Row {
     name: &'static str,
     what: String,
     bytes: u64,
-    secs: f64,
+    /// One sample per repetition.
+    samples: Vec<f64>,
 }
 
 impl Row {
+    /// Median seconds.
+    fn secs(&self) -> f64 {
+        let mut v = self.samples.clone();
+        v.sort_by(|a, b| a.total_cmp(b));
+        v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+    }
+
     fn gbps(&self) -> f64 {
-        self.bytes as f64 / self.secs.max(1e-9) / 1e9
+        self.bytes as f64 / self.secs().max(1e-9) / 1e9
+    }
+}
+
+fn record(rows: &mut Vec<Row>, name: &'static str, what: String, bytes: u64, secs: f64) {
+    match rows.iter_mut().find(|r| r.name == name) {
+        Some(r) => r.samples.push(secs),
+        None => rows.push(Row {
+            name,
+            what,
+            bytes,
+            samples: vec![secs],
+        }),
     }
 }
 
@@ -207,63 +236,64 @@ pub fn load(a: LoadArgs) -> Result<()> {
     let mut notes = Vec::new();
     let mut engine = "";
 
-    if want("direct") {
-        prepare(&mut evict_method)?;
-        let t = Instant::now();
-        let mut n = 0;
-        for p in &files {
-            n += baseline::sequential_direct(p, 16 << 20, 8)
+    for rep in 0..a.reps.max(1) {
+        if want("direct") {
+            prepare(&mut evict_method)?;
+            let t = Instant::now();
+            let mut n = 0;
+            for p in &files {
+                n += baseline::sequential_direct(
+                    p,
+                    a.direct_chunk_mib.clamp(1, 256) << 20,
+                    a.direct_depth,
+                )
                 .with_context(|| format!("O_DIRECT read of {}", p.display()))?;
+            }
+            let what = format!(
+                "(a) sequential O_DIRECT read of the files, {} x {} MiB in flight",
+                a.direct_depth, a.direct_chunk_mib
+            );
+            record(&mut rows, "direct", what, n, t.elapsed().as_secs_f64());
         }
-        rows.push(Row {
-            name: "direct",
-            what: "(a) sequential O_DIRECT read of the files, 8 x 16 MiB in flight".into(),
-            bytes: n,
-            secs: t.elapsed().as_secs_f64(),
-        });
-    }
-    if want("flowgate") {
-        prepare(&mut evict_method)?;
-        let (pb, cb) = progress_bar(bytes, a.json);
-        let opts = LoaderOptions {
-            strategy: match a.strategy {
-                StrategyArg::Auto => Strategy::Auto,
-                StrategyArg::Direct => Strategy::Direct,
-                StrategyArg::Buffered => Strategy::Buffered,
-            },
-            engine: match a.engine {
-                EngineArg::Auto => DirectEngine::Auto,
-                EngineArg::IoUring => DirectEngine::IoUring,
-                EngineArg::Pool => DirectEngine::Pool,
-            },
-            threads: a.threads.unwrap_or(LoaderOptions::default().threads).max(1),
-            queue_depth: a.queue_depth.max(1),
-            chunk: a.chunk_mib.clamp(1, 256) << 20,
-            bounce_buffers: a.bounce_buffers.max(1),
-            progress: Some(cb),
-            ..LoaderOptions::default()
-        };
-        let t = Instant::now();
-        let (bufs, st) = Loader::new(opts.clone())
-            .read_with_stats(&files, &reqs)
-            .context("flowgate load")?;
-        let secs = t.elapsed().as_secs_f64();
-        pb.finish_and_clear();
-        drop(bufs);
-        engine = st.engine;
-        rows.push(Row {
-            name: "flowgate",
-            what: format!(
+        if want("flowgate") {
+            prepare(&mut evict_method)?;
+            let (pb, cb) = progress_bar(bytes, a.json);
+            let opts = LoaderOptions {
+                strategy: match a.strategy {
+                    StrategyArg::Auto => Strategy::Auto,
+                    StrategyArg::Direct => Strategy::Direct,
+                    StrategyArg::Buffered => Strategy::Buffered,
+                },
+                engine: match a.engine {
+                    EngineArg::Auto => DirectEngine::Auto,
+                    EngineArg::IoUring => DirectEngine::IoUring,
+                    EngineArg::Pool => DirectEngine::Pool,
+                },
+                threads: a.threads.unwrap_or(LoaderOptions::default().threads).max(1),
+                queue_depth: a.queue_depth.max(1),
+                chunk: a.chunk_mib.clamp(1, 256) << 20,
+                bounce_buffers: a.bounce_buffers.max(1),
+                progress: Some(cb),
+                ..LoaderOptions::default()
+            };
+            let t = Instant::now();
+            let (bufs, st) = Loader::new(opts.clone())
+                .read_with_stats(&files, &reqs)
+                .context("flowgate load")?;
+            let secs = t.elapsed().as_secs_f64();
+            pb.finish_and_clear();
+            drop(bufs);
+            engine = st.engine;
+            let what = format!(
                 "flowgate {:?}: {} ({:.0}% cached, {:.0}% copied from bounce buffers)",
                 opts.strategy,
                 st.engine,
                 st.cached_fraction * 100.0,
                 st.copied_bytes as f64 * 100.0 / bytes.max(1) as f64
-            ),
-            bytes,
-            secs,
-        });
-        notes.push(format!(
+            );
+            record(&mut rows, "flowgate", what, bytes, secs);
+            if rep == 0 {
+                notes.push(format!(
             "flowgate: {} reads ({:.2} GB direct, {:.2} GB buffered), {:.2} s copying out of bounce buffers, {:.2} s waiting on io_uring, {} retries",
             st.reads,
             st.direct_bytes as f64 / 1e9,
@@ -272,43 +302,42 @@ pub fn load(a: LoadArgs) -> Result<()> {
             st.wait_time.as_secs_f64(),
             st.retries
         ));
-        notes.extend(st.notes);
-        if a.verify {
-            let o = LoaderOptions {
-                verify: true,
-                progress: None,
-                ..opts
-            };
-            if a.cold {
-                prepare(&mut evict_method)?;
+                notes.extend(st.notes);
             }
-            Loader::new(o).read(&files, &reqs).context("verify")?;
-            notes.push("verify: every tensor matched a buffered re-read".into());
+            if a.verify && rep == 0 {
+                let o = LoaderOptions {
+                    verify: true,
+                    progress: None,
+                    ..opts
+                };
+                if a.cold {
+                    prepare(&mut evict_method)?;
+                }
+                Loader::new(o).read(&files, &reqs).context("verify")?;
+                notes.push("verify: every tensor matched a buffered re-read".into());
+            }
+        }
+        if want("mmap") {
+            prepare(&mut evict_method)?;
+            let t = Instant::now();
+            drop(baseline::mmap_copy(&files, &reqs).context("mmap + memcpy")?);
+            let what = "(b) mmap + memcpy of every tensor, one thread".into();
+            record(&mut rows, "mmap", what, bytes, t.elapsed().as_secs_f64());
+        }
+        if want("buffered") {
+            prepare(&mut evict_method)?;
+            let t = Instant::now();
+            drop(baseline::buffered_read(&files, &reqs).context("buffered read")?);
+            let what = "(c) buffered read() of every tensor, one thread".into();
+            record(
+                &mut rows,
+                "buffered",
+                what,
+                bytes,
+                t.elapsed().as_secs_f64(),
+            );
         }
     }
-    if want("mmap") {
-        prepare(&mut evict_method)?;
-        let t = Instant::now();
-        drop(baseline::mmap_copy(&files, &reqs).context("mmap + memcpy")?);
-        rows.push(Row {
-            name: "mmap",
-            what: "(b) mmap + memcpy of every tensor, one thread".into(),
-            bytes,
-            secs: t.elapsed().as_secs_f64(),
-        });
-    }
-    if want("buffered") {
-        prepare(&mut evict_method)?;
-        let t = Instant::now();
-        drop(baseline::buffered_read(&files, &reqs).context("buffered read")?);
-        rows.push(Row {
-            name: "buffered",
-            what: "(c) buffered read() of every tensor, one thread".into(),
-            bytes,
-            secs: t.elapsed().as_secs_f64(),
-        });
-    }
-
     if !a.no_prime {
         notes.push(format!(
             "before each variant, {:.1} GiB of memory was touched and freed ({prime_secs:.1} s in all, untimed)",
@@ -330,13 +359,14 @@ pub fn load(a: LoadArgs) -> Result<()> {
             "warm_cached_fraction": warm_fraction,
             "primed_bytes_per_variant": if a.no_prime { 0 } else { prime_bytes },
             "engine": engine,
-            "seconds": rows.iter().map(|r| (r.name.to_string(), serde_json::json!(r.secs))).collect::<serde_json::Map<_, _>>(),
+            "seconds": rows.iter().map(|r| (r.name.to_string(), serde_json::json!(r.samples))).collect::<serde_json::Map<_, _>>(),
+            "reps": a.reps.max(1),
             "notes": notes,
         });
-        println!("{}", serde_json::to_string_pretty(&j)?);
+        outln!("{}", serde_json::to_string_pretty(&j)?);
         return Ok(());
     }
-    println!(
+    outln!(
         "bench load {}: {} tensors, {:.2} GiB in {} file(s), {}",
         a.model.display(),
         reqs.len(),
@@ -351,20 +381,27 @@ pub fn load(a: LoadArgs) -> Result<()> {
     );
     let disk = gbps("direct");
     let mmap = gbps("mmap");
-    println!("{:<74} {:>8} {:>7} {:>8} {:>8}", "variant", "seconds", "GB/s", "vs (a)", "vs (b)");
+    outln!(
+        "{:<74} {:>8} {:>7} {:>8} {:>8}",
+        "variant",
+        "seconds",
+        "GB/s",
+        "vs (a)",
+        "vs (b)"
+    );
     for r in &rows {
         let rel = |b: Option<f64>| b.map_or("-".to_string(), |b| format!("{:.2}x", r.gbps() / b));
-        println!(
+        outln!(
             "{:<74} {:>8.2} {:>7.2} {:>8} {:>8}",
             r.what,
-            r.secs,
+            r.secs(),
             r.gbps(),
             rel(disk),
             rel(mmap)
         );
     }
     for n in &notes {
-        println!("note: {n}");
+        outln!("note: {n}");
     }
     Ok(())
 }

@@ -38,17 +38,17 @@ pub fn main(a: Args) -> Result<()> {
     };
     std::fs::create_dir_all(&dir)?;
     let path = dir.join(format!("synthetic-{:?}.gguf", a.shape).to_lowercase());
-    println!("flowgate demo: the weights are RANDOM (a synthetic {:?} model), so the tokens below are meaningless.", a.shape);
-    println!("It shows the whole path working: GGUF writing and parsing, loading, Q4_K kernels, prefill, KV cache, decode.");
+    outln!("flowgate demo: the weights are RANDOM (a synthetic {:?} model), so the tokens below are meaningless.", a.shape);
+    outln!("It shows the whole path working: GGUF writing and parsing, loading, Q4_K kernels, prefill, KV cache, decode.");
     let bytes = synth::write(a.shape, &path, 0x5EED, &[], false)?;
-    println!(
+    outln!(
         "wrote {} ({:.1} MiB)",
         path.display(),
         bytes as f64 / (1u64 << 20) as f64
     );
     let loaded = runtime::load(&path, &LoadOptions::default()).context("loading the demo model")?;
     let s = &loaded.model.spec;
-    println!(
+    outln!(
         "loaded in {:.2} s: {} with {} layers, hidden {}, vocab {}{}; backend {}, {threads} threads",
         loaded.load_time.as_secs_f64(),
         s.arch,
@@ -61,7 +61,9 @@ pub fn main(a: Args) -> Result<()> {
             .unwrap_or_default(),
         loaded.model.backend_name()
     );
-    let prompt: Vec<u32> = (0..16u32).map(|i| (i * 37 + 11) % s.vocab_size as u32).collect();
+    let prompt: Vec<u32> = (0..16u32)
+        .map(|i| (i * 37 + 11) % s.vocab_size as u32)
+        .collect();
     let mut cache = loaded.model.new_cache(prompt.len() + a.max_tokens)?;
     // Seeded sampling (temperature 0.8, top-k 40, top-p 0.95): greedy decoding of random weights
     // tends to repeat one token.
@@ -75,9 +77,9 @@ pub fn main(a: Args) -> Result<()> {
         &[],
         |_| true,
     )?;
-    println!("prompt ids:    {prompt:?}");
-    println!("generated ids: {out:?}");
-    println!(
+    outln!("prompt ids:    {prompt:?}");
+    outln!("generated ids: {out:?}");
+    outln!(
         "prefill {} tokens: {:.1} tok/s; decode {} tokens: {:.1} tok/s",
         stats.prompt_tokens,
         stats.prefill_tps(),

@@ -42,12 +42,19 @@ pub fn main(a: Args) -> Result<()> {
         }
     };
     let mut sampler = Sampler::new(sampler_cfg);
-    let (out, stats) =
-        runtime::generate(m, &mut cache, &tokens, a.max_tokens, &mut sampler, &stop, |_| true)?;
+    let (out, stats) = runtime::generate(
+        m,
+        &mut cache,
+        &tokens,
+        a.max_tokens,
+        &mut sampler,
+        &stop,
+        |_| true,
+    )?;
     if a.json {
-        println!("{}", serde_json::json!({ "tokens": out }));
+        outln!("{}", serde_json::json!({ "tokens": out }));
     } else {
-        println!(
+        outln!(
             "{}",
             out.iter()
                 .map(|t| t.to_string())

@@ -68,16 +68,16 @@ pub fn main(a: Args) -> Result<()> {
             "bytes_per_dtype": per_dtype.iter().map(|(k, v)| (k.clone(), v.1)).collect::<BTreeMap<_, _>>(),
             "tensors": tensors,
         });
-        println!("{}", serde_json::to_string_pretty(&out)?);
+        outln!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(());
     }
-    println!("model         {}", f.name);
-    println!("format        {format}");
-    println!("architecture  {}", s.arch);
-    println!("vocab         {}", s.vocab_size);
-    println!("hidden        {}", s.hidden);
-    println!("layers        {}", s.n_layers);
-    println!(
+    outln!("model         {}", f.name);
+    outln!("format        {format}");
+    outln!("architecture  {}", s.arch);
+    outln!("vocab         {}", s.vocab_size);
+    outln!("hidden        {}", s.hidden);
+    outln!("layers        {}", s.n_layers);
+    outln!(
         "attention     {} heads, {} kv heads, head dim {}{}{}",
         s.n_heads,
         s.n_kv_heads,
@@ -90,9 +90,9 @@ pub fn main(a: Args) -> Result<()> {
         }
     );
     if let Some(w) = s.sliding_window {
-        println!("window        {w}");
+        outln!("window        {w}");
     }
-    println!(
+    outln!(
         "rope          theta {} ({:?}){}",
         s.rope.theta,
         s.rope.style,
@@ -102,42 +102,52 @@ pub fn main(a: Args) -> Result<()> {
             .unwrap_or_default()
     );
     if s.ffn > 0 {
-        println!("ffn           {}", s.ffn);
+        outln!("ffn           {}", s.ffn);
     }
     if let Some(m) = &s.moe {
-        println!(
+        outln!(
             "experts       {} ({} used per token), width {}, {} sparse layers{}{}",
             m.n_experts,
             m.n_experts_used,
             m.expert_ffn,
             m.sparse_layers.iter().filter(|&&x| x).count(),
-            if m.norm_topk_prob { ", top-k renormalised" } else { "" },
+            if m.norm_topk_prob {
+                ", top-k renormalised"
+            } else {
+                ""
+            },
             m.shared_expert_ffn
                 .map(|w| format!(", shared expert width {w}"))
                 .unwrap_or_default()
         );
     }
-    println!("rms eps       {}", s.rms_eps);
-    println!("tied embd     {}", s.tied_embeddings);
+    outln!("rms eps       {}", s.rms_eps);
+    outln!("tied embd     {}", s.tied_embeddings);
     if let Some(c) = s.context_length {
-        println!("context       {c}");
+        outln!("context       {c}");
     }
-    println!();
-    println!("{:<8} {:>8} {:>14}", "dtype", "tensors", "bytes");
+    outln!();
+    outln!("{:<8} {:>8} {:>14}", "dtype", "tensors", "bytes");
     for (k, (n, b)) in &per_dtype {
-        println!("{k:<8} {n:>8} {:>14}", human(*b));
+        outln!("{k:<8} {n:>8} {:>14}", human(*b));
     }
-    println!(
+    outln!(
         "{:<8} {:>8} {:>14}",
         "total",
         f.catalog.len(),
         human(f.catalog.total_bytes())
     );
-    println!();
-    println!("{:<40} {:<6} {:<22} {:>12}", "tensor", "dtype", "shape", "bytes");
+    outln!();
+    outln!(
+        "{:<40} {:<6} {:<22} {:>12}",
+        "tensor",
+        "dtype",
+        "shape",
+        "bytes"
+    );
     let limit = if a.all { usize::MAX } else { 40 };
     for t in f.catalog.iter().take(limit) {
-        println!(
+        outln!(
             "{:<40} {:<6} {:<22} {:>12}",
             t.name,
             t.dtype.name(),
@@ -146,7 +156,7 @@ pub fn main(a: Args) -> Result<()> {
         );
     }
     if f.catalog.len() > limit {
-        println!("... {} more (--all)", f.catalog.len() - limit);
+        outln!("... {} more (--all)", f.catalog.len() - limit);
     }
     Ok(())
 }

@@ -45,6 +45,6 @@ pub fn main(a: Args) -> Result<()> {
     };
     let rows: Vec<&[f32]> = flat.chunks(vocab).collect();
     let out = serde_json::json!({ "logits": rows });
-    println!("{}", serde_json::to_string(&out)?);
+    outln!("{}", serde_json::to_string(&out)?);
     Ok(())
 }

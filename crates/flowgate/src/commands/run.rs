@@ -7,9 +7,9 @@ use std::io::{BufRead, Write};
 
 use anyhow::{bail, Context, Result};
 use clap::Args as ClapArgs;
+use flowgate_engine::backend::cpu::CpuBackend;
 use flowgate_engine::chat::Message;
 use flowgate_engine::kv::KvCache;
-use flowgate_engine::backend::cpu::CpuBackend;
 use flowgate_engine::runtime::{self, Loaded};
 use flowgate_engine::sampling::Sampler;
 
@@ -94,8 +94,13 @@ impl Chat<'_> {
                 match stream.next(id) {
                     Ok(Some(piece)) => {
                         let mut o = stdout.lock();
-                        let _ = o.write_all(piece.as_bytes());
-                        let _ = o.flush();
+                        if o.write_all(piece.as_bytes())
+                            .and_then(|_| o.flush())
+                            .is_err()
+                        {
+                            // stdout closed (e.g. piped into `head`): stop generating.
+                            return false;
+                        }
                     }
                     Ok(None) => {}
                     Err(e) => err = Some(e),
@@ -106,7 +111,7 @@ impl Chat<'_> {
         if let Some(e) = err {
             bail!("detokenising: {e}");
         }
-        println!();
+        outln!();
         self.cached = prompt.to_vec();
         self.cached.extend(&out);
         // The last sampled token was never run through the model: drop it from the cache view.
@@ -126,7 +131,10 @@ impl Chat<'_> {
 }
 
 fn render(loaded: &Loaded, args: &Args, messages: &[Message]) -> Result<Vec<u32>> {
-    let tok = loaded.tokenizer.as_ref().context("model has no tokenizer")?;
+    let tok = loaded
+        .tokenizer
+        .as_ref()
+        .context("model has no tokenizer")?;
     match (&loaded.chat, args.raw) {
         (Some(t), false) => {
             let text = t.render(messages, true)?;
