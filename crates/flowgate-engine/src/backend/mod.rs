@@ -24,6 +24,15 @@ pub struct AttnParams {
     pub scale: f32,
 }
 
+/// One SwiGLU FFN application: `down · (silu(gate · x) ⊙ (up · x))` over `n` rows of `x`.
+pub struct SwiGluJob<'a, B: Backend> {
+    pub gate: &'a B::Weight,
+    pub up: &'a B::Weight,
+    pub down: &'a B::Weight,
+    pub x: &'a B::Buf,
+    pub n: usize,
+}
+
 /// Device operations used by the models.
 pub trait Backend: Send + Sync + Sized {
     /// Activations (f32) on the device.
@@ -66,6 +75,11 @@ pub trait Backend: Send + Sync + Sized {
         for (w, o) in ws.iter().zip(outs.iter_mut()) {
             self.matmul(w, x, n_tokens, o);
         }
+    }
+    /// Runs independent SwiGLU FFNs (the chosen experts of one MoE layer). Backends may run
+    /// them concurrently; the default runs them one after another.
+    fn swiglu_many(&self, jobs: &[SwiGluJob<'_, Self>]) -> Result<Vec<Self::Buf>> {
+        jobs.iter().map(|j| swiglu(self, j)).collect()
     }
     /// `x[t] += b` for every row.
     fn add_row_bias(&self, x: &mut Self::Buf, b: &Self::Buf);
@@ -112,4 +126,15 @@ pub trait Backend: Send + Sync + Sized {
     );
     /// Resizes a buffer to `n` floats (contents unspecified).
     fn resize(&self, b: &mut Self::Buf, n: usize) -> Result<()>;
+}
+
+/// One [`SwiGluJob`] with the backend's basic operations.
+pub fn swiglu<B: Backend>(b: &B, j: &SwiGluJob<'_, B>) -> Result<B::Buf> {
+    let mut gate = b.buf_zeros(0)?;
+    let mut up = b.buf_zeros(0)?;
+    let mut out = b.buf_zeros(0)?;
+    b.matmul_many(&[j.gate, j.up], j.x, j.n, &mut [&mut gate, &mut up]);
+    b.silu_mul(&mut gate, &up);
+    b.matmul(j.down, &gate, j.n, &mut out);
+    Ok(out)
 }

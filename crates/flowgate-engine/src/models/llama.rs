@@ -7,7 +7,7 @@ use flowgate_formats::catalog::names;
 use flowgate_formats::{ModelSpec, QkNorm};
 
 use super::TensorSource;
-use crate::backend::{AttnParams, Backend};
+use crate::backend::{AttnParams, Backend, SwiGluJob};
 use crate::error::Result;
 
 /// Reusable activation buffers for one forward pass.
@@ -208,14 +208,14 @@ impl<B: Backend> DenseFfn<B> {
         Ok(&sc.out)
     }
 
-    /// Like `forward` but into a fresh buffer (experts run several times per layer).
-    pub(crate) fn forward_owned(&self, b: &B, h: &B::Buf, n: usize) -> Result<B::Buf> {
-        let mut gate = b.buf_zeros(0)?;
-        let mut up = b.buf_zeros(0)?;
-        let mut out = b.buf_zeros(0)?;
-        b.matmul_many(&[&self.gate, &self.up], h, n, &mut [&mut gate, &mut up]);
-        b.silu_mul(&mut gate, &up);
-        b.matmul(&self.down, &gate, n, &mut out);
-        Ok(out)
+    /// The job of running this FFN over `n` rows of `x`.
+    pub(crate) fn job<'a>(&'a self, x: &'a B::Buf, n: usize) -> SwiGluJob<'a, B> {
+        SwiGluJob {
+            gate: &self.gate,
+            up: &self.up,
+            down: &self.down,
+            x,
+            n,
+        }
     }
 }

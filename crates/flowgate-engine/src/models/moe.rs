@@ -125,20 +125,31 @@ impl<B: Backend> MoeFfn<B> {
             }
         }
         let mut out = b.buf_zeros(n * s.hidden)?;
-        for (e, (idx, w)) in chosen.iter().enumerate() {
-            if idx.is_empty() {
-                continue;
-            }
-            let y = if idx.len() == n {
-                self.experts[e].forward_owned(b, h, n)?
-            } else {
-                let xg = b.gather_rows(h, s.hidden, idx)?;
-                self.experts[e].forward_owned(b, &xg, idx.len())?
-            };
-            b.scatter_add_rows(&mut out, &y, s.hidden, idx, w);
+        let used: Vec<usize> = (0..n_exp).filter(|&e| !chosen[e].0.is_empty()).collect();
+        // Inputs: every token for an expert all tokens chose, else the gathered rows.
+        let gathered = used
+            .iter()
+            .map(|&e| {
+                let idx = &chosen[e].0;
+                if idx.len() == n {
+                    Ok(None)
+                } else {
+                    b.gather_rows(h, s.hidden, idx).map(Some)
+                }
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let jobs: Vec<_> = used
+            .iter()
+            .zip(&gathered)
+            .map(|(&e, g)| self.experts[e].job(g.as_ref().unwrap_or(h), chosen[e].0.len()))
+            .collect();
+        let ys = b.swiglu_many(&jobs)?;
+        for (&e, y) in used.iter().zip(&ys) {
+            let (idx, w) = &chosen[e];
+            b.scatter_add_rows(&mut out, y, s.hidden, idx, w);
         }
         if let Some((ffn, gate)) = &self.shared {
-            let y = ffn.forward_owned(b, h, n)?;
+            let y = crate::backend::swiglu(b, &ffn.job(h, n))?;
             let mut g = b.buf_zeros(n)?;
             b.matmul(gate, h, n, &mut g);
             let g: Vec<f32> = b

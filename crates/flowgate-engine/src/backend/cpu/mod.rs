@@ -7,7 +7,7 @@ pub mod kernels;
 use flowgate_formats::RopeStyle;
 use rayon::prelude::*;
 
-use super::{AttnParams, Backend};
+use super::{swiglu, AttnParams, Backend, SwiGluJob};
 use crate::error::{EngineError, Result};
 use crate::weights::HostTensor;
 use kernels::QMatrix;
@@ -140,6 +140,13 @@ impl Backend for CpuBackend {
             ys.push(o.as_mut_slice());
         }
         kernels::matmul_many(&ms, &x[..n_tokens * first.cols], n_tokens, &mut ys);
+    }
+
+    /// Experts run side by side: with few tokens each expert's matrices are small, and
+    /// splitting every one of them across all threads costs more in synchronisation than it
+    /// gains; one expert per task keeps every core streaming weights.
+    fn swiglu_many(&self, jobs: &[SwiGluJob<'_, Self>]) -> Result<Vec<Vec<f32>>> {
+        jobs.par_iter().map(|j| swiglu(self, j)).collect()
     }
 
     fn add_row_bias(&self, x: &mut Vec<f32>, b: &Vec<f32>) {

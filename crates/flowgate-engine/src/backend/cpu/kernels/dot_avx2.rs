@@ -84,7 +84,7 @@ pub(crate) fn rows_times_tokens(
 }
 
 #[cfg(target_arch = "x86_64")]
-mod imp {
+pub(super) mod imp {
     use std::arch::x86_64::*;
 
     use super::super::dot_scalar::scale_min_k4;
@@ -320,7 +320,7 @@ mod imp {
 
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
-    fn hsum(v: __m256) -> f32 {
+    pub(crate) fn hsum(v: __m256) -> f32 {
         let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
         let s = _mm_add_ss(s, _mm_movehdup_ps(s));
@@ -586,7 +586,7 @@ mod imp {
 
     /// Q4_K/Q5_K packed 6-bit scales and mins → (8 scales, 8 mins) as bytes.
     #[inline(always)]
-    fn k4_scales(s: &[u8; 12]) -> ([u8; 8], [u8; 8]) {
+    pub(crate) fn k4_scales(s: &[u8; 12]) -> ([u8; 8], [u8; 8]) {
         let a = u32::from_le_bytes([s[0], s[1], s[2], s[3]]);
         let b = u32::from_le_bytes([s[4], s[5], s[6], s[7]]);
         let c = u32::from_le_bytes([s[8], s[9], s[10], s[11]]);
@@ -627,7 +627,7 @@ mod imp {
     /// The 8 minimums as 16 words, each twice (pairs with the 16 block sums).
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
-    fn mins16(m: &[u8; 8]) -> __m256i {
+    pub(crate) fn mins16(m: &[u8; 8]) -> __m256i {
         let mv = _mm_cvtsi64_si128(i64::from_le_bytes(*m));
         _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(mv, mv))
     }
