@@ -75,7 +75,10 @@ impl SampleArgs {
         if !self.temperature.is_finite() || !(0.0..=1.0).contains(&self.top_p) {
             bail!("--temperature must be finite and --top-p within 0..=1");
         }
-        if !(0.0..=1.0).contains(&self.min_p) || !(self.repeat_penalty > 0.0) {
+        if !(0.0..=1.0).contains(&self.min_p)
+            || self.repeat_penalty.is_nan()
+            || self.repeat_penalty <= 0.0
+        {
             bail!("--min-p must be within 0..=1 and --repeat-penalty positive");
         }
         Ok(SamplerConfig {

@@ -74,6 +74,10 @@ pub struct LoadArgs {
     /// Size of one read of (a), MiB.
     #[arg(long, default_value_t = 16)]
     pub direct_chunk_mib: usize,
+    /// Smallest alignment of flowgate's direct reads (bytes; the file system's own is used
+    /// when larger).
+    #[arg(long, default_value_t = 4096)]
+    pub min_align: usize,
     /// Bounce buffers (of --chunk-mib each) for direct reads that need a copy.
     #[arg(long, default_value_t = 16)]
     pub bounce_buffers: usize,
@@ -273,6 +277,7 @@ pub fn load(a: LoadArgs) -> Result<()> {
                 queue_depth: a.queue_depth.max(1),
                 chunk: a.chunk_mib.clamp(1, 256) << 20,
                 bounce_buffers: a.bounce_buffers.max(1),
+                min_align: a.min_align.clamp(512, 1 << 20),
                 progress: Some(cb),
                 ..LoaderOptions::default()
             };
