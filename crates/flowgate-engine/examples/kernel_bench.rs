@@ -102,6 +102,36 @@ fn matvec_gbs(rng: &mut Rng, dtype: DType, rows: usize, cols: usize, secs: f64) 
     );
 }
 
+/// `n`-token matmul throughput (prefill shape) in GMAC/s, quantisation included.
+fn matmul_gmacs(rng: &mut Rng, dtype: DType, rows: usize, cols: usize, n: usize, secs: f64) {
+    let data = weights(rng, dtype, rows, cols);
+    let w = QMatrix::new(dtype, rows, cols, &data).expect("shape");
+    let x = acts(rng, n * cols);
+    let mut y = vec![0f32; n * rows];
+    let a = Activations::new(&x, cols, n).expect("acts");
+    matmul_acts(&w, &a, &mut y);
+    let start = Instant::now();
+    let cpu0 = cpu_secs();
+    let mut iters = 0usize;
+    while start.elapsed().as_secs_f64() < secs {
+        let a = Activations::new(&x, cols, n).expect("acts");
+        matmul_acts(&w, &a, &mut y);
+        iters += 1;
+    }
+    let t = start.elapsed().as_secs_f64() / iters as f64;
+    let cpu = (cpu_secs() - cpu0) / iters as f64 / rayon::current_num_threads() as f64;
+    let macs = (rows * cols * n) as f64;
+    println!(
+        "matmul {:>5} {:>6}×{:<5} n={n:<3} {:>8.3} ms  {:>6.1} GMAC/s wall  {:>6.1} GMAC/s per busy thread-set",
+        dtype.name(),
+        rows,
+        cols,
+        t * 1e3,
+        macs / t / 1e9,
+        macs / cpu / 1e9
+    );
+}
+
 struct Layer {
     q: Vec<u8>,
     k: Vec<u8>,
@@ -228,6 +258,17 @@ fn main() {
             (DType::F16, 8192, 2048),
         ] {
             matvec_gbs(&mut rng, dtype, rows, cols, secs);
+        }
+        for (dtype, rows, cols) in [
+            (DType::Q4K, 8192, 2048),
+            (DType::Q4K, 2048, 8192),
+            (DType::Q6K, 8192, 2048),
+            (DType::Q8_0, 8192, 2048),
+        ] {
+            matmul_gmacs(&mut rng, dtype, rows, cols, 64, secs);
+        }
+        if std::env::var_os("KERNEL_BENCH_MATMUL_ONLY").is_some() {
+            return;
         }
         model(&mut rng, DType::Q4K, quick);
     });

@@ -179,7 +179,7 @@ fn tol(dtype: DType) -> f64 {
 }
 
 fn isas() -> Vec<Isa> {
-    [Isa::Scalar, Isa::Avx2]
+    [Isa::Scalar, Isa::Avx2, Isa::Avx512Vnni]
         .into_iter()
         .filter(|i| i.available())
         .collect()

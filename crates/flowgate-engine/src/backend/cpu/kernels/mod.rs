@@ -27,6 +27,7 @@
 
 pub mod dot_avx2;
 pub mod dot_scalar;
+pub mod dot_vnni;
 pub mod quantize;
 
 use std::fmt;
@@ -157,6 +158,9 @@ pub enum Isa {
     Scalar,
     /// AVX2 + FMA + F16C.
     Avx2,
+    /// AVX2 plus AVX-512 F/BW/VL/VNNI (256-bit `vpdpbusd`): Q4_K/Q6_K/Q8_0 use
+    /// [`dot_vnni`], every other dtype the AVX2 kernels.
+    Avx512Vnni,
 }
 
 impl Isa {
@@ -165,6 +169,7 @@ impl Isa {
         match self {
             Isa::Scalar => true,
             Isa::Avx2 => dot_avx2::detected(),
+            Isa::Avx512Vnni => dot_vnni::detected(),
         }
     }
 }
@@ -174,17 +179,20 @@ impl fmt::Display for Isa {
         f.write_str(match self {
             Isa::Scalar => "scalar",
             Isa::Avx2 => "avx2",
+            Isa::Avx512Vnni => "avx512vnni",
         })
     }
 }
 
 /// The best instruction set of this machine (detected once; `FLOWGATE_FORCE_SCALAR=1` in the
-/// environment forces [`Isa::Scalar`]).
+/// environment forces [`Isa::Scalar`], `FLOWGATE_FORCE_AVX2=1` caps it at [`Isa::Avx2`]).
 pub fn simd_level() -> Isa {
     static LEVEL: OnceLock<Isa> = OnceLock::new();
     *LEVEL.get_or_init(|| {
         if std::env::var_os("FLOWGATE_FORCE_SCALAR").is_some() {
             Isa::Scalar
+        } else if std::env::var_os("FLOWGATE_FORCE_AVX2").is_none() && Isa::Avx512Vnni.available() {
+            Isa::Avx512Vnni
         } else if Isa::Avx2.available() {
             Isa::Avx2
         } else {
@@ -437,14 +445,19 @@ fn rows_times_tokens(
     n: usize,
     out: &mut [f32],
 ) {
-    if isa == Isa::Avx2 && dot_avx2::rows_times_tokens(dtype, rows, rb, src, n, out) {
+    if isa == Isa::Avx512Vnni && dot_vnni::rows_times_tokens(dtype, rows, rb, src, n, out) {
+        return;
+    }
+    if matches!(isa, Isa::Avx2 | Isa::Avx512Vnni)
+        && dot_avx2::rows_times_tokens(dtype, rows, rb, src, n, out)
+    {
         return;
     }
     let toks: Vec<ActSrc> = (0..n).map(|t| src.token(t, n)).collect();
     for (row, o) in rows.chunks_exact(rb).zip(out.chunks_exact_mut(n)) {
         for (tok, v) in toks.iter().zip(o.iter_mut()) {
             *v = match isa {
-                Isa::Avx2 => dot_avx2::dot(dtype, row, tok),
+                Isa::Avx2 | Isa::Avx512Vnni => dot_avx2::dot(dtype, row, tok),
                 Isa::Scalar => None,
             }
             .unwrap_or_else(|| dot_scalar::dot(dtype, row, tok));
