@@ -16,16 +16,12 @@ use crate::sampling::Sampler;
 use crate::tokenizer::Tokenizer;
 
 /// Options for loading.
-#[derive(Clone, Debug)]
+#[derive(Clone, Default)]
 pub struct LoadOptions {
-    /// Reader threads for weight loading.
+    /// Reader threads for weight loading (0: the loader's default).
     pub io_threads: usize,
-}
-
-impl Default for LoadOptions {
-    fn default() -> Self {
-        LoadOptions { io_threads: 8 }
-    }
+    /// Called with the weight bytes read so far (progress bars, logs).
+    pub progress: Option<flowgate_io::Progress>,
 }
 
 /// A model ready to run on the CPU backend, with what is needed to talk to it.
@@ -60,7 +56,12 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Loaded> {
                 .map_err(|e| EngineError::Invalid(format!("chat template: {e}")))?,
         ),
     };
-    let tensors = crate::weights::load_all(&file.catalog, opts.io_threads)?;
+    let threads = if opts.io_threads == 0 {
+        flowgate_io::LoaderOptions::default().threads
+    } else {
+        opts.io_threads
+    };
+    let tensors = crate::weights::load_all(&file.catalog, threads, opts.progress.clone())?;
     let model = Model::new(file.spec.clone(), CpuBackend, tensors)?;
     Ok(Loaded {
         file,

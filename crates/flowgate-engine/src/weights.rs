@@ -103,8 +103,13 @@ impl HostTensor {
     }
 }
 
-/// Reads every tensor of `catalog` into host memory.
-pub fn load_all(catalog: &TensorCatalog, threads: usize) -> Result<HashMap<String, HostTensor>> {
+/// Reads every tensor of `catalog` into host memory with flowgate-io's loader; `progress`, if
+/// given, is called with the bytes delivered so far.
+pub fn load_all(
+    catalog: &TensorCatalog,
+    threads: usize,
+    progress: Option<flowgate_io::Progress>,
+) -> Result<HashMap<String, HostTensor>> {
     let infos: Vec<&TensorInfo> = catalog.iter().collect();
     let reqs: Vec<ReadRequest> = infos
         .iter()
@@ -114,7 +119,12 @@ pub fn load_all(catalog: &TensorCatalog, threads: usize) -> Result<HashMap<Strin
             len: t.nbytes as usize,
         })
         .collect();
-    let bufs = flowgate_io::read_ranges(&catalog.files, &reqs, threads)?;
+    let loader = flowgate_io::Loader::new(flowgate_io::LoaderOptions {
+        threads,
+        progress,
+        ..Default::default()
+    });
+    let bufs = loader.read(&catalog.files, &reqs)?;
     let mut out = HashMap::with_capacity(infos.len());
     for (t, b) in infos.into_iter().zip(bufs) {
         let shape = t.shape.iter().map(|&d| d as usize).collect();

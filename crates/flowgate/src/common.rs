@@ -21,11 +21,34 @@ pub struct ModelArgs {
 }
 
 impl ModelArgs {
-    /// Sets up the thread pool and loads the model.
+    /// Sets up the thread pool and loads the model, with a progress bar on a terminal for
+    /// models big enough to take a while (bytes, GB/s, ETA).
     pub fn load(&self) -> Result<Loaded> {
+        use std::io::IsTerminal;
         init_threads(self.threads)?;
-        runtime::load(&self.model, &LoadOptions::default())
-            .with_context(|| format!("loading {}", self.model.display()))
+        let mut opts = LoadOptions::default();
+        let bar = match flowgate_formats::model::open(&self.model) {
+            Ok(f) if std::io::stderr().is_terminal() && f.catalog.total_bytes() > 1 << 30 => {
+                let b = indicatif::ProgressBar::new(f.catalog.total_bytes());
+                b.set_style(
+                    indicatif::ProgressStyle::with_template(
+                        "loading {bar:40} {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}",
+                    )
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+                );
+                let b2 = b.clone();
+                opts.progress = Some(std::sync::Arc::new(move |done| b2.set_position(done)));
+                Some(b)
+            }
+            // Errors surface, with context, from the load below.
+            _ => None,
+        };
+        let r = runtime::load(&self.model, &opts)
+            .with_context(|| format!("loading {}", self.model.display()));
+        if let Some(b) = bar {
+            b.finish_and_clear();
+        }
+        r
     }
 }
 
