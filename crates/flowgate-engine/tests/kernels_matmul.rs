@@ -1,5 +1,7 @@
-// Kernel tests: `matmul` for every weight dtype against an f64 reference, AVX2 against scalar,
-// and the activation-quantisation error against un-quantised activations.
+// Kernel tests: `matmul` for every weight dtype against an f64 reference, every SIMD level
+// this machine has (AVX2, AVX-512 VNNI) against scalar, and the activation-quantisation error
+// against un-quantised activations. Token counts 1, 3, 15, 17 exercise every VNNI token tile
+// (8, 4, 2, 1) and 2560-wide K-quant rows (10 super-blocks) its reduction slabs (8 blocks).
 //
 // Inputs are random (seeded): random block bytes with sane random f16 scale fields (never
 // zero), random activations with a few larger outliers. The reference dequantises each weight
@@ -11,14 +13,14 @@
 // - F32/F16/BF16 vs f64 reference: 1e-5 (f32 FMA accumulation over ≤ 1k terms).
 // - quantised dtypes vs f64 reference on quantised activations: 1e-4 (i32-exact block
 //   products, f32 scales and accumulation).
-// - AVX2 vs scalar: 1e-5 (same integers, different f32 summation order).
+// - AVX2 / AVX-512 VNNI vs scalar: 1e-5 (same integers, different f32 summation order).
 // - quantised dtypes vs f64 reference on the *original* activations: ‖y − ref‖/‖ref‖ ≤ 2 × the
 //   activation error ‖x̂ − x‖/‖x‖, itself ≤ 1e-2 for Q8 (32-element scales) and ≤ 3e-2 for Q8_K
 //   (one scale per 256 elements; the test activations carry 8× outliers every 97 elements).
 
 use flowgate_engine::backend::cpu::kernels::{
     act_format, dequantize_row_into, matmul, matmul_acts, matmul_acts_isa, matmul_isa, matmul_many,
-    quantize, ActFormat, Activations, Isa, KernelError, QMatrix,
+    quantize, simd_level, ActFormat, Activations, Isa, KernelError, QMatrix,
 };
 use flowgate_formats::DType;
 use half::{bf16, f16};
@@ -166,7 +168,7 @@ fn shapes(dtype: DType) -> Vec<(usize, usize)> {
     match dtype.block_size() {
         1 => vec![(37, 40), (130, 264), (5, 1000)],
         32 => vec![(37, 64), (130, 256), (5, 992)],
-        _ => vec![(37, 256), (130, 512), (5, 1024)],
+        _ => vec![(37, 256), (130, 512), (5, 1024), (11, 2560)],
     }
 }
 
@@ -192,7 +194,7 @@ fn matmul_matches_f64_reference_on_seen_activations() {
         for (rows, cols) in shapes(dtype) {
             let wb = random_weights(&mut rng, dtype, rows, cols);
             let w = QMatrix::new(dtype, rows, cols, &wb).unwrap();
-            for n in [1usize, 3, 17] {
+            for n in [1usize, 3, 15, 17] {
                 let x = random_acts(&mut rng, n * cols);
                 let (r, mag) = reference(&w, &seen_acts(dtype, &x, cols, n), n);
                 for isa in isas() {
@@ -222,7 +224,7 @@ fn simd_matches_scalar() {
         for (rows, cols) in shapes(dtype) {
             let wb = random_weights(&mut rng, dtype, rows, cols);
             let w = QMatrix::new(dtype, rows, cols, &wb).unwrap();
-            for n in [1usize, 3, 17] {
+            for n in [1usize, 3, 15, 17] {
                 let x = random_acts(&mut rng, n * cols);
                 let (_, mag) = reference(&w, &seen_acts(dtype, &x, cols, n), n);
                 let mut ys = vec![f32::NAN; n * rows];
@@ -436,4 +438,27 @@ fn empty_shapes_do_not_panic() {
         let x = vec![1.0; 2 * dtype.block_size()];
         matmul(&w, &x, 2, &mut []);
     }
+}
+
+/// The run-time choice: the best level this machine has (the VNNI kernels are only ever
+/// picked when every feature they enable was detected).
+#[test]
+fn simd_level_is_the_best_available() {
+    if std::env::var_os("FLOWGATE_FORCE_SCALAR").is_some()
+        || std::env::var_os("FLOWGATE_FORCE_AVX2").is_some()
+    {
+        return;
+    }
+    let best = [Isa::Avx512Vnni, Isa::Avx2, Isa::Scalar]
+        .into_iter()
+        .find(|i| i.available())
+        .unwrap();
+    assert_eq!(simd_level(), best);
+    #[cfg(target_arch = "x86_64")]
+    if Isa::Avx512Vnni.available() {
+        use std::arch::is_x86_feature_detected as has;
+        assert!(has!("avx2") && has!("fma") && has!("f16c"));
+        assert!(has!("avx512f") && has!("avx512bw") && has!("avx512vl") && has!("avx512vnni"));
+    }
+    eprintln!("simd level: {best}");
 }

@@ -8,22 +8,27 @@
 //!   weights pair with [`quantize::BlockQ8`] (32 i8, f32 scale, f32 `d·Σq` for the `_1` types),
 //!   K-quants with [`quantize::BlockQ8K`] (256 i8, f32 scale, 16 i16 block sums), like llama.cpp.
 //!   Float weights (F32/F16/BF16) use the f32 activations as they are.
-//! - Dot products are integer within a block and f32 across blocks. Two implementations share
-//!   one dispatch: [`dot_scalar`] (portable, the reference for the SIMD code) and
-//!   [`dot_avx2`] (AVX2+FMA+F16C, chosen at run time once, see [`simd_level`]).
+//! - Dot products are integer within a block and f32 across blocks. Three implementations
+//!   share one dispatch: [`dot_scalar`] (portable, the reference for the SIMD code),
+//!   [`dot_avx2`] (AVX2+FMA+F16C, every dtype) and [`dot_vnni`] (AVX-512 F/BW/VL + VNNI, for
+//!   Q4_K, Q6_K and Q8_0; other dtypes fall through to AVX2), chosen at run time once, see
+//!   [`simd_level`].
 //! - [`matmul`] parallelises over chunks of rows (16–512 rows, about 16 tasks per thread) on
 //!   the *current* rayon pool (the engine installs one with `--threads` threads); each task
 //!   writes its own contiguous slice of the output, so there is no false sharing.
 //! - Several tokens (prefill): each chunk of rows is multiplied by every token while its bytes
-//!   are in L1/L2; for Q4_K/Q6_K the AVX2 code unpacks each weight super-block once per tile of
-//!   16 tokens. Results are written row-major per chunk, then transposed into the token-major
-//!   output.
-//! - Measured on the 2-core target (see `examples/kernel_bench.rs`): the Q4_K/Q6_K/Q8_0 AVX2
-//!   matvecs are instruction-bound (≈ 25–30 GB/s of weights per core), not memory-bound, so
-//!   instruction count per block is what the kernels optimise. A 512-bit Q4_K variant was
-//!   tried and was slower on this Zen 4 machine, so there is no AVX-512 path.
+//!   are in L1/L2; the K-quant kernels unpack each weight super-block once per tile of tokens
+//!   (16 for AVX2, 8 for VNNI, whose tiles also walk the reduction dimension in slabs of 8
+//!   super-blocks so the tile's activations stay in L1). Results are written row-major per
+//!   chunk, then transposed into the token-major output.
+//! - Measured on the 2-core target (Zen 5 EPYC, see `examples/kernel_bench.rs`): the AVX2
+//!   Q4_K/Q6_K/Q8_0 kernels are instruction-bound (≈ 25–30 GB/s of weights per core for
+//!   decode, ≈ 60 GMAC/s per core for prefill). This core runs 512-bit integer ops at full
+//!   width, so the VNNI kernels use zmm `vpdpbusd`/`vpdpwssd` for the K-quants: single-thread
+//!   Q4_K prefill went from ≈ 60 to ≈ 100–130 GMAC/s, Q6_K from ≈ 55 to ≈ 130.
 //!
-//! `unsafe` lives only in [`dot_avx2`] (target-feature functions called after detection).
+//! `unsafe` lives only in [`dot_avx2`] and [`dot_vnni`] (target-feature functions called after
+//! detection).
 
 pub mod dot_avx2;
 pub mod dot_scalar;

@@ -1,0 +1,191 @@
+//! Page-locked host memory, which the copy engines can read and write directly (full PCIe/NVLink
+//! bandwidth, truly asynchronous copies).
+//!
+//! [`PinnedBuffer`] allocates with `cuMemHostAlloc(PORTABLE)` (not write-combined: the I/O loader
+//! reads file data into it and tests read it back). [`HostRegistration`] pins an existing host
+//! buffer in place with `cuMemHostRegister`, for buffers the I/O layer already owns (e.g. its
+//! O_DIRECT-aligned pool); it borrows the buffer mutably so it cannot be freed while registered.
+
+use cudarc::driver::sys;
+
+use crate::device::Device;
+use crate::error::{check, CudaError};
+use crate::memory::{copy_dtoh_async, copy_htod_async, range_check, DeviceBuffer};
+use crate::stream::Stream;
+
+/// A page-locked host buffer, zero-initialised.
+#[derive(Debug)]
+pub struct PinnedBuffer {
+    device: Device,
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: the buffer is plain host memory owned exclusively by this value.
+unsafe impl Send for PinnedBuffer {}
+// SAFETY: shared access only hands out `&[u8]`.
+unsafe impl Sync for PinnedBuffer {}
+
+impl PinnedBuffer {
+    /// Allocate `len` bytes of page-locked host memory.
+    pub fn new(device: &Device, len: usize) -> Result<PinnedBuffer, CudaError> {
+        if len == 0 || len > isize::MAX as usize {
+            return Err(CudaError::InvalidArgument(format!(
+                "pinned buffer of {len} bytes"
+            )));
+        }
+        device.bind()?;
+        let mut p: *mut std::ffi::c_void = std::ptr::null_mut();
+        // SAFETY: p is a valid out-pointer; the context is current.
+        check("cuMemHostAlloc", unsafe {
+            sys::cuMemHostAlloc(&mut p, len, sys::CU_MEMHOSTALLOC_PORTABLE)
+        })?;
+        if p.is_null() {
+            return Err(CudaError::InvalidArgument(
+                "cuMemHostAlloc returned null".into(),
+            ));
+        }
+        // SAFETY: p points to len writable bytes just allocated; zero them so no read sees
+        // uninitialised memory.
+        unsafe { std::ptr::write_bytes(p.cast::<u8>(), 0, len) };
+        Ok(PinnedBuffer {
+            device: device.clone(),
+            ptr: p.cast(),
+            len,
+        })
+    }
+
+    /// The bytes.
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: ptr/len describe a live, initialised allocation owned by self.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+
+    /// The bytes, mutably.
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: as above, and &mut self gives exclusive access.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    }
+
+    /// Size in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Always false.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Queue a copy of `self[src_offset..src_offset+n]` to `dst` at `dst_offset` on `stream`
+    /// *without waiting*. `&mut self` and `&mut dst` are held for the call only, so the caller
+    /// must synchronise `stream` before touching either again; use [`PinnedBuffer::upload`] for
+    /// the waiting form.
+    ///
+    /// # Safety
+    /// Neither buffer may be modified or dropped until the copy has completed on `stream`.
+    pub unsafe fn upload_async(
+        &self,
+        stream: &Stream,
+        src_offset: usize,
+        dst: &mut DeviceBuffer,
+        dst_offset: usize,
+        n: usize,
+    ) -> Result<(), CudaError> {
+        range_check(src_offset, n, self.len)?;
+        range_check(dst_offset, n, dst.len())?;
+        self.device.bind()?;
+        copy_htod_async(
+            stream,
+            dst.ptr() + dst_offset as u64,
+            &self.as_slice()[src_offset..src_offset + n],
+        )
+    }
+
+    /// Copy all of `self` to the start of `dst` and wait.
+    pub fn upload(&self, stream: &Stream, dst: &mut DeviceBuffer) -> Result<(), CudaError> {
+        // SAFETY: the stream is synchronised before either borrow ends.
+        unsafe { self.upload_async(stream, 0, dst, 0, self.len) }?;
+        stream.synchronize()
+    }
+
+    /// Copy the start of `src` into all of `self` and wait.
+    pub fn download(&mut self, stream: &Stream, src: &DeviceBuffer) -> Result<(), CudaError> {
+        range_check(0, self.len, src.len())?;
+        self.device.bind()?;
+        let len = self.len;
+        // SAFETY: range checked; both borrows outlive the synchronize below.
+        unsafe { copy_dtoh_async(stream, &mut self.as_mut_slice()[..len], src.ptr()) }?;
+        stream.synchronize()
+    }
+}
+
+impl Drop for PinnedBuffer {
+    fn drop(&mut self) {
+        if self.device.bind().is_ok() {
+            // SAFETY: ptr came from cuMemHostAlloc and is freed once.
+            let _ = unsafe { sys::cuMemFreeHost(self.ptr.cast()) };
+        }
+    }
+}
+
+/// An existing host buffer pinned in place with `cuMemHostRegister`; unregistered on drop.
+#[derive(Debug)]
+pub struct HostRegistration<'a> {
+    device: Device,
+    buf: &'a mut [u8],
+}
+
+impl<'a> HostRegistration<'a> {
+    /// Page-lock `buf` (portable across contexts). For best results `buf` should be page-aligned
+    /// and a whole number of pages; the driver pins the pages it touches either way.
+    pub fn new(device: &Device, buf: &'a mut [u8]) -> Result<HostRegistration<'a>, CudaError> {
+        if buf.is_empty() {
+            return Err(CudaError::InvalidArgument(
+                "registering an empty buffer".into(),
+            ));
+        }
+        device.bind()?;
+        // SAFETY: buf is a live, exclusively borrowed host range; it stays borrowed (cannot be
+        // freed or moved) until Drop unregisters it.
+        check("cuMemHostRegister", unsafe {
+            sys::cuMemHostRegister_v2(
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                sys::CU_MEMHOSTREGISTER_PORTABLE,
+            )
+        })?;
+        Ok(HostRegistration {
+            device: device.clone(),
+            buf,
+        })
+    }
+
+    /// The registered bytes.
+    pub fn as_slice(&self) -> &[u8] {
+        self.buf
+    }
+
+    /// The registered bytes, mutably.
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        self.buf
+    }
+
+    /// Copy all of it to the start of `dst` and wait.
+    pub fn upload(&self, stream: &Stream, dst: &mut DeviceBuffer) -> Result<(), CudaError> {
+        range_check(0, self.buf.len(), dst.len())?;
+        self.device.bind()?;
+        // SAFETY: range checked; self.buf outlives the synchronize below.
+        unsafe { copy_htod_async(stream, dst.ptr(), self.buf) }?;
+        stream.synchronize()
+    }
+}
+
+impl Drop for HostRegistration<'_> {
+    fn drop(&mut self) {
+        if self.device.bind().is_ok() {
+            // SAFETY: the range was registered by new() and is unregistered once.
+            let _ = unsafe { sys::cuMemHostUnregister(self.buf.as_mut_ptr().cast()) };
+        }
+    }
+}
