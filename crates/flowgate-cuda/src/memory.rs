@@ -182,6 +182,39 @@ impl DeviceBuffer {
         stream.synchronize()
     }
 
+    /// Queue a copy of `len` host bytes at `src` to `offset` of this buffer on `stream`, and
+    /// return without waiting. Takes `&self` so that several threads can fill disjoint parts of
+    /// one buffer at once (the I/O loader streams a model into one device arena this way).
+    ///
+    /// # Safety
+    /// `src..src+len` must be readable host memory that stays alive and unmodified until the
+    /// copy has completed on `stream` (record an [`crate::Event`] after it and wait for that);
+    /// for a truly asynchronous copy it should be page-locked. No other copy or kernel may
+    /// access `offset..offset+len` of this buffer until then.
+    pub unsafe fn write_async_from(
+        &self,
+        stream: &Stream,
+        offset: usize,
+        src: *const u8,
+        len: usize,
+    ) -> Result<(), CudaError> {
+        range_check(offset, len, self.len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        self.device.bind()?;
+        // SAFETY: the destination range is in bounds (checked above); the source's validity
+        // and lifetime are the caller's contract.
+        check("cuMemcpyHtoDAsync", unsafe {
+            sys::cuMemcpyHtoDAsync_v2(
+                self.ptr + offset as u64,
+                src.cast(),
+                len,
+                stream.cu_stream(),
+            )
+        })
+    }
+
     /// Copy `dst.len()` bytes from `offset` into `dst` on `stream` and wait for it.
     pub fn read(&self, stream: &Stream, offset: usize, dst: &mut [u8]) -> Result<(), CudaError> {
         range_check(offset, dst.len(), self.len)?;

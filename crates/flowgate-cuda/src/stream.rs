@@ -65,6 +65,17 @@ impl Event {
         Ok(Event { inner })
     }
 
+    /// A new event on `device` whose [`Event::synchronize`] puts the waiting thread to sleep
+    /// instead of spinning (`CU_EVENT_BLOCKING_SYNC`): for threads that wait on many copies
+    /// while other threads need the CPU (the I/O loader's staging buffers).
+    pub fn blocking(device: &Device) -> Result<Event, CudaError> {
+        let inner = device
+            .context()
+            .new_event(Some(sys::CUevent_flags::CU_EVENT_BLOCKING_SYNC))
+            .map_err(|e| CudaError::driver("cuEventCreate", e))?;
+        Ok(Event { inner })
+    }
+
     /// Record the event at the current end of `stream`.
     pub fn record(&self, stream: &Stream) -> Result<(), CudaError> {
         self.inner

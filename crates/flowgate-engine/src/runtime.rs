@@ -1,6 +1,12 @@
 //! [`load`]: from a path (GGUF file or HF directory) to a ready [`Loaded`] model with its
-//! tokenizer and chat template, plus [`Generation`], the prefill-then-decode loop shared by the
+//! tokenizer and chat template, plus [`generate`], the prefill-then-decode loop shared by the
 //! CLI commands.
+//!
+//! Devices: [`load`] builds the model on the CPU backend; [`load_with`] on any backend;
+//! [`load_on`] resolves `--device auto|cpu|cuda[:N]` and returns an [`AnyLoaded`], an enum over
+//! the backends that callers open with [`with_loaded!`](crate::with_loaded) so that one generic
+//! function serves both. `auto` picks CUDA device 0 when the driver is present and a device
+//! answers, else the CPU; an explicit `cuda` without CUDA is one clear error.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -8,6 +14,8 @@ use std::time::{Duration, Instant};
 use flowgate_formats::model::{ModelFile, ModelSource};
 
 use crate::backend::cpu::CpuBackend;
+use crate::backend::cuda::{CudaBackend, DeviceSpec, Resolved};
+use crate::backend::Backend;
 use crate::chat::ChatTemplate;
 use crate::error::{EngineError, Result};
 use crate::kv::KvCache;
@@ -22,19 +30,76 @@ pub struct LoadOptions {
     pub io_threads: usize,
     /// Called with the weight bytes read so far (progress bars, logs).
     pub progress: Option<flowgate_io::Progress>,
+    /// `--ram-budget`: weights held in host memory stay within this many bytes; MoE experts
+    /// that do not fit are paged from the model file through a cache (see [`crate::residency`]).
+    pub ram_budget: Option<u64>,
+    /// Eviction policy of that cache.
+    pub cache_policy: crate::residency::PolicyKind,
 }
 
-/// A model ready to run on the CPU backend, with what is needed to talk to it.
-pub struct Loaded {
+/// A model ready to run on backend `B` (the CPU by default), with what is needed to talk to it.
+pub struct Loaded<B: Backend = CpuBackend> {
     pub file: ModelFile,
-    pub model: Model<CpuBackend>,
+    pub model: Model<B>,
     pub tokenizer: Option<Tokenizer>,
     pub chat: Option<ChatTemplate>,
     pub load_time: Duration,
+    /// The placement and accounting of a load under `--ram-budget`.
+    pub residency: Option<crate::residency::Residency>,
 }
 
-/// Opens and loads a model.
+/// Opens and loads a model on the CPU backend.
 pub fn load(path: &Path, opts: &LoadOptions) -> Result<Loaded> {
+    load_with(path, opts, CpuBackend)
+}
+
+/// A loaded model on whichever backend `--device` resolved to (one per process: the size
+/// difference between the variants does not matter).
+#[allow(clippy::large_enum_variant)]
+pub enum AnyLoaded {
+    Cpu(Loaded<CpuBackend>),
+    Cuda(Loaded<CudaBackend>),
+}
+
+/// Runs `$body` with `$l` bound to the [`Loaded`] inside an [`AnyLoaded`], whatever its
+/// backend (the body is compiled once per backend).
+#[macro_export]
+macro_rules! with_loaded {
+    ($any:expr, $l:ident => $body:expr) => {
+        match $any {
+            $crate::runtime::AnyLoaded::Cpu($l) => $body,
+            $crate::runtime::AnyLoaded::Cuda($l) => $body,
+        }
+    };
+}
+
+impl AnyLoaded {
+    pub fn file(&self) -> &ModelFile {
+        with_loaded!(self, l => &l.file)
+    }
+    pub fn backend_name(&self) -> String {
+        with_loaded!(self, l => l.model.backend_name())
+    }
+}
+
+/// Which backend a device spec selects on this machine (`auto` never fails).
+pub fn resolve_device(spec: DeviceSpec) -> Result<Resolved> {
+    flowgate_cuda::resolve(spec).map_err(|e| EngineError::Invalid(e.to_string()))
+}
+
+/// Opens and loads a model on the device `spec` resolves to.
+pub fn load_on(path: &Path, opts: &LoadOptions, spec: DeviceSpec) -> Result<AnyLoaded> {
+    match resolve_device(spec)? {
+        Resolved::Cpu => Ok(AnyLoaded::Cpu(load_with(path, opts, CpuBackend)?)),
+        Resolved::Cuda(n) => {
+            let backend = CudaBackend::new(n)?;
+            Ok(AnyLoaded::Cuda(load_with(path, opts, backend)?))
+        }
+    }
+}
+
+/// Opens and loads a model on `backend`.
+pub fn load_with<B: Backend>(path: &Path, opts: &LoadOptions, backend: B) -> Result<Loaded<B>> {
     let t0 = Instant::now();
     let file = flowgate_formats::model::open(path)?;
     let (tokenizer, chat) = match &file.source {
@@ -61,14 +126,31 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Loaded> {
     } else {
         opts.io_threads
     };
-    let tensors = crate::weights::load_all(&file.catalog, threads, opts.progress.clone())?;
-    let model = Model::new(file.spec.clone(), CpuBackend, tensors)?;
+    let (model, residency) = match opts.ram_budget {
+        Some(budget) => {
+            let (tensors, res) = crate::residency::load_host(
+                &file,
+                budget,
+                opts.cache_policy,
+                opts.io_threads,
+                opts.progress.clone(),
+            )?;
+            let model =
+                Model::with_expert_cache(file.spec.clone(), backend, tensors, res.cache.clone())?;
+            (model, Some(res))
+        }
+        None => {
+            let tensors = crate::weights::load_all(&file.catalog, threads, opts.progress.clone())?;
+            (Model::new(file.spec.clone(), backend, tensors)?, None)
+        }
+    };
     Ok(Loaded {
         file,
         model,
         tokenizer,
         chat,
         load_time: t0.elapsed(),
+        residency,
     })
 }
 
@@ -93,9 +175,9 @@ impl GenStats {
 
 /// Generates up to `max_tokens` after `prompt`, calling `on_token` for each new id; stops at an
 /// end-of-sequence id unless `stop_ids` is empty, or when `on_token` returns false.
-pub fn generate(
-    model: &Model<CpuBackend>,
-    cache: &mut KvCache<CpuBackend>,
+pub fn generate<B: Backend>(
+    model: &Model<B>,
+    cache: &mut KvCache<B>,
     prompt: &[u32],
     max_tokens: usize,
     sampler: &mut Sampler,

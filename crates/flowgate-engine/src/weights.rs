@@ -1,8 +1,11 @@
 //! Loading a model's tensors into host memory: [`HostTensor`] and [`load_all`].
 //!
-//! Every tensor of the catalog is read with [`flowgate_io::read_ranges`] (parallel positional
-//! reads into aligned buffers). A [`HostTensor`] owns its bytes; its views (`slice_outer`) share
-//! them, so merged expert tensors are read once and handed to experts as zero-copy slices.
+//! Every tensor of the catalog is read with [`flowgate_io::Loader::load_host`]: each run of
+//! wanted tensors of a file lands in one arena laid out like the file (aligned direct reads
+//! straight into place, nothing copied), and each tensor is a view of its arena. A
+//! [`HostTensor`] shares its bytes (an `Arc` of the buffer and a range); its views
+//! (`slice_outer`) share them too, so merged expert tensors are read once and handed to experts
+//! as zero-copy slices. Loaded tensors keep their file alignment in memory (32 bytes for GGUF).
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -58,6 +61,35 @@ impl HostTensor {
         })
     }
 
+    /// A view of `shape` at byte `offset` of a shared buffer (e.g. an expert cache slot).
+    pub fn view(
+        name: &str,
+        dtype: DType,
+        shape: Vec<usize>,
+        buf: Arc<AlignedBuf>,
+        offset: usize,
+    ) -> Result<Self> {
+        let dims: Vec<u64> = shape.iter().map(|&d| d as u64).collect();
+        let need = dtype.tensor_bytes(&dims)? as usize;
+        let end = offset.checked_add(need).filter(|&e| e <= buf.len());
+        let Some(end) = end else {
+            return Err(EngineError::Weight {
+                tensor: name.into(),
+                msg: format!(
+                    "view of {need} bytes at {offset} past a {}-byte buffer",
+                    buf.len()
+                ),
+            });
+        };
+        Ok(HostTensor {
+            name: name.into(),
+            dtype,
+            shape,
+            buf,
+            range: offset..end,
+        })
+    }
+
     /// A tensor of f32 values (tests, derived tensors).
     pub fn from_f32(name: &str, shape: Vec<usize>, v: &[f32]) -> Result<Self> {
         let mut b = AlignedBuf::zeroed(v.len() * 4)
@@ -110,7 +142,17 @@ pub fn load_all(
     threads: usize,
     progress: Option<flowgate_io::Progress>,
 ) -> Result<HashMap<String, HostTensor>> {
-    let infos: Vec<&TensorInfo> = catalog.iter().collect();
+    load_selected(catalog, |_| true, threads, progress)
+}
+
+/// Like [`load_all`], for the tensors `keep` accepts (e.g. all but the paged experts).
+pub fn load_selected(
+    catalog: &TensorCatalog,
+    keep: impl Fn(&TensorInfo) -> bool,
+    threads: usize,
+    progress: Option<flowgate_io::Progress>,
+) -> Result<HashMap<String, HostTensor>> {
+    let infos: Vec<&TensorInfo> = catalog.iter().filter(|t| keep(t)).collect();
     let reqs: Vec<ReadRequest> = infos
         .iter()
         .map(|t| ReadRequest {
@@ -124,13 +166,13 @@ pub fn load_all(
         progress,
         ..Default::default()
     });
-    let bufs = loader.read(&catalog.files, &reqs)?;
+    let (views, _) = loader.load_host(&catalog.files, &reqs)?;
     let mut out = HashMap::with_capacity(infos.len());
-    for (t, b) in infos.into_iter().zip(bufs) {
+    for (t, v) in infos.into_iter().zip(views) {
         let shape = t.shape.iter().map(|&d| d as usize).collect();
         out.insert(
             t.name.clone(),
-            HostTensor::new(&t.name, t.dtype, shape, Arc::new(b))?,
+            HostTensor::view(&t.name, t.dtype, shape, v.arena().clone(), v.range().start)?,
         );
     }
     Ok(out)

@@ -1,4 +1,7 @@
-//! Read engines: carry out a plan's reads and deliver their bytes into the destinations.
+//! Read engines: carry out a plan's reads and hand their bytes to the load's sink
+//! ([`crate::sink`]): reads land in the sink's host memory where it has some, everything else
+//! goes through bounce buffers (the engine's own, or the sink's page-locked staging pool, which
+//! is then reclaimed from the sink before it is read into again).
 //!
 //! - [`run_uring`]: one thread owns an io_uring (queue depth ≥ 32) with the files registered
 //!   (`IORING_REGISTER_FILES`) and a pool of bounce buffers registered (`READ_FIXED`, so the
@@ -12,7 +15,8 @@
 //! - [`run_pool`]: the same reads with `pread` from a pool of threads, each with its own bounce
 //!   buffer, for kernels or sandboxes without io_uring (`io_uring_setup` → ENOSYS/EPERM).
 //! - [`run_buffered`]: `pread` through the page cache straight into the destinations, from
-//!   several threads, for ranges that are already cached.
+//!   several threads, for ranges that are already cached (into two staging buffers per thread
+//!   when the sink has no host memory, one read while the other is delivered).
 //!
 //! All three end every attempt in [`Ctx::on_result`]: short reads continue (for direct I/O from
 //! the last aligned byte), `EINTR`/`EAGAIN`/`ECANCELED` are retried a bounded number of times,
@@ -32,6 +36,7 @@ use io_uring::{opcode, types, IoUring};
 use crate::fault::{FaultHook, IoAttempt, IoPath};
 use crate::plan::{Piece, ReadOp, Target};
 use crate::probe::DioAlign;
+use crate::sink::Sink;
 use crate::{AlignedBuf, IoError};
 
 /// Attempts without progress before a read is given up.
@@ -56,7 +61,7 @@ pub(crate) struct Dest {
 /// Shared state of one load.
 pub(crate) struct Ctx<'a> {
     pub files: &'a [OpenFile],
-    pub dests: Vec<Dest>,
+    pub sink: &'a dyn Sink,
     pub hook: Option<&'a dyn FaultHook>,
     pub progress: Option<&'a (dyn Fn(u64) + Send + Sync)>,
     pub delivered: AtomicU64,
@@ -74,11 +79,6 @@ pub(crate) struct Ctx<'a> {
     pub retries: AtomicU64,
     pub reads: AtomicU64,
 }
-
-// SAFETY: the raw destination pointers are only written through `dest_mut`, and every byte of
-// every destination is written by exactly one read (the plan guarantees disjoint deliveries),
-// so sharing the table between threads is like sharing disjoint `&mut [u8]`s.
-unsafe impl Sync for Ctx<'_> {}
 
 /// The read an attempt belongs to: which primitive, file, offset, bytes expected, and whether
 /// it went to an `O_DIRECT` fd.
@@ -150,19 +150,13 @@ fn pread(fd: i32, buf: &mut [u8], off: u64) -> i64 {
 impl<'a> Ctx<'a> {
     pub fn new(
         files: &'a [OpenFile],
-        bufs: &mut [AlignedBuf],
+        sink: &'a dyn Sink,
         hook: Option<&'a dyn FaultHook>,
         progress: Option<&'a (dyn Fn(u64) + Send + Sync)>,
     ) -> Ctx<'a> {
         Ctx {
             files,
-            dests: bufs
-                .iter_mut()
-                .map(|b| Dest {
-                    len: b.len(),
-                    ptr: b.raw(),
-                })
-                .collect(),
+            sink,
             hook,
             progress,
             delivered: AtomicU64::new(0),
@@ -199,13 +193,14 @@ impl<'a> Ctx<'a> {
         }
     }
 
-    /// `len` bytes of request `req` at `off`, checked against the destination's length.
+    /// `len` bytes of request `req` at `off` where reads land directly, checked against the
+    /// destination's length; `None` if out of range or the sink has no host memory there.
     ///
     /// # Safety
     /// No other live reference may cover the same bytes (the plan delivers each byte once).
     #[allow(clippy::mut_from_ref)]
     unsafe fn dest_mut(&self, req: usize, off: usize, len: usize) -> Option<&mut [u8]> {
-        let d = self.dests.get(req)?;
+        let d = self.sink.landing(req)?;
         if off.checked_add(len)? > d.len {
             return None;
         }
@@ -323,8 +318,9 @@ impl<'a> Ctx<'a> {
         }
     }
 
-    /// Copies a completed bounce read out; counts progress.
-    fn deliver(&self, op: &ReadOp, bounce: &[u8]) -> Result<(), IoError> {
+    /// Hands a completed read's bytes to the sink (bounce reads: every delivery out of
+    /// `bounce`, which is staging buffer `staging` when the sink owns it); counts progress.
+    fn deliver(&self, op: &ReadOp, bounce: &[u8], staging: Option<usize>) -> Result<(), IoError> {
         self.reads.fetch_add(1, Ordering::Relaxed);
         self.direct_bytes
             .fetch_add(op.expect as u64, Ordering::Relaxed);
@@ -338,17 +334,9 @@ impl<'a> Ctx<'a> {
                         .src_off
                         .checked_add(d.len)
                         .filter(|&e| e <= op.expect)
-                        .and_then(|e| bounce.get(d.src_off..e));
-                    // SAFETY: each delivery targets bytes no other read writes.
-                    let dst = unsafe { self.dest_mut(d.req, d.dst_off, d.len) };
-                    match (src, dst) {
-                        (Some(s), Some(t)) => t.copy_from_slice(s),
-                        _ => {
-                            return Err(IoError::Plan(format!(
-                                "delivery {d:?} outside its read or destination"
-                            )))
-                        }
-                    }
+                        .and_then(|e| bounce.get(d.src_off..e))
+                        .ok_or_else(|| IoError::Plan(format!("delivery {d:?} outside its read")))?;
+                    self.sink.deliver(staging, d.req, d.dst_off, src)?;
                     n += d.len as u64;
                 }
                 self.copied_bytes.fetch_add(n, Ordering::Relaxed);
@@ -369,6 +357,33 @@ impl<'a> Ctx<'a> {
             None => (-1, false),
         }
     }
+}
+
+/// Faults in `len` bytes of host destination `d` at `off` for writing
+/// (`MADV_POPULATE_WRITE`, Linux 5.14+; a no-op on older kernels, where the reads fault them).
+/// Only page-table work: the contents of pages already present are untouched.
+pub(crate) fn populate(d: Dest, off: usize, len: usize) {
+    const MADV_POPULATE_WRITE: i32 = 23;
+    let Some(end) = off.checked_add(len).filter(|&e| e <= d.len) else {
+        return;
+    };
+    // Whole pages inside the destination (it is page aligned: AlignedBuf).
+    let start = off & !4095;
+    let end = end.div_ceil(4096) * 4096;
+    let end = end.min(d.len.div_ceil(4096) * 4096);
+    if end <= start {
+        return;
+    }
+    // SAFETY: advice on pages of a mapping this load owns; POPULATE_WRITE only faults pages in
+    // (zero-filled if absent) and never changes the contents of present ones, so it cannot
+    // disturb a read that is writing them.
+    unsafe {
+        libc::madvise(
+            d.ptr.add(start) as *mut libc::c_void,
+            end - start,
+            MADV_POPULATE_WRITE,
+        )
+    };
 }
 
 /// Options of the direct engines.
@@ -429,19 +444,39 @@ pub(crate) fn run_uring(ctx: &Ctx, ops: &[ReadOp], o: &EngineOpts) -> Result<(),
         Target::Dest { .. } => None,
     });
     let n_bounce = bounce_lens.clone().count();
-    let bsize = bounce_lens.max().unwrap_or(0).div_ceil(4096) * 4096;
-    let nb = o.bounce_buffers.clamp(1, qd).min(n_bounce);
-    let mut bounce = Vec::with_capacity(nb);
-    for _ in 0..nb {
-        match AlignedBuf::zeroed(bsize) {
-            Some(b) => bounce.push(b),
-            None => {
-                ctx.fail(IoError::Alloc(bsize));
-                return Ok(());
-            }
-        }
+    let widest = bounce_lens.max().unwrap_or(0);
+    // The sink's own (page-locked) staging buffers when it has them, else our own.
+    let staged = ctx.sink.staging();
+    let (bsize, nb) = match staged {
+        Some(st) => (st.size, st.direct.min(qd).min(n_bounce)),
+        None => (
+            widest.div_ceil(4096) * 4096,
+            o.bounce_buffers.clamp(1, qd).min(n_bounce),
+        ),
+    };
+    if staged.is_some() && widest > bsize {
+        ctx.fail(IoError::Plan(format!(
+            "a read of {widest} bytes does not fit a {bsize}-byte staging buffer"
+        )));
+        return Ok(());
     }
-    let bounce_ptrs: Vec<*mut u8> = bounce.iter_mut().map(|b| b.raw()).collect();
+    let mut bounce = Vec::new();
+    let bounce_ptrs: Vec<*mut u8> = match staged {
+        Some(st) => (0..nb).filter_map(|i| st.ptr(i)).collect(),
+        None => {
+            for _ in 0..nb {
+                match AlignedBuf::zeroed(bsize) {
+                    Some(b) => bounce.push(b),
+                    None => {
+                        ctx.fail(IoError::Alloc(bsize));
+                        return Ok(());
+                    }
+                }
+            }
+            bounce.iter_mut().map(|b| b.raw()).collect()
+        }
+    };
+    let nb = bounce_ptrs.len();
     let iovecs: Vec<libc::iovec> = bounce_ptrs
         .iter()
         .map(|&p| libc::iovec {
@@ -476,7 +511,7 @@ pub(crate) fn run_uring(ctx: &Ctx, ops: &[ReadOp], o: &EngineOpts) -> Result<(),
         match (&op.target, s.bounce) {
             (Target::Bounce(_), Some(b)) => bounce_ptrs.get(b).copied(),
             (Target::Dest { req, dst_off }, _) => {
-                let d = ctx.dests.get(*req)?;
+                let d = ctx.sink.landing(*req)?;
                 (dst_off.checked_add(op.len)? <= d.len).then(|| {
                     // SAFETY: in bounds, checked above.
                     unsafe { d.ptr.add(*dst_off) }
@@ -534,8 +569,14 @@ pub(crate) fn run_uring(ctx: &Ctx, ops: &[ReadOp], o: &EngineOpts) -> Result<(),
             // SAFETY: the read into bounce buffer `b` has completed, and `b` is not submitted
             // again until it is handed back through `freed` below.
             let bytes = unsafe { std::slice::from_raw_parts(p as *const u8, bsize) };
-            if let Err(e) = ctx.deliver(op, bytes) {
+            if let Err(e) = ctx.deliver(op, bytes, staged.map(|_| b)) {
                 ctx.fail(e);
+            }
+            // The buffer may be read into again only when the sink is done with it.
+            if staged.is_some() {
+                if let Err(e) = ctx.sink.reclaim(b) {
+                    ctx.fail(e);
+                }
             }
         }
         if let Ok(mut f) = q.freed.lock() {
@@ -689,7 +730,7 @@ pub(crate) fn run_uring(ctx: &Ctx, ops: &[ReadOp], o: &EngineOpts) -> Result<(),
                                 s.bounce = None;
                             }
                             None => {
-                                if let Err(e) = ctx.deliver(op, &[]) {
+                                if let Err(e) = ctx.deliver(op, &[], None) {
                                     ctx.fail(e);
                                 }
                             }
@@ -763,22 +804,34 @@ impl BufTable {
     }
 }
 
-/// Reads `ops` with `pread` from `o.pool_threads` threads, each with its own bounce buffer.
+/// Reads `ops` with `pread` from `o.pool_threads` threads, each with its own bounce buffer
+/// (staging buffer `t` of the sink for thread `t` when the sink owns its staging).
 pub(crate) fn run_pool(ctx: &Ctx, ops: &[ReadOp], o: &EngineOpts) {
     let next = AtomicUsize::new(0);
-    let threads = o.pool_threads.clamp(1, ops.len().max(1));
+    let staged = ctx.sink.staging();
+    let mut threads = o.pool_threads.clamp(1, ops.len().max(1));
+    if let Some(st) = staged {
+        threads = threads.min(st.direct.max(1));
+    }
+    let next = &next;
     std::thread::scope(|sc| {
-        for _ in 0..threads {
-            sc.spawn(|| {
+        for t in 0..threads {
+            sc.spawn(move || {
                 let mut bounce: Option<AlignedBuf> = None;
+                let own = staged.and_then(|st| Some((t, st.ptr(t)?, st.size)));
                 loop {
                     let k = next.fetch_add(1, Ordering::Relaxed);
                     let Some(op) = ops.get(k) else { break };
                     if ctx.stopped() {
                         break;
                     }
-                    let base: *mut u8 = match &op.target {
-                        Target::Bounce(_) => {
+                    let base: *mut u8 = match (&op.target, own) {
+                        (Target::Bounce(_), Some((_, p, size))) if size >= op.len => p,
+                        (Target::Bounce(_), Some(_)) => {
+                            ctx.fail(IoError::Plan("read larger than a staging buffer".into()));
+                            break;
+                        }
+                        (Target::Bounce(_), None) => {
                             if bounce.is_none() {
                                 bounce = AlignedBuf::zeroed(o.bounce_size);
                             }
@@ -790,7 +843,7 @@ pub(crate) fn run_pool(ctx: &Ctx, ops: &[ReadOp], o: &EngineOpts) {
                                 }
                             }
                         }
-                        Target::Dest { req, dst_off } => {
+                        (Target::Dest { req, dst_off }, _) => {
                             // SAFETY: this read is the only writer of these bytes.
                             match unsafe { ctx.dest_mut(*req, *dst_off, op.len) } {
                                 Some(d) => d.as_mut_ptr(),
@@ -830,8 +883,20 @@ pub(crate) fn run_pool(ctx: &Ctx, ops: &[ReadOp], o: &EngineOpts) {
                     if !ok {
                         break;
                     }
-                    let bytes = bounce.as_ref().map(|b| b.as_slice()).unwrap_or(&[]);
-                    if let Err(e) = ctx.deliver(op, bytes) {
+                    let (bytes, staging): (&[u8], Option<usize>) = match (&op.target, own) {
+                        (Target::Dest { .. }, _) => (&[], None),
+                        // SAFETY: the read into this staging buffer has completed; only this
+                        // thread uses it.
+                        (_, Some((i, p, size))) => (
+                            unsafe { std::slice::from_raw_parts(p as *const u8, size) },
+                            Some(i),
+                        ),
+                        (_, None) => (bounce.as_ref().map(|b| b.as_slice()).unwrap_or(&[]), None),
+                    };
+                    let done = ctx
+                        .deliver(op, bytes, staging)
+                        .and_then(|()| staging.map_or(Ok(()), |i| ctx.sink.reclaim(i)));
+                    if let Err(e) = done {
                         ctx.fail(e);
                         break;
                     }
@@ -841,61 +906,100 @@ pub(crate) fn run_pool(ctx: &Ctx, ops: &[ReadOp], o: &EngineOpts) {
     });
 }
 
-/// Reads `pieces` through the page cache straight into the destinations, from `threads`
-/// threads.
+/// Reads `pieces` through the page cache from `threads` threads: straight into destinations
+/// where the sink has host memory, else into two staging buffers per thread (one is read
+/// into while the other's delivery completes).
 pub(crate) fn run_buffered(ctx: &Ctx, pieces: &[Piece], threads: usize) {
     let next = AtomicUsize::new(0);
     let threads = threads.clamp(1, pieces.len().max(1));
-    let work = || loop {
-        let k = next.fetch_add(1, Ordering::Relaxed);
-        let Some(pc) = pieces.get(k) else { break };
-        if ctx.stopped() {
-            break;
-        }
-        // SAFETY: pieces are disjoint parts of their destinations.
-        let Some(dst) = (unsafe { ctx.dest_mut(pc.req, pc.dst_off, pc.len) }) else {
-            ctx.fail(IoError::Plan("piece outside destination".into()));
-            break;
-        };
-        let fd = ctx.fd(pc.file, true).0;
-        let mut st = Attempt::default();
-        let ok = loop {
-            let Some(buf) = dst.get_mut(st.done..) else {
-                break false;
-            };
-            let res = pread(fd, buf, pc.off + st.done as u64);
-            let which = Which {
-                path: IoPath::Buffered,
-                file: pc.file,
-                offset: pc.off,
-                expect: pc.len,
-                direct: false,
-            };
-            match ctx.on_result(which, &mut st, buf, res) {
-                Next::Done => break true,
-                Next::Again if !ctx.stopped() => continue,
-                Next::Again => break false,
-                Next::Fail(e) => {
-                    ctx.fail(e);
-                    break false;
-                }
+    let staged = ctx.sink.staging();
+    let work = |t: usize| {
+        let bufs = staged.and_then(|st| st.buffered(t));
+        let mut turn = 0usize;
+        loop {
+            let k = next.fetch_add(1, Ordering::Relaxed);
+            let Some(pc) = pieces.get(k) else { break };
+            if ctx.stopped() {
+                break;
             }
-        };
-        if !ok {
-            break;
+            // Where the bytes go first: the destination itself, or a staging buffer.
+            let landing = if ctx.sink.lands() {
+                // SAFETY: pieces are disjoint parts of their destinations.
+                unsafe { ctx.dest_mut(pc.req, pc.dst_off, pc.len) }.map(|d| (d, None))
+            } else {
+                match (bufs, staged) {
+                    (Some(b), Some(st)) if pc.len <= st.size => {
+                        let (i, p) = b[turn % 2];
+                        turn += 1;
+                        // The previous delivery out of this buffer must be complete.
+                        if let Err(e) = ctx.sink.reclaim(i) {
+                            ctx.fail(e);
+                            break;
+                        }
+                        // SAFETY: staging buffer i (size bytes) belongs to this thread, and its
+                        // last delivery has completed (reclaimed above).
+                        Some((
+                            unsafe { std::slice::from_raw_parts_mut(p, pc.len) },
+                            Some(i),
+                        ))
+                    }
+                    _ => None,
+                }
+            };
+            let Some((dst, staging)) = landing else {
+                ctx.fail(IoError::Plan("piece outside destination or staging".into()));
+                break;
+            };
+            let fd = ctx.fd(pc.file, true).0;
+            let mut st = Attempt::default();
+            let ok = loop {
+                let Some(buf) = dst.get_mut(st.done..) else {
+                    break false;
+                };
+                let res = pread(fd, buf, pc.off + st.done as u64);
+                let which = Which {
+                    path: IoPath::Buffered,
+                    file: pc.file,
+                    offset: pc.off,
+                    expect: pc.len,
+                    direct: false,
+                };
+                match ctx.on_result(which, &mut st, buf, res) {
+                    Next::Done => break true,
+                    Next::Again if !ctx.stopped() => continue,
+                    Next::Again => break false,
+                    Next::Fail(e) => {
+                        ctx.fail(e);
+                        break false;
+                    }
+                }
+            };
+            if !ok {
+                break;
+            }
+            if staging.is_some() {
+                let t0 = std::time::Instant::now();
+                if let Err(e) = ctx.sink.deliver(staging, pc.req, pc.dst_off, dst) {
+                    ctx.fail(e);
+                    break;
+                }
+                ctx.copied_bytes.fetch_add(pc.len as u64, Ordering::Relaxed);
+                ctx.copy_ns
+                    .fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            }
+            ctx.reads.fetch_add(1, Ordering::Relaxed);
+            ctx.buffered_bytes
+                .fetch_add(pc.len as u64, Ordering::Relaxed);
+            ctx.progress(pc.len as u64);
         }
-        ctx.reads.fetch_add(1, Ordering::Relaxed);
-        ctx.buffered_bytes
-            .fetch_add(pc.len as u64, Ordering::Relaxed);
-        ctx.progress(pc.len as u64);
     };
     if threads == 1 {
-        work();
+        work(0);
         return;
     }
     std::thread::scope(|sc| {
-        for _ in 0..threads {
-            sc.spawn(work);
+        for t in 0..threads {
+            sc.spawn(move || work(t));
         }
     });
 }

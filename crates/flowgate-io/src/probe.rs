@@ -101,6 +101,17 @@ fn cachestat(f: &File, off: u64, len: u64) -> Option<u64> {
     (r == 0).then_some(cs.nr_cache)
 }
 
+/// Whether every page of `[off, off+len)` is in the page cache (`cachestat`); `None` where the
+/// syscall is missing.
+pub fn range_cached(f: &File, off: u64, len: u64) -> Option<bool> {
+    if len == 0 {
+        return Some(true);
+    }
+    let first = off / PAGE;
+    let pages = (off + len).div_ceil(PAGE) - first;
+    cachestat(f, first * PAGE, pages * PAGE).map(|c| c >= pages)
+}
+
 /// Which method [`residency`] used.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ProbeMethod {

@@ -57,6 +57,8 @@ pub enum IoError {
     Engine(String),
     #[error("internal read-plan error: {0}")]
     Plan(String),
+    #[error("CUDA: {0}")]
+    Cuda(String),
 }
 
 /// Reads every request into its own [`AlignedBuf`]; `threads` is the number of threads reading

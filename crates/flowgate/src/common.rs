@@ -4,7 +4,9 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::Args as ClapArgs;
-use flowgate_engine::runtime::{self, LoadOptions, Loaded};
+use flowgate_engine::backend::cuda::DeviceSpec;
+use flowgate_engine::residency::PolicyKind;
+use flowgate_engine::runtime::{self, AnyLoaded, LoadOptions};
 use flowgate_engine::sampling::SamplerConfig;
 
 /// Where and how to run a model.
@@ -18,15 +20,44 @@ pub struct ModelArgs {
     /// Context length: positions the KV cache holds.
     #[arg(long, default_value_t = 4096)]
     pub ctx: usize,
+    /// Where to run: auto (CUDA device 0 when CUDA is found, else the CPU), cpu, cuda, cuda:N.
+    #[arg(long, default_value = "auto", value_parser = parse_device)]
+    pub device: DeviceSpec,
+    /// Host memory the weights may use (e.g. 1.5GiB, 8GB). MoE experts that do not fit are
+    /// paged in from the model file through a cache; the budget is never exceeded.
+    #[arg(long, value_parser = parse_budget)]
+    pub ram_budget: Option<u64>,
+    /// Expert cache policy under --ram-budget: lru or lfu (LFU with aging).
+    #[arg(long, default_value = "lru", value_parser = parse_policy)]
+    pub cache_policy: PolicyKind,
+    /// Print where the weights were placed (dense part, expert cache, disk) on stderr.
+    #[arg(long)]
+    pub explain_placement: bool,
+}
+
+fn parse_budget(s: &str) -> std::result::Result<u64, String> {
+    flowgate_engine::residency::parse_size(s).map_err(|e| e.to_string())
+}
+
+fn parse_policy(s: &str) -> std::result::Result<PolicyKind, String> {
+    PolicyKind::parse(s).map_err(|e| e.to_string())
+}
+
+fn parse_device(s: &str) -> std::result::Result<DeviceSpec, String> {
+    s.parse::<DeviceSpec>().map_err(|e| e.to_string())
 }
 
 impl ModelArgs {
-    /// Sets up the thread pool and loads the model, with a progress bar on a terminal for
-    /// models big enough to take a while (bytes, GB/s, ETA).
-    pub fn load(&self) -> Result<Loaded> {
+    /// Sets up the thread pool and loads the model on the `--device` backend, with a progress
+    /// bar on a terminal for models big enough to take a while (bytes, GB/s, ETA).
+    pub fn load(&self) -> Result<AnyLoaded> {
         use std::io::IsTerminal;
         init_threads(self.threads)?;
-        let mut opts = LoadOptions::default();
+        let mut opts = LoadOptions {
+            ram_budget: self.ram_budget,
+            cache_policy: self.cache_policy,
+            ..Default::default()
+        };
         let bar = match flowgate_formats::model::open(&self.model) {
             Ok(f) if std::io::stderr().is_terminal() && f.catalog.total_bytes() > 1 << 30 => {
                 let b = indicatif::ProgressBar::new(f.catalog.total_bytes());
@@ -43,12 +74,40 @@ impl ModelArgs {
             // Errors surface, with context, from the load below.
             _ => None,
         };
-        let r = runtime::load(&self.model, &opts)
-            .with_context(|| format!("loading {}", self.model.display()));
+        let r = runtime::load_on(&self.model, &opts, self.device).with_context(|| {
+            format!(
+                "loading {} (--device {})",
+                self.model.display(),
+                self.device
+            )
+        });
         if let Some(b) = bar {
             b.finish_and_clear();
         }
-        r
+        let r = r?;
+        if self.explain_placement {
+            eprint!("{}", explain(&r));
+        }
+        Ok(r)
+    }
+}
+
+/// What `--explain-placement` prints: the residency plan, or why there is none.
+fn explain(l: &AnyLoaded) -> String {
+    let (plan, name) = flowgate_engine::with_loaded!(l, x => (
+        x.residency.as_ref().map(|r| (r.plan.explain(), r.budget.used(), r.budget.peak())),
+        x.model.backend_name()
+    ));
+    match plan {
+        Some((text, used, peak)) => format!(
+            "{text}  accounting      in use {} (peak {}) right after loading; backend {name}\n",
+            flowgate_engine::residency::fmt_size(used),
+            flowgate_engine::residency::fmt_size(peak)
+        ),
+        None => format!(
+            "placement: no --ram-budget, every weight resident ({}); backend {name}\n",
+            flowgate_engine::residency::fmt_size(l.file().catalog.total_bytes())
+        ),
     }
 }
 

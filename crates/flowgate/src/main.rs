@@ -6,6 +6,8 @@
 #[macro_use]
 mod common;
 mod commands;
+mod llamacpp;
+mod memlimit;
 mod synth;
 
 use clap::{Parser, Subcommand};

@@ -341,3 +341,134 @@ fn closed_stdout_is_not_a_panic() {
     assert!(!err.contains("panicked"), "{err}");
     assert_eq!(o.status.code(), Some(0), "{err}");
 }
+
+#[test]
+fn bench_moe_pages_experts_within_the_budget() {
+    let fx = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/qwen3_moe");
+    let fx = fx.to_str().unwrap();
+    // Find the dense part's size from a sweep's report, then ask for it plus two slots.
+    let sweep: serde_json::Value = serde_json::from_str(&ok(&[
+        "bench", "moe", fx, "--steps", "2", "--gen", "3", "--prompt", "2", "--json",
+    ]))
+    .unwrap();
+    let dense = sweep["dense_bytes"].as_u64().unwrap();
+    let slot = sweep["expert_slot_bytes"].as_u64().unwrap();
+    let n_experts = sweep["n_experts"].as_u64().unwrap();
+    assert!(dense > 0 && slot > 0 && n_experts > 2);
+    let tight = (dense + 2 * slot).to_string();
+    for routing in ["router", "uniform"] {
+        let j: serde_json::Value = serde_json::from_str(&ok(&[
+            "bench",
+            "moe",
+            fx,
+            "--ram-budget",
+            &tight,
+            "--ram-budget",
+            "1GiB",
+            "--gen",
+            "6",
+            "--prompt",
+            "3",
+            "--routing",
+            routing,
+            "--policy",
+            "lfu",
+            "--json",
+        ]))
+        .unwrap();
+        let runs = j["runs"].as_array().unwrap();
+        assert_eq!(runs.len(), 2);
+        let (paged, all) = (&runs[0], &runs[1]);
+        assert_eq!(paged["paged"], true, "{paged}");
+        assert_eq!(paged["cache_slots"], 2);
+        assert!(paged["budget_peak_bytes"].as_u64().unwrap() <= dense + 2 * slot);
+        let hr = paged["hit_rate"].as_f64().unwrap();
+        assert!(
+            (0.0..1.0).contains(&hr),
+            "two slots cannot hold every expert: {hr}"
+        );
+        assert!(paged["bytes_read_per_token"].as_f64().unwrap() > 0.0);
+        assert!(paged["decode_tps"].as_f64().unwrap() > 0.0);
+        assert_eq!(all["paged"], false);
+        assert_eq!(all["hit_rate"], 1.0);
+        assert_eq!(all["cache_slots"].as_u64().unwrap(), n_experts);
+    }
+    // A malformed size is a usage error (clap's exit code 2) naming the flag and the value.
+    let o = run(&["bench", "moe", fx, "--ram-budget", "12XB"]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{e}");
+    assert!(
+        e.contains("--ram-budget") && e.contains("bad size '12XB'"),
+        "{e}"
+    );
+    let e = fails(&["bench", "moe", fx, "--ram-budget", "1KiB"]);
+    assert!(e.contains("too small"), "{e}");
+    let dense_model = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/llama");
+    let e = fails(&["bench", "moe", dense_model.to_str().unwrap()]);
+    assert!(e.contains("dense model"), "{e}");
+}
+
+#[test]
+fn ram_budget_pages_without_changing_logits() {
+    let fx = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/mixtral");
+    let fx = fx.to_str().unwrap();
+    let toks = "5,17,3,99,42,7,64,1";
+    let sweep: serde_json::Value = serde_json::from_str(&ok(&[
+        "bench", "moe", fx, "--steps", "2", "--gen", "1", "--prompt", "1", "--json",
+    ]))
+    .unwrap();
+    // The dense part and one expert slot: every layer pages through a single slot.
+    let budget = (sweep["dense_bytes"].as_u64().unwrap()
+        + sweep["expert_slot_bytes"].as_u64().unwrap())
+    .to_string();
+    for mode in ["prefill", "decode"] {
+        let full = logits(fx, toks, mode);
+        let o = run(&[
+            "logits",
+            fx,
+            "-t",
+            "2",
+            "--tokens",
+            toks,
+            "--mode",
+            mode,
+            "--ram-budget",
+            &budget,
+            "--cache-policy",
+            "lfu",
+            "--explain-placement",
+        ]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            err.contains("expert cache") && err.contains("1 slots"),
+            "{err}"
+        );
+        let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        let paged: Vec<Vec<f32>> = serde_json::from_value(j["logits"].clone()).unwrap();
+        assert_eq!(paged, full, "{mode}: paging changed the logits");
+    }
+}
+
+/// `--device`: `cpu` always runs; without CUDA, `auto` runs on the CPU and `cuda` fails with
+/// one clear line; a malformed device is a usage error. (With CUDA present, the device paths
+/// are checked by tools/device/check.sh instead.)
+#[test]
+fn device_flag() {
+    let p = tiny().to_str().unwrap();
+    let cpu = ok(&["logits", p, "--tokens", "1,2,3", "--device", "cpu"]);
+    let o = run(&["logits", p, "--tokens", "1,2", "--device", "cuda:x"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("expected auto, cpu, cuda or cuda:N"));
+    if std::path::Path::new("/dev/nvidia0").exists() {
+        eprintln!("a GPU is present: the no-CUDA paths are not exercised here");
+        return;
+    }
+    let auto = ok(&["logits", p, "--tokens", "1,2,3", "--device", "auto"]);
+    assert_eq!(auto, cpu);
+    for d in ["cuda", "cuda:1"] {
+        let e = fails(&["generate", p, "--tokens", "1,2", "--device", d]);
+        assert_eq!(e.trim_end().lines().count(), 1, "{e}");
+        assert!(e.contains("use --device cpu"), "{e}");
+    }
+}

@@ -3,9 +3,11 @@
 //! Models (in `models/`) are plain Rust over this trait: they hold `B::Weight`s and `B::Buf`s
 //! and call operations; where the bytes live and which kernels run is the backend's business.
 //! Buffers hold f32 activations laid out token-major (`n_tokens × width`). The CPU backend
-//! ([`cpu::CpuBackend`]) is always present; a CUDA backend plugs in behind the same trait.
+//! ([`cpu::CpuBackend`]) is always present; the CUDA backend ([`cuda::CudaBackend`]) plugs in
+//! behind the same trait and is usable when CUDA is found at run time.
 
 pub mod cpu;
+pub mod cuda;
 
 use crate::error::Result;
 use crate::weights::HostTensor;
@@ -54,6 +56,11 @@ pub trait Backend: Send + Sync + Sized {
     fn buf_zeros(&self, n: usize) -> Result<Self::Buf>;
     /// Copies a buffer to the host.
     fn to_host(&self, b: &Self::Buf) -> Vec<f32>;
+    /// Reports (and clears) the first failure of an operation that returns nothing (a device
+    /// backend's failed launch or allocation). The CPU backend cannot fail there.
+    fn check(&self) -> Result<()> {
+        Ok(())
+    }
 
     /// `out[t] = table[ids[t]]` (rows dequantised to f32).
     fn embed(&self, table: &Self::Weight, ids: &[u32], out: &mut Self::Buf) -> Result<()>;

@@ -12,6 +12,7 @@ pub mod moe;
 pub mod rope;
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use flowgate_formats::catalog::names;
 use flowgate_formats::ModelSpec;
@@ -19,9 +20,11 @@ use flowgate_formats::ModelSpec;
 use crate::backend::Backend;
 use crate::error::{EngineError, Result};
 use crate::kv::KvCache;
+use crate::residency::HostExpertCache;
 use crate::weights::HostTensor;
 use llama::{Attention, DenseFfn};
 use moe::MoeFfn;
+pub use moe::Routing;
 
 /// Which positions' logits to compute.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -53,14 +56,21 @@ pub struct Model<B: Backend> {
     output_norm: B::Buf,
     layers: Vec<Layer<B>>,
     inv_freq: Vec<f32>,
+    routing: Routing,
 }
 
 /// Takes tensors out of the loaded map by canonical name.
 pub(crate) struct TensorSource {
     map: HashMap<String, HostTensor>,
+    experts: Option<Arc<HostExpertCache>>,
 }
 
 impl TensorSource {
+    /// The cache MoE layers page their experts through, if experts are paged.
+    pub(crate) fn expert_cache(&self) -> Option<Arc<HostExpertCache>> {
+        self.experts.clone()
+    }
+
     pub(crate) fn take(&mut self, name: &str) -> Result<HostTensor> {
         self.map
             .remove(name)
@@ -117,8 +127,22 @@ pub(crate) fn matrix_from<B: Backend>(
 impl<B: Backend> Model<B> {
     /// Builds the model from host tensors keyed by canonical name.
     pub fn new(spec: ModelSpec, backend: B, tensors: HashMap<String, HostTensor>) -> Result<Self> {
+        Self::with_expert_cache(spec, backend, tensors, None)
+    }
+
+    /// Like [`Model::new`]; with `experts`, the MoE layers page their experts through that
+    /// cache instead of taking them from `tensors` (which then need not hold them).
+    pub fn with_expert_cache(
+        spec: ModelSpec,
+        backend: B,
+        tensors: HashMap<String, HostTensor>,
+        experts: Option<Arc<HostExpertCache>>,
+    ) -> Result<Self> {
         spec.validate()?;
-        let mut src = TensorSource { map: tensors };
+        let mut src = TensorSource {
+            map: tensors,
+            experts,
+        };
         let s = &spec;
         let b = &backend;
         let freq_factors = match src.get("rope_freqs.weight") {
@@ -160,7 +184,13 @@ impl<B: Backend> Model<B> {
             output_norm,
             layers,
             inv_freq,
+            routing: Routing::Router,
         })
+    }
+
+    /// Sets how MoE tokens pick experts ([`Routing::UniformRandom`] is a benchmarking aid).
+    pub fn set_routing(&mut self, r: Routing) {
+        self.routing = r;
     }
 
     /// The backend's name, for reports.
@@ -219,7 +249,17 @@ impl<B: Backend> Model<B> {
                     b.add(&mut x, y);
                 }
                 Ffn::Moe(m) => {
-                    let y = m.forward(b, s, &h, n, &mut scratch)?;
+                    // The next sparse layer (dense ones may sit between), for prefetching.
+                    let next = self.layers[l + 1..].iter().find_map(|x| match &x.ffn {
+                        Ffn::Moe(nm) => Some(nm),
+                        Ffn::Dense(_) => None,
+                    });
+                    let step = moe::MoeStep {
+                        start,
+                        routing: self.routing,
+                        next,
+                    };
+                    let y = m.forward(b, s, &h, n, step)?;
                     b.add(&mut x, &y);
                 }
             }
@@ -238,6 +278,8 @@ impl<B: Backend> Model<B> {
         let mut logits = b.buf_zeros(rows * s.vocab_size)?;
         let out_w = self.output.as_ref().unwrap_or(&self.embd);
         b.matmul(out_w, &h, rows, &mut logits);
-        Ok(b.to_host(&logits))
+        let out = b.to_host(&logits);
+        b.check()?;
+        Ok(out)
     }
 }

@@ -10,15 +10,72 @@
 use flowgate_formats::catalog::names;
 use flowgate_formats::ModelSpec;
 
-use super::llama::{DenseFfn, Scratch};
+use super::llama::DenseFfn;
 use super::{matrix_from, TensorSource};
 use crate::backend::Backend;
 use crate::error::{EngineError, Result};
+use crate::residency::HostExpertCache;
 use crate::weights::HostTensor;
+use std::sync::Arc;
+
+/// Where a layer's experts are: all resident, or paged through a cache.
+pub(crate) enum Experts<B: Backend> {
+    Resident(Vec<DenseFfn<B>>),
+    Paged {
+        layer: usize,
+        cache: Arc<HostExpertCache>,
+    },
+}
+
+/// How tokens pick experts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Routing {
+    /// The model's router (always, outside benchmarks).
+    #[default]
+    Router,
+    /// A benchmarking aid: each token picks `k` distinct experts uniformly at random (a hash of
+    /// `seed`, layer and position), with equal weights. The work per token is unchanged; what
+    /// changes is which experts are needed, so expert caches can be measured under the uniform
+    /// routing ANCHORS.md assumes even on synthetic files whose routers do not route uniformly.
+    /// Logits are then meaningless.
+    UniformRandom { seed: u64 },
+}
+
+/// `k` distinct experts of `n`, uniformly at random from a hash of (seed, layer, position).
+fn uniform_route(seed: u64, layer: usize, pos: usize, n: usize, k: usize) -> Vec<(usize, f32)> {
+    let mut state =
+        seed ^ ((layer as u64) << 40) ^ (pos as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    let mut next = move || {
+        // SplitMix64.
+        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    };
+    let mut ids: Vec<usize> = (0..n).collect();
+    let k = k.min(n);
+    for i in 0..k {
+        let j = i + (next() % (n - i) as u64) as usize;
+        ids.swap(i, j);
+    }
+    ids[..k].iter().map(|&e| (e, 1.0 / k as f32)).collect()
+}
+
+/// Per-call context of [`MoeFfn::forward`].
+pub(crate) struct MoeStep<'a, B: Backend> {
+    /// Position of the first token.
+    pub start: usize,
+    pub routing: Routing,
+    /// The next sparse layer, whose experts a paging cache may prefetch.
+    pub next: Option<&'a MoeFfn<B>>,
+}
 
 pub(crate) struct MoeFfn<B: Backend> {
+    layer: usize,
     router: B::Weight,
-    experts: Vec<DenseFfn<B>>,
+    n_experts: usize,
+    experts: Experts<B>,
     shared: Option<(DenseFfn<B>, B::Weight)>,
     n_used: usize,
     norm_topk: bool,
@@ -51,8 +108,48 @@ impl<B: Backend> MoeFfn<B> {
             m.n_experts,
             s.hidden,
         )?;
-        let mut experts = Vec::with_capacity(m.n_experts);
-        for e in 0..m.n_experts {
+        let experts = match src.expert_cache() {
+            Some(cache) => Experts::Paged { layer: l, cache },
+            None => Experts::Resident(Self::load_resident(b, s, l, m.n_experts, src)?),
+        };
+        let shared = if m.shared_expert_ffn.is_some() {
+            let ffn = DenseFfn::load(b, s, l, src, "_shexp")?;
+            let gname = names::blk(l, "ffn_gate_inp_shexp.weight");
+            let g = src.take(&gname)?;
+            // HF stores [1, hidden]; GGUF a vector of `hidden`.
+            let g = if g.shape.len() == 1 {
+                HostTensor::from_f32(&gname, vec![1, s.hidden], &g.to_f32()?)?
+            } else {
+                g
+            };
+            Some((ffn, matrix_from(b, g, 1, s.hidden)?))
+        } else {
+            None
+        };
+        Ok(MoeFfn {
+            layer: l,
+            router,
+            n_experts: m.n_experts,
+            experts,
+            shared,
+            n_used: m.n_experts_used,
+            norm_topk: m.norm_topk_prob,
+        })
+    }
+
+    fn load_resident(
+        b: &B,
+        s: &ModelSpec,
+        l: usize,
+        n_experts: usize,
+        src: &mut TensorSource,
+    ) -> Result<Vec<DenseFfn<B>>> {
+        let m = s
+            .moe
+            .as_ref()
+            .ok_or_else(|| EngineError::Invalid("sparse layer without MoE spec".into()))?;
+        let mut experts = Vec::with_capacity(n_experts);
+        for e in 0..n_experts {
             experts.push(DenseFfn {
                 gate: matrix_from(
                     b,
@@ -77,27 +174,28 @@ impl<B: Backend> MoeFfn<B> {
         for stem in ["ffn_gate", "ffn_up", "ffn_down"] {
             src.take_opt(&names::blk(l, &format!("{stem}_exps.weight")));
         }
-        let shared = if m.shared_expert_ffn.is_some() {
-            let ffn = DenseFfn::load(b, s, l, src, "_shexp")?;
-            let gname = names::blk(l, "ffn_gate_inp_shexp.weight");
-            let g = src.take(&gname)?;
-            // HF stores [1, hidden]; GGUF a vector of `hidden`.
-            let g = if g.shape.len() == 1 {
-                HostTensor::from_f32(&gname, vec![1, s.hidden], &g.to_f32()?)?
-            } else {
-                g
-            };
-            Some((ffn, matrix_from(b, g, 1, s.hidden)?))
-        } else {
-            None
+        Ok(experts)
+    }
+
+    /// Speculative prefetch (decode only): this layer's router applied to the previous layer's
+    /// FFN input `h` predicts which experts the token will pick here; the paging cache starts
+    /// reading those it lacks while the previous layer computes.
+    fn prefetch_predicted(&self, b: &B, h: &B::Buf, n: usize) -> Result<()> {
+        let Experts::Paged { layer, cache } = &self.experts else {
+            return Ok(());
         };
-        Ok(MoeFfn {
-            router,
-            experts,
-            shared,
-            n_used: m.n_experts_used,
-            norm_topk: m.norm_topk_prob,
-        })
+        if n != 1 || !cache.speculative() {
+            return Ok(());
+        }
+        let mut logits = b.buf_zeros(self.n_experts)?;
+        b.matmul(&self.router, h, 1, &mut logits);
+        let logits = b.to_host(&logits);
+        let guess: Vec<usize> = route(&logits, self.n_used, self.norm_topk)
+            .into_iter()
+            .map(|(e, _)| e)
+            .collect();
+        cache.prefetch(*layer, &guess, true)?;
+        Ok(())
     }
 
     pub(crate) fn forward(
@@ -106,20 +204,31 @@ impl<B: Backend> MoeFfn<B> {
         s: &ModelSpec,
         h: &B::Buf,
         n: usize,
-        _sc: &mut Scratch<B>,
+        step: MoeStep<'_, B>,
     ) -> Result<B::Buf> {
-        let n_exp = self.experts.len();
+        let MoeStep {
+            start,
+            routing,
+            next,
+        } = step;
+        let n_exp = self.n_experts;
         let mut logits = b.buf_zeros(n * n_exp)?;
         b.matmul(&self.router, h, n, &mut logits);
         let logits = b.to_host(&logits);
         // Per expert: the tokens that chose it and their weights.
         let mut chosen: Vec<(Vec<usize>, Vec<f32>)> = vec![(Vec::new(), Vec::new()); n_exp];
         for t in 0..n {
-            for (e, w) in route(
-                &logits[t * n_exp..(t + 1) * n_exp],
-                self.n_used,
-                self.norm_topk,
-            ) {
+            let r = match routing {
+                Routing::Router => route(
+                    &logits[t * n_exp..(t + 1) * n_exp],
+                    self.n_used,
+                    self.norm_topk,
+                ),
+                Routing::UniformRandom { seed } => {
+                    uniform_route(seed, self.layer, start + t, n_exp, self.n_used)
+                }
+            };
+            for (e, w) in r {
                 chosen[e].0.push(t);
                 chosen[e].1.push(w);
             }
@@ -138,15 +247,77 @@ impl<B: Backend> MoeFfn<B> {
                 }
             })
             .collect::<Result<Vec<_>>>()?;
-        let jobs: Vec<_> = used
-            .iter()
-            .zip(&gathered)
-            .map(|(&e, g)| self.experts[e].job(g.as_ref().unwrap_or(h), chosen[e].0.len()))
-            .collect();
-        let ys = b.swiglu_many(&jobs)?;
-        for (&e, y) in used.iter().zip(&ys) {
-            let (idx, w) = &chosen[e];
-            b.scatter_add_rows(&mut out, y, s.hidden, idx, w);
+        match &self.experts {
+            Experts::Resident(ex) => {
+                let jobs: Vec<_> = used
+                    .iter()
+                    .zip(&gathered)
+                    .map(|(&e, g)| ex[e].job(g.as_ref().unwrap_or(h), chosen[e].0.len()))
+                    .collect();
+                let ys = b.swiglu_many(&jobs)?;
+                for (&e, y) in used.iter().zip(&ys) {
+                    let (idx, w) = &chosen[e];
+                    b.scatter_add_rows(&mut out, y, s.hidden, idx, w);
+                }
+            }
+            Experts::Paged { layer, cache } => {
+                // Only the model's router can be predicted.
+                if let (Some(next), Routing::Router) = (next, routing) {
+                    next.prefetch_predicted(b, h, n)?;
+                }
+                // In waves of at most the cache's size. Per wave: start reading the misses,
+                // compute the hits meanwhile, then the misses as they arrive. Results are
+                // accumulated in the same expert order as above, so paging cannot change them.
+                let cap = cache.capacity().max(1);
+                for (wave, inputs) in used.chunks(cap).zip(gathered.chunks(cap)) {
+                    let resident = cache.prefetch(*layer, wave, false)?;
+                    cache.count_hits(*layer, &resident);
+                    let (hits, misses): (Vec<usize>, Vec<usize>) =
+                        (0..wave.len()).partition(|&i| resident.contains(&wave[i]));
+                    let mut ys: Vec<Option<B::Buf>> = (0..wave.len()).map(|_| None).collect();
+                    for group in [hits, misses] {
+                        if group.is_empty() {
+                            continue;
+                        }
+                        let es: Vec<usize> = group.iter().map(|&i| wave[i]).collect();
+                        let lease = cache.acquire_counted(*layer, &es)?;
+                        let out = {
+                            let ffns = lease
+                                .tensors
+                                .iter()
+                                .map(|[g, u, d]| {
+                                    Ok(DenseFfn {
+                                        gate: b.weight(g.clone())?,
+                                        up: b.weight(u.clone())?,
+                                        down: b.weight(d.clone())?,
+                                    })
+                                })
+                                .collect::<Result<Vec<DenseFfn<B>>>>()?;
+                            let jobs: Vec<_> = group
+                                .iter()
+                                .zip(&ffns)
+                                .map(|(&i, f)| {
+                                    let x = inputs[i].as_ref().unwrap_or(h);
+                                    f.job(x, chosen[wave[i]].0.len())
+                                })
+                                .collect();
+                            b.swiglu_many(&jobs)?
+                            // The weights (views of the slots) go here, before the lease.
+                        };
+                        drop(lease);
+                        for (&i, y) in group.iter().zip(out) {
+                            ys[i] = Some(y);
+                        }
+                    }
+                    for (&e, y) in wave.iter().zip(ys) {
+                        let y = y.ok_or_else(|| {
+                            EngineError::Invalid("an expert of the wave was not computed".into())
+                        })?;
+                        let (idx, w) = &chosen[e];
+                        b.scatter_add_rows(&mut out, &y, s.hidden, idx, w);
+                    }
+                }
+            }
         }
         if let Some((ffn, gate)) = &self.shared {
             let y = crate::backend::swiglu(b, &ffn.job(h, n))?;
@@ -188,7 +359,30 @@ pub fn route(logits: &[f32], k: usize, renormalise: bool) -> Vec<(usize, f32)> {
 
 #[cfg(test)]
 mod tests {
-    use super::route;
+    use super::{route, uniform_route};
+
+    #[test]
+    fn uniform_routes_are_distinct_deterministic_and_spread() {
+        let mut counts = [0usize; 16];
+        for pos in 0..4000 {
+            let r = uniform_route(9, 3, pos, 16, 4);
+            assert_eq!(r, uniform_route(9, 3, pos, 16, 4));
+            let mut ids: Vec<usize> = r.iter().map(|x| x.0).collect();
+            ids.sort_unstable();
+            ids.dedup();
+            assert_eq!(ids.len(), 4);
+            for &(e, w) in &r {
+                assert_eq!(w, 0.25);
+                counts[e] += 1;
+            }
+        }
+        // 16000 picks over 16 experts: 1000 each expected; a binomial sd is ~29.
+        assert!(
+            counts.iter().all(|&c| (850..1150).contains(&c)),
+            "{counts:?}"
+        );
+        assert_ne!(uniform_route(9, 3, 0, 16, 4), uniform_route(9, 4, 0, 16, 4));
+    }
 
     #[test]
     fn route_picks_top_k_and_renormalises() {

@@ -6,12 +6,19 @@
 //! run: bytes of weights read per token × tok/s, over a multi-threaded read of a 1 GiB buffer.
 //! When the model has one of the synthetic shapes of ANCHORS.md, llama.cpp's recorded figure for
 //! it is shown too (recorded, not measured in this run: say so wherever it is quoted).
+//!
+//! On a CUDA device (`--device cuda`) the defaults are llama-bench's pp512 / tg128, the ceiling
+//! is the device-to-device copy bandwidth measured now (1 GiB, read + write counted, as
+//! ANCHORS.md's ~3.0 TB/s), and the anchors are llama.cpp's H100 figures.
 
 use std::time::Instant;
 
 use anyhow::Result;
 use clap::{Args as ClapArgs, Subcommand};
+use flowgate_engine::backend::cuda::CudaBackend;
+use flowgate_engine::backend::Backend;
 use flowgate_engine::models::Logits;
+use flowgate_engine::runtime::{AnyLoaded, Loaded};
 use flowgate_engine::sampling::argmax;
 use rand::{Rng, SeedableRng};
 use rayon::prelude::*;
@@ -24,28 +31,36 @@ pub enum BenchCmd {
     Decode(DecodeArgs),
     /// Load every tensor into host memory; compare with O_DIRECT, mmap and read().
     Load(super::bench_load::LoadArgs),
+    /// MoE decode and expert-cache hit rates across memory budgets (experts paged from disk).
+    Moe(super::bench_moe::MoeArgs),
 }
 
 #[derive(ClapArgs)]
 pub struct DecodeArgs {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// Prompt tokens for the prefill figure (llama-bench pp).
-    #[arg(long, default_value_t = 64)]
-    pub prompt: usize,
-    /// Tokens to decode (llama-bench tg).
-    #[arg(long, default_value_t = 32)]
-    pub gen: usize,
+    /// Prompt tokens for the prefill figure (llama-bench pp; default 64 on the CPU, 512 on
+    /// CUDA).
+    #[arg(long)]
+    pub prompt: Option<usize>,
+    /// Tokens to decode (llama-bench tg; default 32 on the CPU, 128 on CUDA).
+    #[arg(long)]
+    pub gen: Option<usize>,
     #[arg(long, default_value_t = 3)]
     pub reps: usize,
     #[arg(long)]
     pub json: bool,
+    /// llama.cpp's `llama-bench` (tools/llamacpp/build.sh): run it on the same file with the same
+    /// pp/tg sizes and thread count, and compare in this run.
+    #[arg(long)]
+    pub llama_bench: Option<std::path::PathBuf>,
 }
 
 pub fn main(c: BenchCmd) -> Result<()> {
     match c {
         BenchCmd::Decode(a) => decode(a),
         BenchCmd::Load(a) => super::bench_load::load(a),
+        BenchCmd::Moe(a) => super::bench_moe::moe(a),
     }
 }
 
@@ -72,19 +87,26 @@ fn memory_read_gbps() -> f64 {
     best
 }
 
-/// llama.cpp figures from ANCHORS.md for the synthetic shapes on the 2-core CPU machine.
-fn anchor(spec: &flowgate_formats::ModelSpec) -> Option<(&'static str, f64, f64)> {
+/// llama.cpp figures from ANCHORS.md for the synthetic shapes: on the 2-core CPU machine
+/// (pp64/tg32) or, with `gpu`, on the H100 (pp512/tg128, all layers on the GPU).
+fn anchor(spec: &flowgate_formats::ModelSpec, gpu: bool) -> Option<(&'static str, f64, f64)> {
     match (
+        gpu,
         spec.n_layers,
         spec.hidden,
         spec.vocab_size,
         spec.moe.is_some(),
     ) {
-        (16, 2048, 128256, false) => Some(("dense1b", 214.0, 52.0)),
-        (16, 2048, 50304, true) => Some(("moe7b", 110.0, 51.6)),
+        (false, 16, 2048, 128256, false) => Some(("dense1b", 214.0, 52.0)),
+        (false, 16, 2048, 50304, true) => Some(("moe7b", 110.0, 51.6)),
+        (true, 32, 4096, 128256, false) => Some(("dense8b", 9478.0, 287.0)),
+        (true, 48, 2048, 151936, true) => Some(("moe30b", 12072.0, 298.0)),
         _ => None,
     }
 }
+
+/// The decode ceiling of the device a model runs on: (GB/s, what was measured).
+type Ceiling = (f64, &'static str);
 
 /// Merged (`ffn_up_exps`) or per-expert (`ffn_up.7.weight`) expert weights.
 fn is_expert_tensor(name: &str) -> bool {
@@ -103,16 +125,115 @@ fn is_expert_tensor(name: &str) -> bool {
 fn decode(a: DecodeArgs) -> Result<()> {
     let threads = crate::common::init_threads(a.model.threads)?;
     let loaded = a.model.load()?;
+    match loaded {
+        AnyLoaded::Cpu(l) => decode_on(&a, &l, threads, false, || {
+            Ok((
+                memory_read_gbps(),
+                "multi-threaded read of a 1 GiB host buffer",
+            ))
+        }),
+        AnyLoaded::Cuda(l) => {
+            let be = &l.model.backend;
+            decode_on(&a, &l, threads, true, || {
+                Ok((
+                    be.copy_bandwidth_gbps(1 << 30, 5)?,
+                    "device-to-device copy of 1 GiB, read + write counted",
+                ))
+            })?;
+            if be.profiling() {
+                cuda_profile(&l)?;
+            }
+            Ok(())
+        }
+    }
+}
+
+/// With `FLOWGATE_CUDA_PROFILE=1`: device time per kernel of a 512-token prefill and of 32
+/// decode steps after it, printed to stderr (each launch timed with events, so the totals are
+/// a little above a plain run's).
+fn cuda_profile(l: &Loaded<CudaBackend>) -> Result<()> {
+    let m = &l.model;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(2);
+    let prompt: Vec<u32> = (0..512)
+        .map(|_| rng.random_range(0..m.spec.vocab_size as u32))
+        .collect();
+    let steps = 32;
+    let mut cache = m.new_cache(prompt.len() + steps + 1)?;
+    m.backend.profile_reset();
+    let t = Instant::now();
+    let mut tok = argmax(&m.forward(&prompt, &mut cache, Logits::Last)?);
+    let wall = t.elapsed().as_secs_f64() * 1e3;
+    print_profile(
+        &format!(
+            "prefill profile ({} tokens): {wall:.2} ms wall",
+            prompt.len()
+        ),
+        &m.backend.profile_report(),
+        1,
+    );
+    m.backend.profile_reset();
+    let t = Instant::now();
+    for _ in 0..steps {
+        tok = argmax(&m.forward(&[tok], &mut cache, Logits::Last)?);
+    }
+    let wall = t.elapsed().as_secs_f64() * 1e3 / steps as f64;
+    print_profile(
+        &format!(
+            "decode profile ({steps} steps after {} prompt tokens): {wall:.3} ms/token wall",
+            prompt.len()
+        ),
+        &m.backend.profile_report(),
+        steps,
+    );
+    Ok(())
+}
+
+/// Prints a per-kernel table (times and launches divided by `per`).
+fn print_profile(title: &str, rows: &[(String, f64, u64)], per: usize) {
+    let per = per.max(1) as f64;
+    let total: f64 = rows.iter().map(|r| r.1).sum::<f64>() / per;
+    eprintln!("{title}, {total:.3} ms of device time in kernels and copies");
+    eprintln!(
+        "{:<28} {:>12} {:>10} {:>8}",
+        "kernel", "ms", "launches", "share"
+    );
+    for (name, ms, n) in rows {
+        eprintln!(
+            "{:<28} {:>12.4} {:>10.1} {:>7.1}%",
+            name,
+            ms / per,
+            *n as f64 / per,
+            100.0 * ms / per / total.max(1e-12)
+        );
+    }
+}
+
+fn decode_on<B: Backend>(
+    a: &DecodeArgs,
+    loaded: &Loaded<B>,
+    threads: usize,
+    gpu: bool,
+    ceiling: impl FnOnce() -> Result<Ceiling, flowgate_engine::EngineError>,
+) -> Result<()> {
     let m = &loaded.model;
     let s = &m.spec;
     let reps = a.reps.max(1);
+    let (n_prompt, n_gen) = match gpu {
+        true => (a.prompt.unwrap_or(512), a.gen.unwrap_or(128)),
+        false => (a.prompt.unwrap_or(64), a.gen.unwrap_or(32)),
+    };
     let mut rng = rand::rngs::StdRng::seed_from_u64(1);
-    let prompt: Vec<u32> = (0..a.prompt.max(1))
+    let prompt: Vec<u32> = (0..n_prompt.max(1))
         .map(|_| rng.random_range(0..s.vocab_size as u32))
         .collect();
-    let mut cache = m.new_cache(prompt.len().max(a.gen + 1))?;
-    // Warm-up: page in the weights, spin up the pool.
+    let mut cache = m.new_cache(prompt.len().max(n_gen + 1))?;
+    // Warm-up: page in the weights, spin up the pool, compile and cache the kernels, and on a GPU
+    // fill the device buffer pool with both the prefill and the decode sizes.
     m.forward(&prompt[..prompt.len().min(8)], &mut cache, Logits::Last)?;
+    if gpu {
+        cache.clear();
+        m.forward(&prompt, &mut cache, Logits::Last)?;
+    }
     let mut pp = Vec::new();
     for _ in 0..reps {
         cache.clear();
@@ -125,11 +246,11 @@ fn decode(a: DecodeArgs) -> Result<()> {
         cache.clear();
         let mut tok = prompt[0];
         let t = Instant::now();
-        for _ in 0..a.gen {
+        for _ in 0..n_gen {
             let l = m.forward(&[tok], &mut cache, Logits::Last)?;
             tok = argmax(&l);
         }
-        tg.push(a.gen as f64 / t.elapsed().as_secs_f64());
+        tg.push(n_gen as f64 / t.elapsed().as_secs_f64());
     }
     let (pp, tg) = (median(pp), median(tg));
     // Weight bytes one decode step reads: everything but the embedding table, and for MoE
@@ -148,43 +269,89 @@ fn decode(a: DecodeArgs) -> Result<()> {
         per_token += t.nbytes as f64 * frac;
     }
     let achieved = per_token * tg / 1e9;
-    let ceiling = memory_read_gbps();
-    let anchor = anchor(s);
+    let (ceiling, ceiling_what) = ceiling()?;
+    let anchor = anchor(s, gpu);
+    // llama.cpp measured now, on the same file, after flowgate (its mmap then finds the file
+    // wherever flowgate's load left it: flowgate reads uncached ranges with O_DIRECT, so
+    // llama-bench's own warm-up run is what brings the file into the page cache).
+    let measured = match &a.llama_bench {
+        Some(bin) => Some(crate::llamacpp::bench(
+            bin,
+            &a.model.model,
+            prompt.len(),
+            n_gen,
+            threads,
+            None,
+        )?),
+        None => None,
+    };
     if a.json {
         let mut j = serde_json::json!({
             "model": loaded.file.name, "threads": threads, "backend": m.backend_name(),
-            "prompt_tokens": prompt.len(), "gen_tokens": a.gen, "reps": reps,
+            "prompt_tokens": prompt.len(), "gen_tokens": n_gen, "reps": reps,
             "prefill_tps": pp, "decode_tps": tg,
             "weight_bytes_per_token": per_token, "decode_gbps": achieved,
-            "memory_read_gbps": ceiling, "fraction_of_memory_bw": achieved / ceiling,
+            "memory_read_gbps": ceiling, "memory_read_what": ceiling_what,
+            "fraction_of_memory_bw": achieved / ceiling,
         });
         if let Some((name, app, atg)) = anchor {
+            let source = if gpu {
+                "ANCHORS.md (llama.cpp CUDA on the H100, all layers on the GPU, pp512/tg128; recorded, not this run)"
+            } else {
+                "ANCHORS.md (llama.cpp CPU, 2 threads, pp64/tg32; recorded, not this run)"
+            };
             j["llamacpp_recorded"] = serde_json::json!({"shape": name, "prefill_tps": app, "decode_tps": atg,
-                "source": "ANCHORS.md (llama.cpp CPU, 2 threads, pp64/tg32; recorded, not this run)"});
+                "source": source});
             j["decode_vs_llamacpp"] = serde_json::json!(tg / atg);
+        }
+        if let Some(l) = &measured {
+            j["llamacpp_measured"] = serde_json::json!({"prefill_tps": l.pp_tps, "decode_tps": l.tg_tps,
+                "source": "llama-bench run by this command on the same file and threads"});
+            j["decode_vs_llamacpp_measured"] = serde_json::json!(tg / l.tg_tps);
+            j["prefill_vs_llamacpp_measured"] = serde_json::json!(l.pp_tps.map(|p| pp / p));
         }
         outln!("{}", serde_json::to_string_pretty(&j)?);
         return Ok(());
     }
     outln!("model     {} ({})", loaded.file.name, s.arch);
-    outln!("backend   {}, {threads} threads", m.backend_name());
+    if gpu {
+        outln!("backend   {}", m.backend_name());
+    } else {
+        outln!("backend   {}, {threads} threads", m.backend_name());
+    }
     outln!();
     outln!("{:<28} {:>12}", "test", "tok/s");
     outln!("{:<28} {:>12.1}", format!("prefill pp{}", prompt.len()), pp);
-    outln!("{:<28} {:>12.1}", format!("decode tg{}", a.gen), tg);
+    outln!("{:<28} {:>12.1}", format!("decode tg{}", n_gen), tg);
     outln!();
     outln!(
-        "decode reads {:.1} MiB of weights per token: {:.2} GB/s, {:.0}% of this machine's memory read bandwidth ({:.2} GB/s, measured now)",
+        "decode reads {:.1} MiB of weights per token: {:.2} GB/s, {:.0}% of the memory bandwidth ({:.2} GB/s, {ceiling_what}, measured now)",
         per_token / (1u64 << 20) as f64,
         achieved,
         100.0 * achieved / ceiling,
         ceiling
     );
     if let Some((name, app, atg)) = anchor {
+        let (what, p, g) = if gpu {
+            ("the H100, all layers on the GPU", "pp512", "tg128")
+        } else {
+            ("this machine type, 2 threads", "pp64", "tg32")
+        };
         outln!(
-            "llama.cpp on {name} (ANCHORS.md, recorded on this machine type, 2 threads): pp64 {app} tok/s, tg32 {atg} tok/s -> flowgate decode is {:.2}x, prefill {:.2}x",
+            "llama.cpp on {name} (ANCHORS.md, recorded on {what}): {p} {app} tok/s, {g} {atg} tok/s -> flowgate decode is {:.2}x, prefill {:.2}x",
             tg / atg,
             pp / app
+        );
+    }
+    if let Some(l) = &measured {
+        outln!(
+            "llama.cpp measured now (llama-bench, same file, {threads} threads): pp{} {} tok/s, tg{n_gen} {:.1} tok/s -> flowgate decode is {:.2}x{}",
+            prompt.len(),
+            l.pp_tps.map_or("-".into(), |p| format!("{p:.1}")),
+            l.tg_tps,
+            tg / l.tg_tps,
+            l.pp_tps
+                .map_or(String::new(), |p| format!(", prefill {:.2}x", pp / p))
         );
     }
     Ok(())

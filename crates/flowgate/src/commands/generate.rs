@@ -2,7 +2,8 @@
 
 use anyhow::Result;
 use clap::Args as ClapArgs;
-use flowgate_engine::runtime;
+use flowgate_engine::backend::Backend;
+use flowgate_engine::runtime::{self, Loaded};
 use flowgate_engine::sampling::Sampler;
 
 use crate::common::{check_tokens, parse_tokens, ModelArgs, SampleArgs};
@@ -30,6 +31,16 @@ pub fn main(a: Args) -> Result<()> {
     let tokens = parse_tokens(&a.tokens)?;
     let sampler_cfg = a.sample.config()?;
     let loaded = a.model.load()?;
+    flowgate_engine::with_loaded!(loaded, l => run(&a, &tokens, sampler_cfg, &l))
+}
+
+fn run<B: Backend>(
+    a: &Args,
+    tokens: &[u32],
+    sampler_cfg: flowgate_engine::sampling::SamplerConfig,
+    loaded: &Loaded<B>,
+) -> Result<()> {
+    let tokens = tokens.to_vec();
     let m = &loaded.model;
     check_tokens(&tokens, m.spec.vocab_size)?;
     let mut cache = m.new_cache(a.model.ctx.max(tokens.len() + a.max_tokens))?;

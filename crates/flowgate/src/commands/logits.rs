@@ -5,7 +5,8 @@
 
 use anyhow::Result;
 use clap::{Args as ClapArgs, ValueEnum};
-use flowgate_engine::models::Logits;
+use flowgate_engine::backend::Backend;
+use flowgate_engine::models::{Logits, Model};
 
 use crate::common::{check_tokens, parse_tokens, ModelArgs};
 
@@ -29,7 +30,11 @@ pub struct Args {
 pub fn main(a: Args) -> Result<()> {
     let tokens = parse_tokens(&a.tokens)?;
     let loaded = a.model.load()?;
-    let m = &loaded.model;
+    flowgate_engine::with_loaded!(loaded, l => run(&a, &tokens, &l.model))
+}
+
+fn run<B: Backend>(a: &Args, tokens: &[u32], m: &Model<B>) -> Result<()> {
+    let tokens = tokens.to_vec();
     let vocab = m.spec.vocab_size;
     check_tokens(&tokens, vocab)?;
     let mut cache = m.new_cache(tokens.len())?;

@@ -7,7 +7,7 @@ use std::io::{BufRead, Write};
 
 use anyhow::{bail, Context, Result};
 use clap::Args as ClapArgs;
-use flowgate_engine::backend::cpu::CpuBackend;
+use flowgate_engine::backend::Backend;
 use flowgate_engine::chat::Message;
 use flowgate_engine::kv::KvCache;
 use flowgate_engine::runtime::{self, Loaded};
@@ -36,15 +36,15 @@ pub struct Args {
     pub sample: SampleArgs,
 }
 
-struct Chat<'a> {
-    loaded: &'a Loaded,
-    cache: KvCache<CpuBackend>,
+struct Chat<'a, B: Backend> {
+    loaded: &'a Loaded<B>,
+    cache: KvCache<B>,
     cached: Vec<u32>,
     sampler: Sampler,
     args: &'a Args,
 }
 
-impl Chat<'_> {
+impl<B: Backend> Chat<'_, B> {
     /// Runs `prompt` tokens (reusing the cached prefix) and streams the answer to stdout.
     fn answer(&mut self, prompt: &[u32]) -> Result<Vec<u32>> {
         let tok = self
@@ -130,7 +130,7 @@ impl Chat<'_> {
     }
 }
 
-fn render(loaded: &Loaded, args: &Args, messages: &[Message]) -> Result<Vec<u32>> {
+fn render<B: Backend>(loaded: &Loaded<B>, args: &Args, messages: &[Message]) -> Result<Vec<u32>> {
     let tok = loaded
         .tokenizer
         .as_ref()
@@ -155,6 +155,10 @@ fn render(loaded: &Loaded, args: &Args, messages: &[Message]) -> Result<Vec<u32>
 pub fn main(a: Args) -> Result<()> {
     let sampler = Sampler::new(a.sample.config()?);
     let loaded = a.model.load()?;
+    flowgate_engine::with_loaded!(loaded, l => chat(&a, sampler, &l))
+}
+
+fn chat<B: Backend>(a: &Args, sampler: Sampler, loaded: &Loaded<B>) -> Result<()> {
     if loaded.tokenizer.is_none() {
         bail!(
             "{} has no tokenizer (tokenizer.ggml.model is none or tokenizer.json is missing): \
@@ -164,11 +168,11 @@ pub fn main(a: Args) -> Result<()> {
     }
     let cache = loaded.model.new_cache(a.model.ctx)?;
     let mut chat = Chat {
-        loaded: &loaded,
+        loaded,
         cache,
         cached: Vec::new(),
         sampler,
-        args: &a,
+        args: a,
     };
     let mut messages = Vec::new();
     if let Some(s) = &a.system {
@@ -182,7 +186,7 @@ pub fn main(a: Args) -> Result<()> {
             role: "user".into(),
             content: p.clone(),
         });
-        let toks = render(&loaded, &a, &messages)?;
+        let toks = render(loaded, a, &messages)?;
         chat.answer(&toks)?;
         return Ok(());
     }
@@ -201,7 +205,7 @@ pub fn main(a: Args) -> Result<()> {
             role: "user".into(),
             content: line.trim_end().to_string(),
         });
-        let toks = render(&loaded, &a, &messages)?;
+        let toks = render(loaded, a, &messages)?;
         let out = chat.answer(&toks)?;
         let text = loaded
             .tokenizer

@@ -1,0 +1,127 @@
+// Causal attention over the KV cache (decode and prefill), with grouped-query heads and an
+// optional sliding window, in one pass with an online softmax (flash-attention style: scores
+// are never stored).
+//
+// Grid (n_heads, n_tokens, splits); block of NW warps. The keys of query (t, h), positions
+// first..=pos, are cut into `splits` contiguous ranges (split-K / flash-decoding: with one
+// query token there are only n_heads blocks otherwise, too few to fill the GPU); within a range
+// warp w takes every NW-th key. A warp holds the query and its output accumulator spread over
+// its lanes (element d on lane d % 32), computes each score with a shuffle reduction and
+// updates a running max / sum / weighted V. The warps of a block are merged through shared
+// memory; with splits > 1 each block writes (max, sum, acc) to `part` and attention_combine
+// merges them.
+#define MAXD 8  // head_dim <= 256
+
+extern "C" __global__ void attention(const float* __restrict__ q, const float* __restrict__ K,
+                                     const float* __restrict__ V, float* __restrict__ out,
+                                     float* __restrict__ part, int start_pos, int n_heads,
+                                     int n_kv_heads, int head_dim, int window, float scale) {
+    extern __shared__ float sm[];
+    int h = blockIdx.x, t = blockIdx.y, split = blockIdx.z, splits = gridDim.z;
+    int nw = blockDim.x >> 5, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    int group = n_heads / n_kv_heads;
+    int kvh = h / group;
+    int pos = start_pos + t;
+    int first = window > 0 ? max(0, pos + 1 - window) : 0;
+    int nkeys = pos + 1 - first;
+    int per = (nkeys + splits - 1) / splits;
+    int lo = first + split * per;
+    int hi = min(pos + 1, lo + per);
+    u64 width = (u64)n_kv_heads * head_dim;
+    const float* qv = q + ((u64)t * n_heads + h) * head_dim;
+    float qr[MAXD], acc[MAXD];
+#pragma unroll
+    for (int j = 0; j < MAXD; j++) {
+        int d = lane + 32 * j;
+        qr[j] = d < head_dim ? qv[d] : 0.0f;
+        acc[j] = 0.0f;
+    }
+    float m = -INFINITY, l = 0.0f;
+    for (int key = lo + warp; key < hi; key += nw) {
+        const float* kr = K + (u64)key * width + (u64)kvh * head_dim;
+        const float* vr = V + (u64)key * width + (u64)kvh * head_dim;
+        float s = 0.0f;
+#pragma unroll
+        for (int j = 0; j < MAXD; j++) {
+            int d = lane + 32 * j;
+            if (d < head_dim) s += qr[j] * kr[d];
+        }
+        s = warp_sum(s) * scale;
+        float mn = fmaxf(m, s);
+        float corr = expf(m - mn);
+        float p = expf(s - mn);
+        l = l * corr + p;
+#pragma unroll
+        for (int j = 0; j < MAXD; j++) {
+            int d = lane + 32 * j;
+            if (d < head_dim) acc[j] = acc[j] * corr + p * vr[d];
+        }
+        m = mn;
+    }
+    // Merge warps: sm = [nw maxes][nw sums][nw * head_dim accumulators].
+    float* sm_m = sm;
+    float* sm_l = sm + nw;
+    float* sm_a = sm + 2 * nw;
+    if (lane == 0) {
+        sm_m[warp] = m;
+        sm_l[warp] = l;
+    }
+#pragma unroll
+    for (int j = 0; j < MAXD; j++) {
+        int d = lane + 32 * j;
+        if (d < head_dim) sm_a[warp * head_dim + d] = acc[j];
+    }
+    __syncthreads();
+    float M = -INFINITY;
+    for (int w = 0; w < nw; w++) M = fmaxf(M, sm_m[w]);
+    float L = 0.0f;
+    for (int w = 0; w < nw; w++)
+        if (sm_l[w] > 0.0f) L += sm_l[w] * expf(sm_m[w] - M);
+    if (splits == 1) {
+        float* o = out + ((u64)t * n_heads + h) * head_dim;
+        for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
+            float a = 0.0f;
+            for (int w = 0; w < nw; w++)
+                if (sm_l[w] > 0.0f) a += sm_a[w * head_dim + d] * expf(sm_m[w] - M);
+            o[d] = a / L;
+        }
+    } else {
+        // part layout per (t, h, split): [max, sum, acc[head_dim]].
+        float* pp = part + (((u64)t * n_heads + h) * splits + split) * (u64)(head_dim + 2);
+        if (threadIdx.x == 0) {
+            pp[0] = M;
+            pp[1] = L;
+        }
+        for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
+            float a = 0.0f;
+            for (int w = 0; w < nw; w++)
+                if (sm_l[w] > 0.0f) a += sm_a[w * head_dim + d] * expf(sm_m[w] - M);
+            pp[2 + d] = a;
+        }
+    }
+}
+
+// Merges the per-split partial results: grid (n_heads, n_tokens), one thread per element.
+extern "C" __global__ void attention_combine(const float* __restrict__ part,
+                                             float* __restrict__ out, int n_heads, int head_dim,
+                                             int splits) {
+    int h = blockIdx.x, t = blockIdx.y;
+    const float* pp = part + ((u64)t * n_heads + h) * splits * (u64)(head_dim + 2);
+    float M = -INFINITY;
+    for (int s = 0; s < splits; s++)
+        if (pp[s * (head_dim + 2) + 1] > 0.0f) M = fmaxf(M, pp[s * (head_dim + 2)]);
+    float L = 0.0f;
+    for (int s = 0; s < splits; s++) {
+        const float* q = pp + s * (head_dim + 2);
+        if (q[1] > 0.0f) L += q[1] * expf(q[0] - M);
+    }
+    float* o = out + ((u64)t * n_heads + h) * head_dim;
+    for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
+        float a = 0.0f;
+        for (int s = 0; s < splits; s++) {
+            const float* q = pp + s * (head_dim + 2);
+            if (q[1] > 0.0f) a += q[2 + d] * expf(q[0] - M);
+        }
+        o[d] = a / L;
+    }
+}

@@ -1,0 +1,55 @@
+// Element-wise kernels: residual adds, row biases, the fused SiLU·mul of SwiGLU, and the row
+// gathers/scatters of MoE token grouping.
+extern "C" __global__ void add(float* x, const float* y, u64 n) {
+    u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) x[i] += y[i];
+}
+
+extern "C" __global__ void add_row_bias(float* x, const float* b, u64 n, int width) {
+    u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) x[i] += b[i % width];
+}
+
+extern "C" __global__ void silu_mul(float* g, const float* u, u64 n) {
+    u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) {
+        float a = g[i];
+        g[i] = a / (1.0f + expf(-a)) * u[i];
+    }
+}
+
+// out[j] = x[idx[j]] for rows of width dim.
+extern "C" __global__ void gather_rows(const float* x, const u32* idx, float* out, int dim,
+                                       int nrows) {
+    u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (u64)dim * nrows) return;
+    u64 j = i / dim;
+    int c = (int)(i % dim);
+    out[i] = x[(u64)idx[j] * dim + c];
+}
+
+// out[idx[j]] += scale[j] * y[j]; atomics keep repeated indices correct.
+extern "C" __global__ void scatter_add_rows(float* out, const float* y, const u32* idx,
+                                            const float* scale, int dim, int nrows) {
+    u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (u64)dim * nrows) return;
+    u64 j = i / dim;
+    int c = (int)(i % dim);
+    atomicAdd(&out[(u64)idx[j] * dim + c], scale[j] * y[i]);
+}
+
+// The same for at most 16 rows, indices and weights passed by value (MoE decode: one token per
+// expert; no host-to-device copy needed).
+struct RowScale {
+    u32 idx[16];
+    float scale[16];
+};
+
+extern "C" __global__ void scatter_add_rows_small(float* out, const float* y, RowScale rs,
+                                                  int dim, int nrows) {
+    u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (u64)dim * nrows) return;
+    int j = (int)(i / dim);
+    int c = (int)(i % dim);
+    atomicAdd(&out[(u64)rs.idx[j] * dim + c], rs.scale[j] * y[i]);
+}

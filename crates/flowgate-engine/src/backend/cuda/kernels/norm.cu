@@ -1,0 +1,25 @@
+// RMSNorm: one block per row of `dim` values (in place when out == x); up to 1024 threads so
+// that the single row of a decode step is spread over the whole block. The sum of squares is
+// accumulated in f32 per thread and reduced across the block; the reciprocal root is taken in
+// f64 like the CPU reference.
+extern "C" __global__ void rms_norm(const float* x, const float* w, float* out, int dim,
+                                    float eps) {
+    __shared__ float part[32];
+    const float* xr = x + (u64)blockIdx.x * dim;
+    float* orow = out + (u64)blockIdx.x * dim;
+    float ss = 0.0f;
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) ss += xr[i] * xr[i];
+    ss = warp_sum(ss);
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    if (lane == 0) part[warp] = ss;
+    __syncthreads();
+    if (warp == 0) {
+        int nw = blockDim.x >> 5;
+        float v = lane < nw ? part[lane] : 0.0f;
+        v = warp_sum(v);
+        if (lane == 0) part[0] = v;
+    }
+    __syncthreads();
+    float r = (float)(1.0 / sqrt((double)part[0] / (double)dim + (double)eps));
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) orow[i] = xr[i] * r * w[i];
+}

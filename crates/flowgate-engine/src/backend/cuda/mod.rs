@@ -1,0 +1,1474 @@
+//! The CUDA backend: [`CudaBackend`] runs every [`Backend`] operation on one GPU.
+//!
+//! Design choices:
+//! - **Weights stay in their file dtype.** A [`CudaWeight`] is the tensor's bytes (GGUF blocks
+//!   or F32/F16/BF16) copied once into device memory; every format of flowgate-formats is
+//!   supported (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K). The kernels of
+//!   `kernels/matvec_quant.cu` decode blocks as they stream them: one token (decode) runs
+//!   `matvec1` (one warp per row, or a few warps per row for matrices of few rows), products
+//!   that read the same input (q/k/v, gate/up, a MoE layer's chosen experts) run as one
+//!   grouped launch (`matvec1g`, pointers passed by value); 2–8 tokens run `matvec`, which
+//!   shares each decoded weight between the tokens. Larger batches (prefill) dequantise row
+//!   tiles to f32 and multiply them with cuBLAS SGEMM: plain FP32 for F32/F16/BF16 weights
+//!   (float models keep their precision), TF32 tensor cores for quantised weights (inputs
+//!   rounded to 10 mantissa bits, f32 accumulation: ~3e-4 relative, far below the weights' own
+//!   4–8-bit rounding; `FLOWGATE_CUDA_TF32=0` turns it off). Activations stay f32 throughout:
+//!   unlike the CPU backend (and llama.cpp) they are not quantised for integer dot products,
+//!   which costs bandwidth (docs/benchmarks-cuda.md) but keeps decode within float rounding of a
+//!   float64 reference.
+//! - **Kernels are CUDA C in `kernels/`**, one file per family (`matvec_quant.cu`, `norm.cu`,
+//!   `rope.cu`, `attention.cu`, `elementwise.cu`), with the shared helpers of `common.cuh` and
+//!   the block formats of `quant.cuh` prepended; they are embedded with `include_str!` and
+//!   compiled by NVRTC for the device's compute capability through flowgate-cuda's
+//!   [`flowgate_cuda::KernelCache`] (cached on disk).
+//! - **One stream, no host synchronisation inside a forward pass** except where the model asks
+//!   for host values: [`Backend::to_host`] (the logits at the end; MoE router logits, once per
+//!   MoE layer, because `models/moe.rs` routes on the host). Small host inputs (token ids, row
+//!   indices of prefill gathers) are queued with asynchronous pageable copies, which the driver
+//!   stages before returning; decode-sized ones go as kernel parameters. No CUDA graph: each
+//!   operation is a launch (about 480 per dense8b decode step).
+//! - **Activation buffers come from a pool** ([`CudaBuf`] returns its memory on drop): a forward
+//!   pass allocates the same sizes every step, and `cuMemFree` would synchronise the device.
+//!   Every allocation (weights, KV, pool) is charged to one [`flowgate_cuda::MemoryBudget`]:
+//!   cached pool memory counts as in use.
+//! - **Errors.** The trait's compute operations return nothing (the CPU cannot fail there); a
+//!   failed launch or allocation here is recorded and reported by [`Backend::check`], which
+//!   `Model::forward` calls before returning logits — a clear error, never a panic.
+//! - **Profiling.** With `FLOWGATE_CUDA_PROFILE=1` every launch and copy is bracketed by events
+//!   and [`CudaBackend::profile_report`] gives device time per kernel (`flowgate bench decode
+//!   --device cuda` prints it).
+
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use flowgate_cuda::cudarc::driver::{sys, LaunchConfig, PushKernelArg};
+use flowgate_cuda::{Blas, CudaError, Device, DeviceAllocator, DeviceBuffer, Kernel, Stream};
+use flowgate_formats::{DType, RopeStyle};
+
+use super::{swiglu, AttnParams, Backend, SwiGluJob};
+use crate::error::{EngineError, Result};
+use crate::weights::HostTensor;
+
+pub use flowgate_cuda::{Cuda, DeviceSpec, Resolved};
+
+const COMMON_CUH: &str = include_str!("kernels/common.cuh");
+const QUANT_CUH: &str = include_str!("kernels/quant.cuh");
+const MATVEC_CU: &str = include_str!("kernels/matvec_quant.cu");
+const NORM_CU: &str = include_str!("kernels/norm.cu");
+const ROPE_CU: &str = include_str!("kernels/rope.cu");
+const ATTENTION_CU: &str = include_str!("kernels/attention.cu");
+const ELEMENTWISE_CU: &str = include_str!("kernels/elementwise.cu");
+
+/// Batches up to this many tokens use the mat-vec kernels (their `MAXT`); more use GEMM.
+pub const MATVEC_MAX_TOKENS: usize = 8;
+/// Dequantised prefill tiles hold at most this many f32 values (128 MiB).
+const TILE_FLOATS: usize = 32 << 20;
+/// Device memory left to the driver, cuBLAS and other processes when sizing the budget.
+const HEADROOM: usize = 768 << 20;
+
+/// Kernel-name suffixes, indexed by [`dtype_index`].
+const DTYPE_NAMES: [&str; 11] = [
+    "f32", "f16", "bf16", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q4_k", "q5_k", "q6_k",
+];
+
+fn dtype_index(d: DType) -> Option<usize> {
+    Some(match d {
+        DType::F32 => 0,
+        DType::F16 => 1,
+        DType::BF16 => 2,
+        DType::Q4_0 => 3,
+        DType::Q4_1 => 4,
+        DType::Q5_0 => 5,
+        DType::Q5_1 => 6,
+        DType::Q8_0 => 7,
+        DType::Q4K => 8,
+        DType::Q5K => 9,
+        DType::Q6K => 10,
+        DType::Q8K => return None,
+    })
+}
+
+/// The full source of one kernel family, as NVRTC compiles it.
+pub fn kernel_source(family: &str) -> Option<String> {
+    let body = match family {
+        "matvec_quant" => MATVEC_CU,
+        "norm" => NORM_CU,
+        "rope" => ROPE_CU,
+        "attention" => ATTENTION_CU,
+        "elementwise" => ELEMENTWISE_CU,
+        _ => return None,
+    };
+    Some(format!("{COMMON_CUH}\n{QUANT_CUH}\n{body}"))
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn cuda_err(e: CudaError) -> EngineError {
+    EngineError::Invalid(format!("CUDA: {e}"))
+}
+
+/// Recycles device allocations for activations.
+struct Pool {
+    alloc: DeviceAllocator,
+    free: Mutex<Vec<DeviceBuffer>>,
+}
+
+impl Pool {
+    fn round(bytes: usize) -> usize {
+        if bytes <= 1 << 20 {
+            bytes.max(256).next_power_of_two()
+        } else {
+            bytes.div_ceil(1 << 20) << 20
+        }
+    }
+
+    fn get(&self, bytes: usize) -> std::result::Result<DeviceBuffer, CudaError> {
+        {
+            let mut free = lock(&self.free);
+            let limit = bytes.saturating_mul(2).max(bytes + (1 << 20));
+            let best = free
+                .iter()
+                .enumerate()
+                .filter(|(_, b)| b.len() >= bytes && b.len() <= limit)
+                .min_by_key(|(_, b)| b.len())
+                .map(|(i, _)| i);
+            if let Some(i) = best {
+                return Ok(free.swap_remove(i));
+            }
+        }
+        let size = Self::round(bytes);
+        match self.alloc.alloc(size) {
+            Ok(b) => Ok(b),
+            Err(_) => {
+                // Give the cached buffers back to the driver and try once more.
+                lock(&self.free).clear();
+                self.alloc.alloc(size)
+            }
+        }
+    }
+
+    fn put(&self, b: DeviceBuffer) {
+        let mut free = lock(&self.free);
+        if free.len() < 256 {
+            free.push(b);
+        }
+    }
+}
+
+/// f32 activations on the device. Its memory goes back to the backend's pool on drop.
+pub struct CudaBuf {
+    mem: Option<DeviceBuffer>,
+    len: usize,
+    pool: Arc<Pool>,
+}
+
+impl CudaBuf {
+    /// Number of f32 values.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn ptr(&self) -> u64 {
+        self.mem.as_ref().map_or(0, |m| m.ptr())
+    }
+
+    fn capacity(&self) -> usize {
+        self.mem.as_ref().map_or(0, |m| m.len() / 4)
+    }
+}
+
+impl Drop for CudaBuf {
+    fn drop(&mut self) {
+        if let Some(m) = self.mem.take() {
+            self.pool.put(m);
+        }
+    }
+}
+
+/// A weight matrix in device memory, in its file dtype.
+pub struct CudaWeight {
+    mem: DeviceBuffer,
+    dtype: DType,
+    kind: usize,
+    rows: usize,
+    cols: usize,
+    row_bytes: usize,
+}
+
+impl CudaWeight {
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+    pub fn bytes(&self) -> usize {
+        self.mem.len()
+    }
+}
+
+/// One layer's keys and values: `capacity × n_kv_heads × head_dim` f32 each, position-major.
+pub struct CudaKv {
+    k: DeviceBuffer,
+    v: DeviceBuffer,
+    width: usize,
+    capacity: usize,
+}
+
+/// A kernel with its name (for the profile).
+struct K {
+    f: Kernel,
+    name: String,
+}
+
+struct Kernels {
+    matvec: Vec<K>,
+    matvec1: Vec<K>,
+    matvec1g: Vec<K>,
+    dequant: Vec<K>,
+    rms_norm: K,
+    rope: K,
+    attention: K,
+    attention_combine: K,
+    add: K,
+    add_row_bias: K,
+    silu_mul: K,
+    gather_rows: K,
+    scatter_add_rows: K,
+    scatter_add_rows_small: K,
+}
+
+impl Kernels {
+    fn load(cache: &flowgate_cuda::KernelCache) -> std::result::Result<Kernels, CudaError> {
+        let module = |family: &str| {
+            let src = kernel_source(family).unwrap_or_default();
+            cache.load(family, &src, &[])
+        };
+        let mv = module("matvec_quant")?;
+        let norm = module("norm")?;
+        let rope = module("rope")?;
+        let attn = module("attention")?;
+        let el = module("elementwise")?;
+        let k = |m: &flowgate_cuda::Module, name: &str| {
+            m.function(name).map(|f| K {
+                f,
+                name: name.to_string(),
+            })
+        };
+        let mut matvec = Vec::new();
+        let mut matvec1 = Vec::new();
+        let mut matvec1g = Vec::new();
+        let mut dequant = Vec::new();
+        for n in DTYPE_NAMES {
+            matvec.push(k(&mv, &format!("matvec_{n}"))?);
+            matvec1.push(k(&mv, &format!("matvec1_{n}"))?);
+            matvec1g.push(k(&mv, &format!("matvec1g_{n}"))?);
+            dequant.push(k(&mv, &format!("dequant_{n}"))?);
+        }
+        Ok(Kernels {
+            matvec,
+            matvec1,
+            matvec1g,
+            dequant,
+            rms_norm: k(&norm, "rms_norm")?,
+            rope: k(&rope, "rope")?,
+            attention: k(&attn, "attention")?,
+            attention_combine: k(&attn, "attention_combine")?,
+            add: k(&el, "add")?,
+            add_row_bias: k(&el, "add_row_bias")?,
+            silu_mul: k(&el, "silu_mul")?,
+            gather_rows: k(&el, "gather_rows")?,
+            scatter_add_rows: k(&el, "scatter_add_rows")?,
+            scatter_add_rows_small: k(&el, "scatter_add_rows_small")?,
+        })
+    }
+}
+
+/// A kernel argument (kept in a slice that outlives the launch builder).
+#[derive(Clone, Copy)]
+enum Arg<'a> {
+    P(u64),
+    I(i32),
+    F(f32),
+    J(&'a MvJobs),
+    R(&'a RowScale),
+}
+
+/// Up to 16 (row, weight) pairs passed by value (`RowScale` in elementwise.cu).
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct RowScale {
+    idx: [u32; 16],
+    scale: [f32; 16],
+}
+
+// SAFETY: plain old data with the C layout of the kernel's `struct RowScale`.
+unsafe impl flowgate_cuda::cudarc::driver::DeviceRepr for RowScale {}
+
+/// Jobs of one grouped mat-vec launch (`MvJobs` in matvec_quant.cu), passed by value.
+const MAXJ: usize = 16;
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct MvJobs {
+    w: [u64; MAXJ],
+    x: [u64; MAXJ],
+    y: [u64; MAXJ],
+    rows: [i32; MAXJ],
+}
+
+// SAFETY: MvJobs is plain old data with the C layout of the kernel's `struct MvJobs`
+// (three arrays of 16 u64 then 16 int, no padding between them).
+unsafe impl flowgate_cuda::cudarc::driver::DeviceRepr for MvJobs {}
+
+/// Runs everything on one CUDA device.
+pub struct CudaBackend {
+    device: Device,
+    stream: Stream,
+    blas: Blas,
+    kernels: Kernels,
+    pool: Arc<Pool>,
+    alloc: DeviceAllocator,
+    error: Mutex<Option<String>>,
+    rope_freqs: Mutex<Option<(Vec<f32>, CudaBuf)>>,
+    name: String,
+    sms: usize,
+    profile: Option<Mutex<Profile>>,
+    tf32: bool,
+}
+
+/// Per-kernel device time, when `FLOWGATE_CUDA_PROFILE` is set: each launch and copy is
+/// bracketed by two events; times are read at the next host synchronisation.
+#[derive(Default)]
+struct Profile {
+    pending: Vec<(String, flowgate_cuda::Event, flowgate_cuda::Event)>,
+    totals: std::collections::HashMap<String, (f64, u64)>,
+}
+
+/// Records the end event of a profiled operation when dropped.
+struct Span<'a> {
+    backend: &'a CudaBackend,
+    name: &'a str,
+    start: Option<flowgate_cuda::Event>,
+}
+
+impl Drop for Span<'_> {
+    fn drop(&mut self) {
+        let (Some(p), Some(start)) = (&self.backend.profile, self.start.take()) else {
+            return;
+        };
+        if let Ok(end) = flowgate_cuda::Event::new(&self.backend.device) {
+            if end.record(&self.backend.stream).is_ok() {
+                lock(p).pending.push((self.name.to_string(), start, end));
+            }
+        }
+    }
+}
+
+/// Warps sharing one row in the mat-vec kernels: one for matrices of 4096 rows or more (the
+/// fastest measured: tools/device/matvec_bench.cu), more for fewer rows so that about 4096
+/// warps stream memory, as long as each warp keeps at least two 256-wide steps.
+fn warps_per_row(rows: usize, cols: usize) -> u32 {
+    let steps = cols.div_ceil(256);
+    let mut wpr = 1usize;
+    while wpr < 8 && rows * wpr < 4096 && steps >= 4 * wpr {
+        wpr *= 2;
+    }
+    wpr as u32
+}
+
+fn grid_1d(n: u64, threads: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (n.div_ceil(threads as u64).max(1) as u32, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+impl CudaBackend {
+    /// Opens device `ordinal`, compiles (or loads from the disk cache) the kernels, and sets
+    /// the memory budget to the device's free memory less a headroom.
+    pub fn new(ordinal: usize) -> Result<CudaBackend> {
+        let device = flowgate_cuda::Device::open(ordinal).map_err(cuda_err)?;
+        let (free, _total) = device.memory_info().map_err(cuda_err)?;
+        Self::with_budget(device, free.saturating_sub(HEADROOM) as u64)
+    }
+
+    /// As [`CudaBackend::new`] on an opened device, with an explicit budget in bytes.
+    pub fn with_budget(device: Device, budget: u64) -> Result<CudaBackend> {
+        let stream = Stream::new(&device).map_err(cuda_err)?;
+        let blas = Blas::new(&stream).map_err(cuda_err)?;
+        let cache = flowgate_cuda::KernelCache::new(&device);
+        let kernels = Kernels::load(&cache).map_err(cuda_err)?;
+        let alloc = DeviceAllocator::new(&device, budget);
+        let (maj, min) = device.compute_capability().map_err(cuda_err)?;
+        let dev_name = device.name().unwrap_or_else(|_| "unknown".into());
+        let sms = {
+            let mut v = 0i32;
+            // SAFETY: v is a valid out-pointer; cu_device is the opened device.
+            let r = unsafe {
+                sys::cuDeviceGetAttribute(
+                    &mut v,
+                    sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+                    device.cu_device(),
+                )
+            };
+            if r == sys::CUresult::CUDA_SUCCESS && v > 0 {
+                v as usize
+            } else {
+                80
+            }
+        };
+        Ok(CudaBackend {
+            name: format!("cuda:{} ({dev_name}, sm_{maj}{min})", device.ordinal()),
+            pool: Arc::new(Pool {
+                alloc: alloc.clone(),
+                free: Mutex::new(Vec::new()),
+            }),
+            device,
+            stream,
+            blas,
+            kernels,
+            alloc,
+            error: Mutex::new(None),
+            rope_freqs: Mutex::new(None),
+            sms,
+            tf32: std::env::var("FLOWGATE_CUDA_TF32").map_or(true, |v| v != "0"),
+            profile: std::env::var_os("FLOWGATE_CUDA_PROFILE")
+                .filter(|v| !v.is_empty() && v != "0")
+                .map(|_| Mutex::new(Profile::default())),
+        })
+    }
+
+    /// The device.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The stream all work is queued on.
+    pub fn stream(&self) -> &Stream {
+        &self.stream
+    }
+
+    /// Device bytes charged to the budget now (weights, KV, pooled activations) and at peak.
+    pub fn memory_in_use(&self) -> (u64, u64) {
+        let b = self.alloc.budget();
+        (b.in_use(), b.peak())
+    }
+
+    /// Waits for all queued work.
+    pub fn synchronize(&self) -> Result<()> {
+        self.stream.synchronize().map_err(cuda_err)
+    }
+
+    /// Measures device-to-device copy bandwidth: the best of `reps` copies of `bytes` bytes,
+    /// counted as read + write (2 × bytes per copy), in GB/s.
+    pub fn copy_bandwidth_gbps(&self, bytes: usize, reps: usize) -> Result<f64> {
+        let a = self.alloc.alloc(bytes).map_err(cuda_err)?;
+        let b = self.alloc.alloc(bytes).map_err(cuda_err)?;
+        let start = flowgate_cuda::Event::new(&self.device).map_err(cuda_err)?;
+        let end = flowgate_cuda::Event::new(&self.device).map_err(cuda_err)?;
+        self.device.bind().map_err(cuda_err)?;
+        let mut best = 0f64;
+        for i in 0..reps.max(1) + 1 {
+            start.record(&self.stream).map_err(cuda_err)?;
+            // SAFETY: both allocations are `bytes` long and live until after the synchronize.
+            let r = unsafe {
+                sys::cuMemcpyDtoDAsync_v2(b.ptr(), a.ptr(), bytes, self.stream.cu_stream())
+            };
+            if r != sys::CUresult::CUDA_SUCCESS {
+                return Err(EngineError::Invalid(format!(
+                    "CUDA: cuMemcpyDtoDAsync: {r:?}"
+                )));
+            }
+            end.record(&self.stream).map_err(cuda_err)?;
+            end.synchronize().map_err(cuda_err)?;
+            let ms = start.elapsed_ms(&end).map_err(cuda_err)? as f64;
+            if i > 0 && ms > 0.0 {
+                best = best.max(2.0 * bytes as f64 / (ms / 1e3) / 1e9);
+            }
+        }
+        Ok(best)
+    }
+
+    fn profile_span<'a>(&'a self, name: &'a str) -> Span<'a> {
+        let start = self.profile.as_ref().and_then(|_| {
+            let e = flowgate_cuda::Event::new(&self.device).ok()?;
+            e.record(&self.stream).ok()?;
+            Some(e)
+        });
+        Span {
+            backend: self,
+            name,
+            start,
+        }
+    }
+
+    /// True when `FLOWGATE_CUDA_PROFILE` was set when the backend was made.
+    pub fn profiling(&self) -> bool {
+        self.profile.is_some()
+    }
+
+    /// Forgets the profile so far.
+    pub fn profile_reset(&self) {
+        if let Some(p) = &self.profile {
+            let _ = self.stream.synchronize();
+            let mut p = lock(p);
+            p.pending.clear();
+            p.totals.clear();
+        }
+    }
+
+    /// Device time per kernel since the last reset, largest first: (name, ms, launches).
+    pub fn profile_report(&self) -> Vec<(String, f64, u64)> {
+        let Some(p) = &self.profile else {
+            return Vec::new();
+        };
+        let _ = self.stream.synchronize();
+        let mut p = lock(p);
+        let pending = std::mem::take(&mut p.pending);
+        for (name, a, b) in pending {
+            let ms = a.elapsed_ms(&b).unwrap_or(0.0) as f64;
+            let e = p.totals.entry(name).or_insert((0.0, 0));
+            e.0 += ms;
+            e.1 += 1;
+        }
+        let mut v: Vec<(String, f64, u64)> = p
+            .totals
+            .iter()
+            .map(|(k, &(ms, n))| (k.clone(), ms, n))
+            .collect();
+        v.sort_by(|a, b| b.1.total_cmp(&a.1));
+        v
+    }
+
+    fn fail(&self, msg: String) {
+        let mut e = lock(&self.error);
+        if e.is_none() {
+            tracing::error!("cuda backend: {msg}");
+            *e = Some(msg);
+        }
+    }
+
+    fn failed(&self) -> bool {
+        lock(&self.error).is_some()
+    }
+
+    fn launch(&self, k: &K, cfg: LaunchConfig, args: &[Arg]) {
+        let _timer = self.profile_span(&k.name);
+        let mut b = self.stream.raw().launch_builder(k.f.function());
+        for a in args {
+            match a {
+                Arg::P(v) => b.arg(v),
+                Arg::I(v) => b.arg(v),
+                Arg::F(v) => b.arg(v),
+                Arg::J(v) => b.arg(*v),
+                Arg::R(v) => b.arg(*v),
+            };
+        }
+        // SAFETY: every argument matches the kernel's C signature (pointers as u64, `int` as
+        // i32, `float` as f32), device pointers come from live allocations sized by the
+        // callers, and `args` outlives the builder.
+        if let Err(e) = unsafe { b.launch(cfg) } {
+            self.fail(format!("kernel launch: {e}"));
+        }
+    }
+
+    fn new_buf(&self, n: usize) -> Result<CudaBuf> {
+        let mut b = CudaBuf {
+            mem: None,
+            len: 0,
+            pool: self.pool.clone(),
+        };
+        if n > 0 {
+            b.mem = Some(self.pool.get(n * 4).map_err(cuda_err)?);
+        }
+        b.len = n;
+        Ok(b)
+    }
+
+    /// Makes `b` hold `n` values (contents unspecified); false (error recorded) on failure.
+    fn ensure(&self, b: &mut CudaBuf, n: usize) -> bool {
+        if b.capacity() < n {
+            if let Some(old) = b.mem.take() {
+                self.pool.put(old);
+            }
+            match n.checked_mul(4).map(|bytes| self.pool.get(bytes)) {
+                Some(Ok(m)) => b.mem = Some(m),
+                Some(Err(e)) => {
+                    self.fail(format!("allocating {n} floats: {e}"));
+                    b.len = 0;
+                    return false;
+                }
+                None => {
+                    self.fail(format!("allocating {n} floats: size overflows"));
+                    b.len = 0;
+                    return false;
+                }
+            }
+        }
+        b.len = n;
+        true
+    }
+
+    /// Queues a copy of host bytes into `dst` (which must hold them).
+    fn upload(&self, dst: u64, src: &[u8]) {
+        if src.is_empty() {
+            return;
+        }
+        let _timer = self.profile_span("copy host->device");
+        if let Err(e) = self.device.bind() {
+            self.fail(e.to_string());
+            return;
+        }
+        // SAFETY: `dst` is a live allocation of at least src.len() bytes (callers size it).
+        // The source is pageable memory: the driver copies it to a staging buffer before
+        // cuMemcpyHtoDAsync returns, so it may be dropped right after the call.
+        let r = unsafe {
+            sys::cuMemcpyHtoDAsync_v2(dst, src.as_ptr().cast(), src.len(), self.stream.cu_stream())
+        };
+        if r != sys::CUresult::CUDA_SUCCESS {
+            self.fail(format!("cuMemcpyHtoDAsync: {r:?}"));
+        }
+    }
+
+    fn copy_dtod(&self, dst: u64, src: u64, bytes: usize) {
+        if bytes == 0 {
+            return;
+        }
+        let _timer = self.profile_span("copy device->device");
+        // SAFETY: callers check both ranges against their allocations.
+        let r = unsafe { sys::cuMemcpyDtoDAsync_v2(dst, src, bytes, self.stream.cu_stream()) };
+        if r != sys::CUresult::CUDA_SUCCESS {
+            self.fail(format!("cuMemcpyDtoDAsync: {r:?}"));
+        }
+    }
+
+    fn memset0(&self, dst: u64, n_floats: usize) {
+        if n_floats == 0 {
+            return;
+        }
+        if let Err(e) = self.device.bind() {
+            self.fail(e.to_string());
+            return;
+        }
+        // SAFETY: dst holds at least n_floats 4-byte words (callers size it).
+        let r = unsafe { sys::cuMemsetD32Async(dst, 0, n_floats, self.stream.cu_stream()) };
+        if r != sys::CUresult::CUDA_SUCCESS {
+            self.fail(format!("cuMemsetD32Async: {r:?}"));
+        }
+    }
+
+    /// A device buffer holding `v` as u32 (indices).
+    fn upload_u32(&self, v: &[u32]) -> Result<CudaBuf> {
+        let b = self.new_buf(v.len())?;
+        let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+        self.upload(b.ptr(), &bytes);
+        Ok(b)
+    }
+
+    fn upload_f32(&self, v: &[f32]) -> Result<CudaBuf> {
+        let b = self.new_buf(v.len())?;
+        let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+        self.upload(b.ptr(), &bytes);
+        Ok(b)
+    }
+
+    /// Dequantises rows `row0..row0+nrows` (or rows `ids`) of `w` into `out` (f32).
+    fn dequant(&self, w: &CudaWeight, ids: Option<u64>, row0: usize, nrows: usize, out: u64) {
+        if nrows == 0 {
+            return;
+        }
+        let groups = w.cols.div_ceil(8) as u32;
+        let cfg = LaunchConfig {
+            grid_dim: (groups.div_ceil(128), nrows.min(65535) as u32, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        self.launch(
+            &self.kernels.dequant[w.kind],
+            cfg,
+            &[
+                Arg::P(w.mem.ptr()),
+                Arg::P(w.row_bytes as u64),
+                Arg::P(ids.unwrap_or(0)),
+                Arg::P(row0 as u64),
+                Arg::P(out),
+                Arg::I(nrows as i32),
+                Arg::I(w.cols as i32),
+            ],
+        );
+    }
+
+    /// `out (n × rows) = x (n × cols) · Wᵀ` with cuBLAS, via dequantised row tiles.
+    fn gemm(&self, w: &CudaWeight, x: &CudaBuf, n: usize, out: &CudaBuf) {
+        let (rows, cols) = (w.rows, w.cols);
+        // SAFETY (both sgemm calls): W/tile hold `tr × cols` f32 from the tile's first row, x
+        // holds n × cols (checked by the caller), out holds n × rows and the tile writes rows
+        // r0..r0+tr of each of its n rows (ldc = rows); all on this backend's stream.
+        if w.dtype == DType::F32 {
+            let r = unsafe {
+                self.blas.sgemm_raw(
+                    true,
+                    false,
+                    rows,
+                    n,
+                    cols,
+                    w.mem.ptr(),
+                    cols,
+                    x.ptr(),
+                    cols,
+                    out.ptr(),
+                    rows,
+                )
+            };
+            if let Err(e) = r {
+                self.fail(e.to_string());
+            }
+            return;
+        }
+        // Quantised weights already carry far more rounding than TF32's (see the module
+        // doc); F32/F16/BF16 weights keep plain FP32 products.
+        let tf32 = self.tf32 && w.dtype.is_quantized();
+        if let Err(e) = self.blas.set_tf32(tf32) {
+            self.fail(e.to_string());
+            return;
+        }
+        let tile_rows = (TILE_FLOATS / cols.max(1)).clamp(1, rows);
+        let tile = match self.new_buf(tile_rows * cols) {
+            Ok(t) => t,
+            Err(e) => {
+                self.fail(e.to_string());
+                return;
+            }
+        };
+        let mut r0 = 0;
+        while r0 < rows {
+            let tr = tile_rows.min(rows - r0);
+            self.dequant(w, None, r0, tr, tile.ptr());
+            let r = unsafe {
+                self.blas.sgemm_raw(
+                    true,
+                    false,
+                    tr,
+                    n,
+                    cols,
+                    tile.ptr(),
+                    cols,
+                    x.ptr(),
+                    cols,
+                    out.ptr() + (r0 * 4) as u64,
+                    rows,
+                )
+            };
+            if let Err(e) = r {
+                self.fail(e.to_string());
+                return;
+            }
+            r0 += tr;
+        }
+    }
+
+    fn inv_freq_buf(&self, inv_freq: &[f32]) -> Option<u64> {
+        let mut cache = lock(&self.rope_freqs);
+        if let Some((v, b)) = cache.as_ref() {
+            if v.as_slice() == inv_freq {
+                return Some(b.ptr());
+            }
+        }
+        match self.upload_f32(inv_freq) {
+            Ok(b) => {
+                let p = b.ptr();
+                *cache = Some((inv_freq.to_vec(), b));
+                Some(p)
+            }
+            Err(e) => {
+                self.fail(e.to_string());
+                None
+            }
+        }
+    }
+}
+
+impl Backend for CudaBackend {
+    type Buf = CudaBuf;
+    type Weight = CudaWeight;
+    type Kv = CudaKv;
+
+    fn name(&self) -> String {
+        self.name.clone()
+    }
+
+    fn weight(&self, t: HostTensor) -> Result<CudaWeight> {
+        let werr = |msg: String| EngineError::Weight {
+            tensor: t.name.clone(),
+            msg,
+        };
+        if t.shape.len() != 2 {
+            return Err(werr(format!(
+                "expected a matrix, found shape {:?}",
+                t.shape
+            )));
+        }
+        let (rows, cols) = (t.shape[0], t.shape[1]);
+        let kind = dtype_index(t.dtype)
+            .ok_or_else(|| werr(format!("dtype {} is not a weight format", t.dtype)))?;
+        let row_bytes = t
+            .dtype
+            .row_bytes(cols as u64)
+            .map_err(|e| werr(e.to_string()))? as usize;
+        let bytes = t.bytes();
+        if rows.checked_mul(row_bytes) != Some(bytes.len()) || bytes.is_empty() {
+            return Err(werr(format!(
+                "{} bytes for {rows} rows of {row_bytes}",
+                bytes.len()
+            )));
+        }
+        if cols > i32::MAX as usize || rows > i32::MAX as usize {
+            return Err(werr("matrix too large".into()));
+        }
+        let mut mem = self
+            .alloc
+            .alloc(bytes.len())
+            .map_err(|e| werr(e.to_string()))?;
+        mem.write(&self.stream, 0, bytes)
+            .map_err(|e| werr(e.to_string()))?;
+        Ok(CudaWeight {
+            mem,
+            dtype: t.dtype,
+            kind,
+            rows,
+            cols,
+            row_bytes,
+        })
+    }
+
+    fn weight_rows(&self, w: &CudaWeight) -> usize {
+        w.rows
+    }
+
+    fn buf_from(&self, v: &[f32]) -> Result<CudaBuf> {
+        self.upload_f32(v)
+    }
+
+    fn buf_zeros(&self, n: usize) -> Result<CudaBuf> {
+        let b = self.new_buf(n)?;
+        self.memset0(b.ptr(), n);
+        Ok(b)
+    }
+
+    fn to_host(&self, b: &CudaBuf) -> Vec<f32> {
+        let mut out = vec![0f32; b.len];
+        if b.len == 0 {
+            return out;
+        }
+        let res = (|| {
+            self.device.bind()?;
+            // SAFETY: the buffer holds b.len floats; `out` is exclusively borrowed until the
+            // stream synchronisation below completes the copy.
+            let r = unsafe {
+                sys::cuMemcpyDtoHAsync_v2(
+                    out.as_mut_ptr().cast(),
+                    b.ptr(),
+                    b.len * 4,
+                    self.stream.cu_stream(),
+                )
+            };
+            let sync = self.stream.synchronize();
+            if r != sys::CUresult::CUDA_SUCCESS {
+                return Err(CudaError::Driver {
+                    op: "cuMemcpyDtoHAsync",
+                    msg: format!("{r:?}"),
+                });
+            }
+            sync
+        })();
+        if let Err(e) = res {
+            self.fail(e.to_string());
+            out.fill(f32::NAN);
+        }
+        out
+    }
+
+    fn check(&self) -> Result<()> {
+        match lock(&self.error).take() {
+            Some(e) => Err(EngineError::Invalid(format!("CUDA backend: {e}"))),
+            None => Ok(()),
+        }
+    }
+
+    fn embed(&self, table: &CudaWeight, ids: &[u32], out: &mut CudaBuf) -> Result<()> {
+        for &id in ids {
+            if id as usize >= table.rows {
+                return Err(EngineError::TokenOutOfRange {
+                    id,
+                    vocab: table.rows,
+                });
+            }
+        }
+        if ids.is_empty() {
+            out.len = 0;
+            return Ok(());
+        }
+        if !self.ensure(out, ids.len() * table.cols) {
+            return self.check();
+        }
+        let idb = self.upload_u32(ids)?;
+        self.dequant(table, Some(idb.ptr()), 0, ids.len(), out.ptr());
+        Ok(())
+    }
+
+    fn rms_norm(&self, x: &CudaBuf, w: &CudaBuf, dim: usize, eps: f32, out: &mut CudaBuf) {
+        if !self.ensure(out, x.len) || dim == 0 || x.len == 0 {
+            return;
+        }
+        self.norm_rows(x.ptr(), w, dim, eps, out.ptr(), x.len / dim);
+    }
+
+    fn rms_norm_inplace(&self, x: &mut CudaBuf, w: &CudaBuf, dim: usize, eps: f32) {
+        if dim == 0 || x.len == 0 {
+            return;
+        }
+        self.norm_rows(x.ptr(), w, dim, eps, x.ptr(), x.len / dim);
+    }
+
+    fn matmul(&self, w: &CudaWeight, x: &CudaBuf, n_tokens: usize, out: &mut CudaBuf) {
+        if n_tokens == 0 {
+            out.len = 0;
+            return;
+        }
+        if x.len < n_tokens * w.cols {
+            self.fail(format!(
+                "matmul: input holds {} values, {n_tokens} × {} needed",
+                x.len, w.cols
+            ));
+            return;
+        }
+        if !self.ensure(out, n_tokens * w.rows) {
+            return;
+        }
+        if n_tokens == 1 {
+            let wpr = warps_per_row(w.rows, w.cols);
+            let cfg = LaunchConfig {
+                grid_dim: ((w.rows as u32).div_ceil(8 / wpr), 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            self.launch(
+                &self.kernels.matvec1[w.kind],
+                cfg,
+                &[
+                    Arg::P(w.mem.ptr()),
+                    Arg::P(w.row_bytes as u64),
+                    Arg::P(x.ptr()),
+                    Arg::P(out.ptr()),
+                    Arg::I(w.rows as i32),
+                    Arg::I(w.cols as i32),
+                    Arg::I(wpr as i32),
+                ],
+            );
+        } else if n_tokens <= MATVEC_MAX_TOKENS {
+            let wpr = warps_per_row(w.rows, w.cols);
+            let cfg = LaunchConfig {
+                grid_dim: ((w.rows as u32).div_ceil(8 / wpr), 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            self.launch(
+                &self.kernels.matvec[w.kind],
+                cfg,
+                &[
+                    Arg::P(w.mem.ptr()),
+                    Arg::P(w.row_bytes as u64),
+                    Arg::P(x.ptr()),
+                    Arg::P(out.ptr()),
+                    Arg::I(w.rows as i32),
+                    Arg::I(w.cols as i32),
+                    Arg::I(n_tokens as i32),
+                    Arg::I(w.rows as i32),
+                    Arg::I(wpr as i32),
+                ],
+            );
+        } else {
+            self.gemm(w, x, n_tokens, out);
+        }
+    }
+
+    /// One token: products of matrices of one format and width (q/k/v, gate/up) run as one
+    /// grouped launch; otherwise one by one.
+    fn matmul_many(
+        &self,
+        ws: &[&CudaWeight],
+        x: &CudaBuf,
+        n_tokens: usize,
+        outs: &mut [&mut CudaBuf],
+    ) {
+        let groupable = n_tokens == 1
+            && ws.len() > 1
+            && ws.len() == outs.len()
+            && ws
+                .iter()
+                .all(|w| w.kind == ws[0].kind && w.cols == ws[0].cols && x.len >= w.cols);
+        if !groupable {
+            for (w, o) in ws.iter().zip(outs.iter_mut()) {
+                self.matmul(w, x, n_tokens, o);
+            }
+            return;
+        }
+        for (w, o) in ws.iter().zip(outs.iter_mut()) {
+            if !self.ensure(o, w.rows) {
+                return;
+            }
+        }
+        let jobs: Vec<(&CudaWeight, u64, u64)> = ws
+            .iter()
+            .zip(outs.iter())
+            .map(|(w, o)| (*w, x.ptr(), o.ptr()))
+            .collect();
+        self.matvec1_grouped(&jobs);
+    }
+
+    /// Decode (one token per expert): the experts' gate and up products run as one grouped
+    /// launch, SiLU·mul as one, the down products as one (pointers passed by value) —
+    /// 3 launches for the layer instead of 4 per expert. Anything else (prefill
+    /// groups, experts of different shapes) runs expert by expert.
+    fn swiglu_many(&self, jobs: &[SwiGluJob<'_, Self>]) -> Result<Vec<CudaBuf>> {
+        let same = |a: &CudaWeight, b: &CudaWeight| {
+            a.kind == b.kind && a.rows == b.rows && a.cols == b.cols
+        };
+        let grouped = match jobs.first() {
+            Some(f) => {
+                jobs.len() > 1
+                    && same(f.gate, f.up)
+                    && jobs.iter().all(|j| {
+                        j.n == 1
+                            && j.x.len >= f.gate.cols
+                            && same(j.gate, f.gate)
+                            && same(j.up, f.gate)
+                            && same(j.down, f.down)
+                    })
+                    && f.down.cols == f.gate.rows
+            }
+            None => false,
+        };
+        if !grouped {
+            return jobs.iter().map(|j| swiglu(self, j)).collect();
+        }
+        let (g0, d0) = (jobs[0].gate, jobs[0].down);
+        let nj = jobs.len();
+        let ffn = g0.rows;
+        // gu = [gate_0 … gate_{J-1} | up_0 … up_{J-1}], ffn values each.
+        let gu = self.new_buf(2 * nj * ffn)?;
+        let outs = (0..nj)
+            .map(|_| self.new_buf(d0.rows))
+            .collect::<Result<Vec<_>>>()?;
+        let f4 = |i: usize| (i * ffn * 4) as u64;
+        let gate_up: Vec<(&CudaWeight, u64, u64)> = jobs
+            .iter()
+            .enumerate()
+            .flat_map(|(i, j)| {
+                [
+                    (j.gate, j.x.ptr(), gu.ptr() + f4(i)),
+                    (j.up, j.x.ptr(), gu.ptr() + f4(nj + i)),
+                ]
+            })
+            .collect();
+        self.matvec1_grouped(&gate_up);
+        let n = (nj * ffn) as u64;
+        self.launch(
+            &self.kernels.silu_mul,
+            grid_1d(n, 256),
+            &[Arg::P(gu.ptr()), Arg::P(gu.ptr() + f4(nj)), Arg::P(n)],
+        );
+        let down: Vec<(&CudaWeight, u64, u64)> = jobs
+            .iter()
+            .zip(&outs)
+            .enumerate()
+            .map(|(i, (j, o))| (j.down, gu.ptr() + f4(i), o.ptr()))
+            .collect();
+        self.matvec1_grouped(&down);
+        self.check()?;
+        Ok(outs)
+    }
+
+    fn add_row_bias(&self, x: &mut CudaBuf, b: &CudaBuf) {
+        if x.len == 0 || b.len == 0 {
+            return;
+        }
+        self.launch(
+            &self.kernels.add_row_bias,
+            grid_1d(x.len as u64, 256),
+            &[
+                Arg::P(x.ptr()),
+                Arg::P(b.ptr()),
+                Arg::P(x.len as u64),
+                Arg::I(b.len as i32),
+            ],
+        );
+    }
+
+    fn add(&self, x: &mut CudaBuf, y: &CudaBuf) {
+        let n = x.len.min(y.len);
+        if n == 0 {
+            return;
+        }
+        self.launch(
+            &self.kernels.add,
+            grid_1d(n as u64, 256),
+            &[Arg::P(x.ptr()), Arg::P(y.ptr()), Arg::P(n as u64)],
+        );
+    }
+
+    fn silu_mul(&self, gate: &mut CudaBuf, up: &CudaBuf) {
+        let n = gate.len.min(up.len);
+        if n == 0 {
+            return;
+        }
+        self.launch(
+            &self.kernels.silu_mul,
+            grid_1d(n as u64, 256),
+            &[Arg::P(gate.ptr()), Arg::P(up.ptr()), Arg::P(n as u64)],
+        );
+    }
+
+    fn rope(
+        &self,
+        x: &mut CudaBuf,
+        n_heads: usize,
+        head_dim: usize,
+        start_pos: usize,
+        inv_freq: &[f32],
+        style: RopeStyle,
+    ) {
+        let width = n_heads * head_dim;
+        if width == 0 || x.len == 0 || inv_freq.len() < head_dim / 2 {
+            return;
+        }
+        let Some(f) = self.inv_freq_buf(inv_freq) else {
+            return;
+        };
+        let n_tokens = x.len / width;
+        let total = (n_tokens * n_heads * (head_dim / 2)) as u64;
+        if total == 0 {
+            return;
+        }
+        self.launch(
+            &self.kernels.rope,
+            grid_1d(total, 256),
+            &[
+                Arg::P(x.ptr()),
+                Arg::P(f),
+                Arg::I(n_tokens as i32),
+                Arg::I(n_heads as i32),
+                Arg::I(head_dim as i32),
+                Arg::I(start_pos as i32),
+                Arg::I(matches!(style, RopeStyle::Interleaved) as i32),
+            ],
+        );
+    }
+
+    fn kv_alloc(&self, n_kv_heads: usize, head_dim: usize, capacity: usize) -> Result<CudaKv> {
+        let width = n_kv_heads * head_dim;
+        let n = width
+            .checked_mul(capacity)
+            .and_then(|n| n.checked_mul(4))
+            .ok_or_else(|| EngineError::Invalid("KV cache size overflows".into()))?
+            .max(4);
+        let k = self.alloc.alloc(n).map_err(cuda_err)?;
+        let v = self.alloc.alloc(n).map_err(cuda_err)?;
+        self.memset0(k.ptr(), n / 4);
+        self.memset0(v.ptr(), n / 4);
+        Ok(CudaKv {
+            k,
+            v,
+            width,
+            capacity,
+        })
+    }
+
+    fn kv_write(
+        &self,
+        kv: &mut CudaKv,
+        k: &CudaBuf,
+        v: &CudaBuf,
+        n_tokens: usize,
+        start_pos: usize,
+    ) {
+        let w = kv.width;
+        let n = n_tokens * w;
+        if start_pos + n_tokens > kv.capacity || k.len < n || v.len < n {
+            self.fail(format!(
+                "kv_write: {n_tokens} tokens at {start_pos} into a cache of {}",
+                kv.capacity
+            ));
+            return;
+        }
+        let off = (start_pos * w * 4) as u64;
+        self.copy_dtod(kv.k.ptr() + off, k.ptr(), n * 4);
+        self.copy_dtod(kv.v.ptr() + off, v.ptr(), n * 4);
+    }
+
+    fn attention(&self, q: &CudaBuf, kv: &CudaKv, p: AttnParams, out: &mut CudaBuf) {
+        let hd = p.head_dim;
+        if hd == 0 || hd > 256 || p.n_kv_heads == 0 || !p.n_heads.is_multiple_of(p.n_kv_heads) {
+            self.fail(format!(
+                "attention: head_dim {hd} (at most 256), {} heads over {} kv heads",
+                p.n_heads, p.n_kv_heads
+            ));
+            return;
+        }
+        if p.start_pos + p.n_tokens > kv.capacity || q.len < p.n_tokens * p.n_heads * hd {
+            self.fail("attention: query or positions past the cache".into());
+            return;
+        }
+        if !self.ensure(out, p.n_tokens * p.n_heads * hd) || p.n_tokens == 0 {
+            return;
+        }
+        // Split the keys when there are too few (token, head) blocks to fill the GPU.
+        let blocks = p.n_heads * p.n_tokens;
+        let keys = p.start_pos + p.n_tokens;
+        // Decode: about 8 keys per warp (the per-key chain of loads, shuffles and exps is
+        // latency-bound), at least two blocks per SM, at most 64 splits.
+        let warps = 4usize;
+        let want = (2 * self.sms).div_ceil(blocks);
+        let splits = if p.n_tokens == 1 {
+            want.max(keys.div_ceil(8 * warps)).min(64)
+        } else {
+            want.min(keys.div_ceil(64)).clamp(1, 64)
+        };
+        let shmem = ((2 * warps + warps * hd) * 4) as u32;
+        let window = match p.window {
+            Some(w) if w > 0 => w as i32,
+            _ => 0,
+        };
+        let part = if splits > 1 {
+            match self.new_buf(blocks * splits * (hd + 2)) {
+                Ok(b) => Some(b),
+                Err(e) => {
+                    self.fail(e.to_string());
+                    return;
+                }
+            }
+        } else {
+            None
+        };
+        let cfg = LaunchConfig {
+            grid_dim: (p.n_heads as u32, p.n_tokens as u32, splits as u32),
+            block_dim: (32 * warps as u32, 1, 1),
+            shared_mem_bytes: shmem,
+        };
+        self.launch(
+            &self.kernels.attention,
+            cfg,
+            &[
+                Arg::P(q.ptr()),
+                Arg::P(kv.k.ptr()),
+                Arg::P(kv.v.ptr()),
+                Arg::P(out.ptr()),
+                Arg::P(part.as_ref().map_or(0, |b| b.ptr())),
+                Arg::I(p.start_pos as i32),
+                Arg::I(p.n_heads as i32),
+                Arg::I(p.n_kv_heads as i32),
+                Arg::I(hd as i32),
+                Arg::I(window),
+                Arg::F(p.scale),
+            ],
+        );
+        if let Some(part) = &part {
+            let cfg = LaunchConfig {
+                grid_dim: (p.n_heads as u32, p.n_tokens as u32, 1),
+                block_dim: (hd.next_multiple_of(32).min(256) as u32, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            self.launch(
+                &self.kernels.attention_combine,
+                cfg,
+                &[
+                    Arg::P(part.ptr()),
+                    Arg::P(out.ptr()),
+                    Arg::I(p.n_heads as i32),
+                    Arg::I(hd as i32),
+                    Arg::I(splits as i32),
+                ],
+            );
+        }
+    }
+
+    fn gather_rows(&self, x: &CudaBuf, dim: usize, idx: &[usize]) -> Result<CudaBuf> {
+        let rows = x.len.checked_div(dim).unwrap_or(0);
+        if let Some(&i) = idx.iter().find(|&&i| i >= rows) {
+            return Err(EngineError::Invalid(format!(
+                "gather_rows: row {i} of {rows}"
+            )));
+        }
+        let out = self.new_buf(idx.len() * dim)?;
+        if out.len == 0 {
+            return Ok(out);
+        }
+        let ids: Vec<u32> = idx.iter().map(|&i| i as u32).collect();
+        let idb = self.upload_u32(&ids)?;
+        self.launch(
+            &self.kernels.gather_rows,
+            grid_1d(out.len as u64, 256),
+            &[
+                Arg::P(x.ptr()),
+                Arg::P(idb.ptr()),
+                Arg::P(out.ptr()),
+                Arg::I(dim as i32),
+                Arg::I(idx.len() as i32),
+            ],
+        );
+        Ok(out)
+    }
+
+    fn scatter_add_rows(
+        &self,
+        out: &mut CudaBuf,
+        y: &CudaBuf,
+        dim: usize,
+        idx: &[usize],
+        scale: &[f32],
+    ) {
+        let n = idx
+            .len()
+            .min(scale.len())
+            .min(y.len.checked_div(dim).unwrap_or(0));
+        if n == 0 {
+            return;
+        }
+        let rows = out.len / dim;
+        if idx[..n].iter().any(|&i| i >= rows) {
+            self.fail(format!("scatter_add_rows: index past {rows} rows"));
+            return;
+        }
+        if n <= 16 {
+            let mut rs = RowScale {
+                idx: [0; 16],
+                scale: [0.0; 16],
+            };
+            for i in 0..n {
+                rs.idx[i] = idx[i] as u32;
+                rs.scale[i] = scale[i];
+            }
+            self.launch(
+                &self.kernels.scatter_add_rows_small,
+                grid_1d((n * dim) as u64, 256),
+                &[
+                    Arg::P(out.ptr()),
+                    Arg::P(y.ptr()),
+                    Arg::R(&rs),
+                    Arg::I(dim as i32),
+                    Arg::I(n as i32),
+                ],
+            );
+            return;
+        }
+        // Indices and weights in one upload: n u32 then n f32.
+        let mut words: Vec<u32> = idx[..n].iter().map(|&i| i as u32).collect();
+        words.extend(scale[..n].iter().map(|s| s.to_bits()));
+        let tb = match self.upload_u32(&words) {
+            Ok(b) => b,
+            Err(e) => {
+                self.fail(e.to_string());
+                return;
+            }
+        };
+        let (idb, sb) = (tb.ptr(), tb.ptr() + (4 * n) as u64);
+        self.launch(
+            &self.kernels.scatter_add_rows,
+            grid_1d((n * dim) as u64, 256),
+            &[
+                Arg::P(out.ptr()),
+                Arg::P(y.ptr()),
+                Arg::P(idb),
+                Arg::P(sb),
+                Arg::I(dim as i32),
+                Arg::I(n as i32),
+            ],
+        );
+    }
+
+    fn resize(&self, b: &mut CudaBuf, n: usize) -> Result<()> {
+        if self.ensure(b, n) {
+            Ok(())
+        } else {
+            self.check()
+        }
+    }
+}
+
+impl CudaBackend {
+    /// Single-token products `y = W · x` of matrices of one format and width, in launches of
+    /// up to MAXJ jobs: (weight, x address, y address).
+    fn matvec1_grouped(&self, jobs: &[(&CudaWeight, u64, u64)]) {
+        for chunk in jobs.chunks(MAXJ) {
+            let w0 = chunk[0].0;
+            let max_rows = chunk.iter().map(|j| j.0.rows).max().unwrap_or(0);
+            let wpr = warps_per_row(max_rows, w0.cols);
+            let mut p = MvJobs {
+                w: [0; MAXJ],
+                x: [0; MAXJ],
+                y: [0; MAXJ],
+                rows: [0; MAXJ],
+            };
+            for (i, (w, x, y)) in chunk.iter().enumerate() {
+                p.w[i] = w.mem.ptr();
+                p.x[i] = *x;
+                p.y[i] = *y;
+                p.rows[i] = w.rows as i32;
+            }
+            let cfg = LaunchConfig {
+                grid_dim: ((max_rows as u32).div_ceil(8 / wpr), chunk.len() as u32, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            self.launch(
+                &self.kernels.matvec1g[w0.kind],
+                cfg,
+                &[
+                    Arg::J(&p),
+                    Arg::P(w0.row_bytes as u64),
+                    Arg::I(w0.cols as i32),
+                    Arg::I(wpr as i32),
+                ],
+            );
+        }
+    }
+
+    fn norm_rows(&self, x: u64, w: &CudaBuf, dim: usize, eps: f32, out: u64, rows: usize) {
+        if rows == 0 || w.len < dim {
+            if w.len < dim {
+                self.fail(format!(
+                    "rms_norm: weight of {} values for rows of {dim}",
+                    w.len
+                ));
+            }
+            return;
+        }
+        // About four values per thread: a decode step's single row uses the whole block.
+        let threads = (dim.div_ceil(4).next_multiple_of(32)).clamp(32, 1024) as u32;
+        let cfg = LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: (threads, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        self.launch(
+            &self.kernels.rms_norm,
+            cfg,
+            &[
+                Arg::P(x),
+                Arg::P(w.ptr()),
+                Arg::P(out),
+                Arg::I(dim as i32),
+                Arg::F(eps),
+            ],
+        );
+    }
+
+    /// True when an operation failed since the last [`Backend::check`].
+    pub fn has_error(&self) -> bool {
+        self.failed()
+    }
+}

@@ -1,0 +1,572 @@
+//! The CUDA backend against real references. Every test prints why and returns when no CUDA
+//! device is usable, so the CPU-only CI machine passes; on the GPU machine
+//! (`tools/device/check.sh`) they all run.
+//!
+//! - Kernels, one dtype at a time: the mat-vec (1..8 tokens) and GEMM (prefill) paths and the
+//!   embedding lookup on random GGUF blocks of every supported format, against the blocks'
+//!   reference dequantisation (flowgate-formats, bit-exact vs the python `gguf` package) and a
+//!   float64 dot product: relative error ≤ 1e-5 (f32 summation order only); prefill-sized
+//!   batches (> 8 tokens) of quantised weights run on TF32 tensor cores: ≤ 2e-3.
+//! - Operations (RMSNorm, both RoPE styles, attention for decode and prefill with GQA, a
+//!   sliding window and split-K over long contexts, SiLU·mul, adds, MoE row gathers/scatters)
+//!   against the CPU backend on random inputs: ≤ 1e-5.
+//! - Whole models. Every oracle fixture (8 HF architectures, GGUF F32): relative error vs
+//!   transformers ≤ 1e-3 and the same greedy continuation. GGUF Q8_0: the CUDA backend does
+//!   f32 math on the dequantised weights (activations are not quantised), so against the
+//!   float64 run on the dequantised weights (tools/oracle/check_numpy.py) decode must be within
+//!   1e-4 and prefill (TF32 GEMM) within 2e-3, with the same greedy continuation. CPU vs CUDA
+//!   differ by the CPU's Q8_0 rounding of the activations, which oracle.rs measures at
+//!   2.7e-2 / 3.4e-2 against that same reference: bound 5e-2 (the bound oracle.rs holds the
+//!   CPU to).
+//! - Q4_K (synthetic models made by `flowgate synth`, paths in `FLOWGATE_Q4K_MODELS`): CUDA on
+//!   the Q4_K blocks vs CUDA on the same weights dequantised to F32 in memory — decode ≤ 1e-4,
+//!   prefill ≤ 2e-3 (TF32 on the Q4_K side only), the same greedy tokens — which checks the
+//!   block decoding inside a full model. CPU vs CUDA: the CPU rounds activations to Q8_K
+//!   (8 bits per value, 256 per block), bound 5e-2.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use flowgate_engine::backend::cpu::CpuBackend;
+use flowgate_engine::backend::cuda::{Cuda, CudaBackend, MATVEC_MAX_TOKENS};
+use flowgate_engine::backend::{AttnParams, Backend};
+use flowgate_engine::models::{Logits, Model};
+use flowgate_engine::runtime::{self, LoadOptions};
+use flowgate_engine::sampling::argmax;
+use flowgate_engine::weights::HostTensor;
+use flowgate_formats::{DType, RopeStyle};
+use rand::{Rng, SeedableRng};
+
+fn cuda() -> Option<CudaBackend> {
+    if !Cuda::available() {
+        eprintln!("SKIPPED: CUDA driver library not found (no GPU on this machine)");
+        return None;
+    }
+    match CudaBackend::new(0) {
+        Ok(b) => Some(b),
+        Err(e) => {
+            eprintln!("SKIPPED: no usable CUDA device: {e}");
+            None
+        }
+    }
+}
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+fn rel_err(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    if a.iter().any(|v| !v.is_finite()) {
+        return f64::INFINITY;
+    }
+    let num: f64 = a
+        .iter()
+        .zip(b)
+        .map(|(&x, &y)| ((x - y) as f64).powi(2))
+        .sum();
+    let den: f64 = b.iter().map(|&y| (y as f64).powi(2)).sum();
+    (num / den.max(1e-300)).sqrt()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Kernels, dtype by dtype.
+
+const DTYPES: [DType; 11] = [
+    DType::F32,
+    DType::F16,
+    DType::BF16,
+    DType::Q4_0,
+    DType::Q4_1,
+    DType::Q5_0,
+    DType::Q5_1,
+    DType::Q8_0,
+    DType::Q4K,
+    DType::Q5K,
+    DType::Q6K,
+];
+
+fn f16_bytes(v: f32) -> [u8; 2] {
+    half::f16::from_f32(v).to_le_bytes()
+}
+
+/// Random bytes for `rows × cols` of `dtype`, with every block's f16 scales set to sane values
+/// (random bytes there would give infinities and NaNs).
+fn random_weight(rng: &mut impl Rng, dtype: DType, rows: usize, cols: usize) -> HostTensor {
+    let n_blocks = rows * cols / dtype.block_size();
+    let ts = dtype.type_size();
+    let mut buf = flowgate_io::AlignedBuf::zeroed(n_blocks * ts).unwrap();
+    match dtype {
+        DType::F32 => {
+            for c in buf.chunks_exact_mut(4) {
+                c.copy_from_slice(&rng.random_range(-1.0f32..1.0).to_le_bytes());
+            }
+        }
+        DType::F16 => {
+            for c in buf.chunks_exact_mut(2) {
+                c.copy_from_slice(&f16_bytes(rng.random_range(-1.0f32..1.0)));
+            }
+        }
+        DType::BF16 => {
+            for c in buf.chunks_exact_mut(2) {
+                c.copy_from_slice(
+                    &half::bf16::from_f32(rng.random_range(-1.0f32..1.0)).to_le_bytes(),
+                );
+            }
+        }
+        _ => {
+            rng.fill(&mut buf[..]);
+            let scale_at: &[usize] = match dtype {
+                DType::Q4_0 | DType::Q5_0 | DType::Q8_0 => &[0],
+                DType::Q4_1 | DType::Q5_1 | DType::Q4K | DType::Q5K => &[0, 2],
+                DType::Q6K => &[208],
+                _ => &[],
+            };
+            for b in buf.chunks_exact_mut(ts) {
+                for &o in scale_at {
+                    let v = rng.random_range(0.001f32..0.05)
+                        * if rng.random_bool(0.5) { 1.0 } else { -1.0 };
+                    b[o..o + 2].copy_from_slice(&f16_bytes(v));
+                }
+            }
+        }
+    }
+    HostTensor::new("w", dtype, vec![rows, cols], Arc::new(buf)).unwrap()
+}
+
+#[test]
+fn matmul_and_embed_match_reference_dequantisation() {
+    let Some(gpu) = cuda() else { return };
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0xC0DA);
+    // 77 rows: not a multiple of the rows a kernel block handles. 512 columns: two K-quant
+    // super-blocks per row, one warp per row; 4096: four warps per row and whole unrolled
+    // groups; 2304: two warps per row and a remainder; 100 (float formats only): a row tail.
+    let shapes: [(usize, usize, &[usize]); 4] = [
+        (77, 512, &[1, 2, 5, 8, 9, 24]),
+        (77, 4096, &[1, 3, 8, 12]),
+        (33, 2304, &[1, 7]),
+        (19, 100, &[1, 4, 10]),
+    ];
+    for dtype in DTYPES {
+        for &(rows, cols, ns) in &shapes {
+            if cols % dtype.block_size() != 0 {
+                continue;
+            }
+            let t = random_weight(&mut rng, dtype, rows, cols);
+            let deq = t.to_f32().unwrap();
+            let w = gpu.weight(t).unwrap();
+            for &n in ns {
+                let x: Vec<f32> = (0..n * cols)
+                    .map(|_| rng.random_range(-1.0f32..1.0))
+                    .collect();
+                let xb = gpu.buf_from(&x).unwrap();
+                let mut out = gpu.buf_zeros(0).unwrap();
+                gpu.matmul(&w, &xb, n, &mut out);
+                let got = gpu.to_host(&out);
+                gpu.check().unwrap();
+                let mut want = vec![0f32; n * rows];
+                for t in 0..n {
+                    for r in 0..rows {
+                        let s: f64 = (0..cols)
+                            .map(|c| deq[r * cols + c] as f64 * x[t * cols + c] as f64)
+                            .sum();
+                        want[t * rows + r] = s as f32;
+                    }
+                }
+                let e = rel_err(&got, &want);
+                // Prefill-sized batches of quantised weights run on TF32 tensor cores.
+                let tol = if n > MATVEC_MAX_TOKENS && dtype.is_quantized() {
+                    2e-3
+                } else {
+                    1e-5
+                };
+                eprintln!("{dtype} {rows}x{cols}: matmul n={n}: rel err {e:.2e}");
+                assert!(
+                    e <= tol,
+                    "{dtype} {rows}x{cols} n={n}: relative error {e:.3e}"
+                );
+            }
+            let ids: Vec<u32> = (0..10).map(|_| rng.random_range(0..rows as u32)).collect();
+            let mut out = gpu.buf_zeros(0).unwrap();
+            gpu.embed(&w, &ids, &mut out).unwrap();
+            let got = gpu.to_host(&out);
+            let want: Vec<f32> = ids
+                .iter()
+                .flat_map(|&i| deq[i as usize * cols..(i as usize + 1) * cols].to_vec())
+                .collect();
+            let e = rel_err(&got, &want);
+            assert!(e <= 1e-6, "{dtype} embed: relative error {e:.3e}");
+            assert!(gpu.embed(&w, &[rows as u32], &mut out).is_err());
+        }
+    }
+}
+
+fn upload_pair(gpu: &CudaBackend, v: &[f32]) -> (Vec<f32>, <CudaBackend as Backend>::Buf) {
+    (v.to_vec(), gpu.buf_from(v).unwrap())
+}
+
+fn randv(rng: &mut impl Rng, n: usize) -> Vec<f32> {
+    (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
+}
+
+fn close(name: &str, got: &[f32], want: &[f32], tol: f64) {
+    let e = rel_err(got, want);
+    eprintln!("{name}: rel err {e:.2e}");
+    assert!(e <= tol, "{name}: relative error {e:.3e} > {tol:e}");
+}
+
+#[test]
+fn operations_match_cpu_backend() {
+    let Some(gpu) = cuda() else { return };
+    let cpu = CpuBackend;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0xA77E);
+
+    // RMSNorm (rows of 4096, 64 and in-place groups of 128).
+    for (dim, rows) in [(4096usize, 3usize), (64, 7), (128, 32)] {
+        let x = randv(&mut rng, dim * rows);
+        let w = randv(&mut rng, dim);
+        let (xc, xg) = upload_pair(&gpu, &x);
+        let (wc, wg) = upload_pair(&gpu, &w);
+        let mut oc = Vec::new();
+        let mut og = gpu.buf_zeros(0).unwrap();
+        cpu.rms_norm(&xc, &wc, dim, 1e-5, &mut oc);
+        gpu.rms_norm(&xg, &wg, dim, 1e-5, &mut og);
+        close(&format!("rms_norm {dim}"), &gpu.to_host(&og), &oc, 1e-6);
+        let mut xc2 = xc.clone();
+        let mut xg2 = gpu.buf_from(&x).unwrap();
+        cpu.rms_norm_inplace(&mut xc2, &wc, dim, 1e-6);
+        gpu.rms_norm_inplace(&mut xg2, &wg, dim, 1e-6);
+        close("rms_norm_inplace", &gpu.to_host(&xg2), &xc2, 1e-6);
+    }
+
+    // RoPE, both styles, a start position past zero.
+    for style in [RopeStyle::Halves, RopeStyle::Interleaved] {
+        let (heads, hd, n, start) = (6usize, 64usize, 5usize, 1000usize);
+        let inv: Vec<f32> = (0..hd / 2)
+            .map(|i| 1.0 / 10000f32.powf(2.0 * i as f32 / hd as f32))
+            .collect();
+        let x = randv(&mut rng, n * heads * hd);
+        let mut xc = x.clone();
+        let mut xg = gpu.buf_from(&x).unwrap();
+        cpu.rope(&mut xc, heads, hd, start, &inv, style);
+        gpu.rope(&mut xg, heads, hd, start, &inv, style);
+        close(&format!("rope {style:?}"), &gpu.to_host(&xg), &xc, 1e-5);
+    }
+
+    // Attention: decode and prefill, GQA, windows, long contexts (split-K), head dims.
+    for (heads, kvh, hd, start, n, window) in [
+        (4usize, 2usize, 16usize, 0usize, 9usize, None),
+        (8, 2, 128, 700, 1, None),
+        (8, 8, 64, 3000, 1, Some(1024usize)),
+        (32, 8, 128, 100, 40, None),
+        (4, 1, 256, 20, 3, Some(8)),
+        (4, 2, 32, 0, 1, None),
+    ] {
+        let cap = start + n;
+        let kw = kvh * hd;
+        let mut kc = cpu.kv_alloc(kvh, hd, cap).unwrap();
+        let mut kg = gpu.kv_alloc(kvh, hd, cap).unwrap();
+        // Fill the cache in two writes (prefix, then the current tokens).
+        for (s0, len) in [(0usize, start), (start, n)] {
+            if len == 0 {
+                continue;
+            }
+            let k = randv(&mut rng, len * kw);
+            let v = randv(&mut rng, len * kw);
+            cpu.kv_write(&mut kc, &k, &v, len, s0);
+            let (kb, vb) = (gpu.buf_from(&k).unwrap(), gpu.buf_from(&v).unwrap());
+            gpu.kv_write(&mut kg, &kb, &vb, len, s0);
+        }
+        let q: Vec<f32> = randv(&mut rng, n * heads * hd)
+            .iter()
+            .map(|v| v * 3.0)
+            .collect();
+        let p = AttnParams {
+            n_tokens: n,
+            start_pos: start,
+            n_heads: heads,
+            n_kv_heads: kvh,
+            head_dim: hd,
+            window,
+            scale: 1.0 / (hd as f32).sqrt(),
+        };
+        let mut oc = Vec::new();
+        let mut og = gpu.buf_zeros(0).unwrap();
+        cpu.attention(&q, &kc, p, &mut oc);
+        gpu.attention(&gpu.buf_from(&q).unwrap(), &kg, p, &mut og);
+        close(
+            &format!("attention h{heads}/{kvh} d{hd} start {start} n {n} window {window:?}"),
+            &gpu.to_host(&og),
+            &oc,
+            1e-5,
+        );
+    }
+
+    // Element-wise and MoE row moves.
+    let (a, b) = (randv(&mut rng, 3000), randv(&mut rng, 3000));
+    let mut ac = a.clone();
+    let mut ag = gpu.buf_from(&a).unwrap();
+    let bg = gpu.buf_from(&b).unwrap();
+    cpu.silu_mul(&mut ac, &b);
+    gpu.silu_mul(&mut ag, &bg);
+    close("silu_mul", &gpu.to_host(&ag), &ac, 1e-6);
+    cpu.add(&mut ac, &b);
+    gpu.add(&mut ag, &bg);
+    close("add", &gpu.to_host(&ag), &ac, 1e-6);
+    let bias = randv(&mut rng, 100);
+    cpu.add_row_bias(&mut ac, &bias);
+    gpu.add_row_bias(&mut ag, &gpu.buf_from(&bias).unwrap());
+    close("add_row_bias", &gpu.to_host(&ag), &ac, 1e-6);
+    let idx = [3usize, 0, 29, 7];
+    // A pure copy: exact against the CPU gathering the GPU's own values.
+    let gc = cpu.gather_rows(&gpu.to_host(&ag), 100, &idx).unwrap();
+    let gg = gpu.gather_rows(&ag, 100, &idx).unwrap();
+    close("gather_rows", &gpu.to_host(&gg), &gc, 0.0);
+    let gc = cpu.gather_rows(&ac, 100, &idx).unwrap();
+    let scale = [0.5f32, -1.25, 2.0, 0.125];
+    cpu.scatter_add_rows(&mut ac, &gc, 100, &idx, &scale);
+    gpu.scatter_add_rows(&mut ag, &gg, 100, &idx, &scale);
+    close("scatter_add_rows", &gpu.to_host(&ag), &ac, 1e-6);
+    // More than 16 rows: indices and weights go through an upload instead of the parameters.
+    let idx: Vec<usize> = (0..20).map(|i| (i * 7) % 30).collect();
+    let scale = randv(&mut rng, 20);
+    let y = randv(&mut rng, 20 * 100);
+    cpu.scatter_add_rows(&mut ac, &y, 100, &idx, &scale);
+    gpu.scatter_add_rows(&mut ag, &gpu.buf_from(&y).unwrap(), 100, &idx, &scale);
+    close("scatter_add_rows (20 rows)", &gpu.to_host(&ag), &ac, 1e-6);
+    assert!(gpu.gather_rows(&ag, 100, &[30]).is_err());
+    gpu.check().unwrap();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Whole models.
+
+struct Reference {
+    tokens: Vec<u32>,
+    greedy: Vec<u32>,
+    vocab: usize,
+    logits: Vec<f32>,
+}
+
+fn reference_files(json: &Path, logits: &Path) -> Reference {
+    let j: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap();
+    let ids = |k: &str| -> Vec<u32> {
+        j[k].as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect()
+    };
+    let raw = std::fs::read(logits).unwrap();
+    let logits: Vec<f32> = raw
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    Reference {
+        tokens: ids("tokens"),
+        greedy: ids("greedy"),
+        vocab: j["vocab_size"].as_u64().unwrap() as usize,
+        logits,
+    }
+}
+
+/// (prefill logits of every position, decode logits of every position, greedy continuation).
+fn run<B: Backend>(
+    m: &Model<B>,
+    tokens: &[u32],
+    n_greedy: usize,
+) -> (Vec<f32>, Vec<f32>, Vec<u32>) {
+    let n = tokens.len();
+    let mut cache = m.new_cache(n + n_greedy).unwrap();
+    let prefill = m.forward(tokens, &mut cache, Logits::All).unwrap();
+    let mut cache = m.new_cache(n).unwrap();
+    let mut decode = Vec::new();
+    for &t in tokens {
+        decode.extend(m.forward(&[t], &mut cache, Logits::All).unwrap());
+    }
+    let mut cache = m.new_cache(n + n_greedy).unwrap();
+    let mut l = m.forward(tokens, &mut cache, Logits::Last).unwrap();
+    let mut out = Vec::new();
+    for _ in 0..n_greedy {
+        let t = argmax(&l);
+        out.push(t);
+        l = m.forward(&[t], &mut cache, Logits::Last).unwrap();
+    }
+    (prefill, decode, out)
+}
+
+fn load_cuda(path: &Path) -> Option<runtime::Loaded<CudaBackend>> {
+    let gpu = cuda()?;
+    Some(
+        runtime::load_with(path, &LoadOptions::default(), gpu)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display())),
+    )
+}
+
+fn float_case(name: &str, path: &Path, r: &Reference) {
+    let Some(l) = load_cuda(path) else { return };
+    assert_eq!(l.model.spec.vocab_size, r.vocab);
+    let (pre, dec, greedy) = run(&l.model, &r.tokens, r.greedy.len());
+    let (ep, ed) = (rel_err(&pre, &r.logits), rel_err(&dec, &r.logits));
+    eprintln!(
+        "{name} on {}: prefill rel err {ep:.2e}, decode {ed:.2e}",
+        l.model.backend_name()
+    );
+    assert!(ep <= 1e-3, "{name}: prefill relative error {ep:.3e} > 1e-3");
+    assert!(ed <= 1e-3, "{name}: decode relative error {ed:.3e} > 1e-3");
+    assert_eq!(greedy, r.greedy, "{name}: greedy continuation differs");
+}
+
+#[test]
+fn hf_fixtures_match_transformers_on_cuda() {
+    if cuda().is_none() {
+        return;
+    }
+    for arch in [
+        "llama",
+        "mistral",
+        "qwen2",
+        "qwen3",
+        "mixtral",
+        "qwen2_moe",
+        "qwen3_moe",
+        "olmoe",
+    ] {
+        let dir = fixtures().join(arch);
+        let r = reference_files(&dir.join("ref.json"), &dir.join("logits.f32"));
+        float_case(arch, &dir, &r);
+    }
+}
+
+#[test]
+fn gguf_f32_fixtures_match_transformers_on_cuda() {
+    if cuda().is_none() {
+        return;
+    }
+    for arch in ["llama", "qwen3_moe"] {
+        let dir = fixtures().join(arch);
+        let r = reference_files(&dir.join("ref.json"), &dir.join("logits.f32"));
+        float_case(
+            &format!("{arch} GGUF F32"),
+            &fixtures().join("gguf").join(format!("{arch}-f32.gguf")),
+            &r,
+        );
+    }
+}
+
+#[test]
+fn gguf_q8_0_fixtures_on_cuda() {
+    if cuda().is_none() {
+        return;
+    }
+    for arch in ["llama", "qwen3_moe"] {
+        let dir = fixtures().join("gguf");
+        let path = dir.join(format!("{arch}-q8_0.gguf"));
+        let mut q = reference_files(
+            &dir.join(format!("{arch}-q8_0.ref.json")),
+            &dir.join(format!("{arch}-q8_0.logits.f32")),
+        );
+        let Some(l) = load_cuda(&path) else { return };
+        q.vocab = l.model.spec.vocab_size;
+        let (pre, dec, greedy) = run(&l.model, &q.tokens, q.greedy.len());
+        let (ep, ed) = (rel_err(&pre, &q.logits), rel_err(&dec, &q.logits));
+        eprintln!("{arch} Q8_0 CUDA vs dequantised float64: prefill {ep:.2e}, decode {ed:.2e}");
+        assert!(ed <= 1e-4, "{arch} Q8_0 decode: {ed:.3e} > 1e-4");
+        assert!(ep <= 2e-3, "{arch} Q8_0 prefill (TF32): {ep:.3e} > 2e-3");
+        assert_eq!(
+            greedy, q.greedy,
+            "{arch} Q8_0: greedy differs from the float64 reference"
+        );
+        let cpu = runtime::load(&path, &LoadOptions::default()).unwrap();
+        let (cpre, cdec, _) = run(&cpu.model, &q.tokens, 0);
+        let (cp, cd) = (rel_err(&cpre, &pre), rel_err(&cdec, &dec));
+        eprintln!("{arch} Q8_0 CPU vs CUDA: prefill {cp:.2e}, decode {cd:.2e}");
+        assert!(
+            cp <= 5e-2 && cd <= 5e-2,
+            "{arch} Q8_0 CPU vs CUDA: {cp:.3e} / {cd:.3e}"
+        );
+    }
+}
+
+/// The same tensors with every matrix dequantised to F32.
+fn dequantised(t: &HashMap<String, HostTensor>) -> HashMap<String, HostTensor> {
+    t.iter()
+        .map(|(k, v)| {
+            let f = if v.dtype == DType::F32 {
+                v.clone()
+            } else {
+                HostTensor::from_f32(&v.name, v.shape.clone(), &v.to_f32().unwrap()).unwrap()
+            };
+            (k.clone(), f)
+        })
+        .collect()
+}
+
+#[test]
+fn q4_k_models_match_their_dequantised_twins() {
+    if cuda().is_none() {
+        return;
+    }
+    let Ok(list) = std::env::var("FLOWGATE_Q4K_MODELS") else {
+        eprintln!(
+            "SKIPPED: set FLOWGATE_Q4K_MODELS to Q4_K GGUF paths (flowgate synth --shape tiny)"
+        );
+        return;
+    };
+    for path in list.split(',').filter(|p| !p.is_empty()) {
+        let f = flowgate_formats::model::open(Path::new(path)).unwrap();
+        let tensors = flowgate_engine::weights::load_all(&f.catalog, 4, None).unwrap();
+        let twin = dequantised(&tensors);
+        let q = Model::new(f.spec.clone(), cuda().unwrap(), tensors.clone()).unwrap();
+        let d = Model::new(f.spec.clone(), cuda().unwrap(), twin).unwrap();
+        let c = Model::new(f.spec.clone(), CpuBackend, tensors).unwrap();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let tokens: Vec<u32> = (0..40)
+            .map(|_| rng.random_range(0..f.spec.vocab_size as u32))
+            .collect();
+        let (qp, qd, qg) = run(&q, &tokens, 8);
+        let (dp, dd, dg) = run(&d, &tokens, 8);
+        let (cp, cd, _) = run(&c, &tokens, 0);
+        let (e1, e2) = (rel_err(&qp, &dp), rel_err(&qd, &dd));
+        let (e3, e4) = (rel_err(&cp, &qp), rel_err(&cd, &qd));
+        let e5 = rel_err(&qd, &qp);
+        eprintln!("{path}: Q4_K vs F32 twin on CUDA: prefill {e1:.2e}, decode {e2:.2e}; CUDA prefill vs decode {e5:.2e}; CPU vs CUDA: prefill {e3:.2e}, decode {e4:.2e}");
+        assert!(e2 <= 1e-4, "{path}: Q4_K vs twin, decode {e2:.3e}");
+        assert!(e1 <= 2e-3, "{path}: Q4_K vs twin, prefill (TF32) {e1:.3e}");
+        assert_eq!(qg, dg, "{path}: greedy differs from the twin");
+        assert!(
+            e3 <= 5e-2 && e4 <= 5e-2,
+            "{path}: CPU vs CUDA {e3:.3e} / {e4:.3e}"
+        );
+    }
+}
+
+#[test]
+fn device_flag_resolution() {
+    use flowgate_engine::backend::cuda::{DeviceSpec, Resolved};
+    let auto = runtime::resolve_device(DeviceSpec::Auto).unwrap();
+    if Cuda::available() && flowgate_cuda_count() > 0 {
+        assert_eq!(auto, Resolved::Cuda(0));
+    } else {
+        assert_eq!(auto, Resolved::Cpu);
+        let e = runtime::load_on(
+            &fixtures().join("llama"),
+            &LoadOptions::default(),
+            DeviceSpec::Cuda(0),
+        )
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+        assert!(e.contains("use --device cpu") && !e.contains('\n'), "{e}");
+        eprintln!("no CUDA: --device cuda fails with: {e}");
+    }
+}
+
+fn flowgate_cuda_count() -> usize {
+    match runtime::resolve_device(flowgate_engine::backend::cuda::DeviceSpec::Cuda(0)) {
+        Ok(_) => 1,
+        Err(_) => 0,
+    }
+}

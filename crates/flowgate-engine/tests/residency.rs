@@ -1,0 +1,165 @@
+//! Expert paging is invisible to results: on every MoE fixture, the logits with a RAM budget
+//! whose cache holds one expert per sparse layer (and, harder, a single expert in all) equal
+//! those with every expert resident, bit for bit, in one prefill pass and token by token. The
+//! paged runs must really page (misses, evictions, bytes read) and stay within the budget by the
+//! budget's own accounting.
+
+use std::path::{Path, PathBuf};
+
+use flowgate_engine::backend::cpu::CpuBackend;
+use flowgate_engine::models::{Logits, Model};
+use flowgate_engine::residency::{self, HostPlan, PolicyKind};
+use flowgate_engine::runtime::{self, LoadOptions};
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+fn tokens(json: &Path) -> Vec<u32> {
+    let j: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap();
+    j["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u32)
+        .collect()
+}
+
+/// (model path, reference json with the prompt tokens)
+fn moe_fixtures() -> Vec<(PathBuf, PathBuf)> {
+    let f = fixtures();
+    let mut v: Vec<(PathBuf, PathBuf)> = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"]
+        .iter()
+        .map(|n| (f.join(n), f.join(n).join("ref.json")))
+        .collect();
+    for q in ["f32", "q8_0"] {
+        v.push((
+            f.join(format!("gguf/qwen3_moe-{q}.gguf")),
+            f.join("gguf/qwen3_moe-q8_0.ref.json"),
+        ));
+    }
+    v
+}
+
+fn prefill_and_decode(m: &Model<CpuBackend>, toks: &[u32]) -> (Vec<f32>, Vec<f32>) {
+    let mut c = m.new_cache(toks.len()).unwrap();
+    let pre = m.forward(toks, &mut c, Logits::All).unwrap();
+    let mut c = m.new_cache(toks.len()).unwrap();
+    let mut dec = Vec::new();
+    for t in toks {
+        dec.extend(m.forward(&[*t], &mut c, Logits::All).unwrap());
+    }
+    (pre, dec)
+}
+
+fn assert_same(a: &[f32], b: &[f32], what: &str) {
+    assert_eq!(a.len(), b.len(), "{what}: lengths");
+    let diff = a
+        .iter()
+        .zip(b)
+        .filter(|(x, y)| x.to_bits() != y.to_bits())
+        .count();
+    let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+    assert_eq!(
+        diff,
+        0,
+        "{what}: {diff} of {} logits differ (relative error {:.2e})",
+        a.len(),
+        (num / den).sqrt()
+    );
+}
+
+#[test]
+fn paging_experts_does_not_change_logits() {
+    for (path, json) in moe_fixtures() {
+        let name = path.file_name().unwrap().to_string_lossy().to_string();
+        let toks = tokens(&json);
+        let full = runtime::load(&path, &LoadOptions::default()).unwrap();
+        let (pre_ref, dec_ref) = prefill_and_decode(&full.model, &toks);
+        let file = flowgate_formats::model::open(&path).unwrap();
+        let probe = HostPlan::new(&file.spec, &file.catalog, u64::MAX, PolicyKind::Lru).unwrap();
+        let layout = probe.experts.clone().unwrap();
+        let sparse_layers = layout.n_paged() / layout.n_experts;
+        assert!(sparse_layers > 0);
+        // (slots, policy, speculative prefetch of the next layer's predicted experts)
+        for (slots, policy, speculative) in [
+            (sparse_layers, PolicyKind::Lru, false),
+            (1, PolicyKind::LfuAging, false),
+            (2 * sparse_layers, PolicyKind::Lru, true),
+        ] {
+            let budget = probe.dense_bytes + slots as u64 * layout.slot_bytes;
+            let (tensors, res) = residency::load_host(&file, budget, policy, 2, None).unwrap();
+            assert!(res.plan.paged(), "{name}: budget {budget} should page");
+            assert_eq!(res.plan.n_slots, slots);
+            let cache = res.cache.clone().unwrap();
+            cache.set_speculative(speculative);
+            let model = Model::with_expert_cache(
+                file.spec.clone(),
+                CpuBackend,
+                tensors,
+                Some(cache.clone()),
+            )
+            .unwrap();
+            let (pre, dec) = prefill_and_decode(&model, &toks);
+            let what = format!(
+                "{name}, {slots} slot(s), {}, prefetch {speculative}",
+                policy.name()
+            );
+            assert_same(&pre, &pre_ref, &format!("{what}, prefill"));
+            assert_same(&dec, &dec_ref, &format!("{what}, decode"));
+            let st = cache.stats();
+            assert!(st.total_misses() > 0 && st.evictions > 0, "{what}: {st:?}");
+            if speculative && sparse_layers > 1 {
+                assert!(st.prefetched > 0, "{what}: nothing prefetched: {st:?}");
+                assert!(st.prefetch_used <= st.prefetched);
+            } else {
+                assert_eq!(st.prefetched, 0, "{what}");
+            }
+            assert!(
+                st.bytes_read >= st.total_misses() * (layout.total_bytes / layout.n_paged() as u64)
+            );
+            assert_eq!(st.hits.len(), file.spec.n_layers);
+            assert_eq!(res.budget.used(), res.plan.charged(), "{what}");
+            assert!(res.budget.peak() <= budget, "{what}: peak over budget");
+            drop(model);
+            drop(cache);
+            drop(res.cache);
+            assert_eq!(
+                res.budget.used(),
+                res.plan.dense_bytes,
+                "{what}: slots returned"
+            );
+        }
+    }
+}
+
+#[test]
+fn budgets_are_checked_before_loading() {
+    let path = fixtures().join("qwen3_moe");
+    let file = flowgate_formats::model::open(&path).unwrap();
+    let plan = HostPlan::new(&file.spec, &file.catalog, u64::MAX, PolicyKind::Lru).unwrap();
+    assert!(!plan.paged(), "an unlimited budget pages nothing");
+    let slot = plan.experts.as_ref().unwrap().slot_bytes;
+    // Dense part plus not quite one slot: refused, with the numbers.
+    let too_small = plan.dense_bytes + slot - 1;
+    let e = residency::load_host(&file, too_small, PolicyKind::Lru, 2, None)
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(e.contains("too small") && e.contains("dense part"), "{e}");
+    // Just enough for everything: not paged, everything charged.
+    let all = plan.dense_bytes + plan.experts_bytes;
+    let (_, res) = residency::load_host(&file, all, PolicyKind::Lru, 2, None).unwrap();
+    assert!(!res.plan.paged() && res.cache.is_none());
+    assert_eq!(res.budget.used(), all);
+    let text = res.plan.explain();
+    assert!(text.contains("resident in RAM"), "{text}");
+    // A dense model that does not fit is refused, not paged.
+    let dense = flowgate_formats::model::open(&fixtures().join("llama")).unwrap();
+    let e = HostPlan::new(&dense.spec, &dense.catalog, 4096, PolicyKind::Lru)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("raise --ram-budget"), "{e}");
+}

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# The whole GPU check in one device call: flowgate-cuda's GPU tests, the CUDA parity tests of
+# the engine (kernels, operations, every oracle fixture, Q8_0 and Q4_K models), and
+# `flowgate bench decode --device cuda` on synthetic dense8b / moe30b models.
+#
+# Here (no Rust on the device machine):
+#   cargo build --release -p flowgate
+#   cargo test --release -p flowgate-cuda --test gpu --no-run
+#   cargo test --release -p flowgate-engine --test cuda_parity --no-run
+#   mkdir -p .devbin/cuda && strip --strip-debug -o .devbin/cuda/flowgate target/release/flowgate
+#   strip --strip-debug -o .devbin/cuda/fg_cuda_gpu target/release/deps/gpu-<hash>
+#   strip --strip-debug -o .devbin/cuda/fg_cuda_parity target/release/deps/cuda_parity-<hash>
+# Device: run `tools/device/check.sh [tests] [dense8b] [moe30b]` (default: all three; PROFILE=1
+#   adds a per-kernel decode profile, KEEP=1 keeps the synthetic models in /tmp) with
+#   carry [".devbin/cuda"]; logs land in $OUT.
+set -u -o pipefail
+OUT=${OUT:-/tmp/fg_out}
+mkdir -p "$OUT"
+export LD_LIBRARY_PATH=/usr/local/cuda/targets/x86_64-linux/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+export XDG_CACHE_HOME=/tmp/fg_cache
+steps=${*:-tests dense8b moe30b}
+BIN=${BIN:-.devbin/cuda}
+rc=0
+{
+  date -u
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv,noheader
+} 2>&1 | tee "$OUT/env.log"
+
+for step in $steps; do
+  case $step in
+    tests)
+      T0=$(date +%s.%N)
+      $BIN/flowgate synth --shape tiny --out /tmp/tiny.gguf >/dev/null 2>&1 &&
+        $BIN/flowgate synth --shape tiny-moe --out /tmp/tiny-moe.gguf >/dev/null 2>&1 || echo "synth of tiny models failed"
+      $BIN/fg_cuda_gpu --test-threads=1 2>&1 | tail -n 5 | tee "$OUT/cuda_crate.log" || rc=1
+      FLOWGATE_Q4K_MODELS=/tmp/tiny.gguf,/tmp/tiny-moe.gguf \
+        $BIN/fg_cuda_parity --nocapture --test-threads=1 2>&1 | tee "$OUT/parity.log" || rc=1
+      echo "tests took $(awk "BEGIN{print $(date +%s.%N) - $T0}") s" | tee -a "$OUT/parity.log"
+      ;;
+    dense8b|moe30b)
+      T0=$(date +%s.%N)
+      $BIN/flowgate synth --shape "$step" --out "/tmp/$step.gguf" 2>&1 | tail -n 2
+      T1=$(date +%s.%N)
+      echo "synth $step: $(awk "BEGIN{print $T1 - $T0}") s, $(stat -c %s /tmp/$step.gguf) bytes" | tee "$OUT/bench_$step.log"
+      $BIN/flowgate bench decode "/tmp/$step.gguf" --device cuda --reps 3 --json > "$OUT/bench_$step.json" 2>>"$OUT/bench_$step.log" || rc=1
+      cat "$OUT/bench_$step.json"
+      if [ -n "${PROFILE:-}" ]; then
+        # Per-kernel device time of a 512-token prefill and 32 decode steps (events around
+        # every launch).
+        FLOWGATE_CUDA_PROFILE=1 $BIN/flowgate bench decode "/tmp/$step.gguf" --device cuda --reps 1 --gen 16 2>&1 |
+          grep -A60 "prefill profile" | tee "$OUT/profile_$step.log"
+      fi
+      echo "bench $step total $(awk "BEGIN{print $(date +%s.%N) - $T0}") s" | tee -a "$OUT/bench_$step.log"
+      [ -n "${KEEP:-}" ] || rm -f "/tmp/$step.gguf"
+      ;;
+    *) echo "unknown step $step"; rc=2 ;;
+  esac
+done
+echo "check rc=$rc"
+exit $rc
