@@ -81,6 +81,48 @@ impl AlignedBuf {
         })
     }
 
+    /// `len` bytes of `file` from `offset` (a multiple of 4096), mapped privately and populated
+    /// for reading from the page cache: no copy, no zeroing, the page cache's pages themselves (writes, if
+    /// any, are copy-on-write and never reach the file). `len` must not pass the end of the file
+    /// by a whole page (a page wholly past the end would fault). `None` on failure.
+    ///
+    /// The bytes are the file's as long as the file is not rewritten in place; a file truncated
+    /// under the mapping makes access to the lost pages fault (SIGBUS), as with any mmap-based
+    /// loader (llama.cpp's default). Callers use it only for ranges already in the page cache.
+    pub fn map_file(file: &std::fs::File, offset: u64, len: usize) -> Option<AlignedBuf> {
+        use std::os::fd::AsRawFd;
+        if len == 0 || !offset.is_multiple_of(BUF_ALIGN as u64) {
+            return None;
+        }
+        let map_len = len.checked_add(BUF_ALIGN - 1)? & !(BUF_ALIGN - 1);
+        let off = libc::off_t::try_from(offset).ok()?;
+        // SAFETY: a private mapping of an open file with no address hint; the result is checked.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                map_len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE,
+                file.as_raw_fd(),
+                off,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return None;
+        }
+        // Populate for reading (MAP_POPULATE on a writable private mapping would fault every
+        // page for writing, i.e. copy it). Where MADV_POPULATE_READ (Linux 5.14) is missing,
+        // pages fault in on first use instead.
+        const MADV_POPULATE_READ: libc::c_int = 22;
+        // SAFETY: advice on the mapping just made.
+        unsafe { libc::madvise(p, map_len, MADV_POPULATE_READ) };
+        NonNull::new(p as *mut u8).map(|ptr| AlignedBuf {
+            ptr,
+            len,
+            mapped: true,
+        })
+    }
+
     pub fn len(&self) -> usize {
         self.len
     }

@@ -107,6 +107,12 @@ pub struct LoaderOptions {
     /// When direct reads go straight into fresh host memory, fault it in from a helper thread
     /// ahead of the reads (`MADV_POPULATE_WRITE`).
     pub prefault: bool,
+    /// [`Loader::load_host`]: extents wholly in the page cache are mapped (private,
+    /// populated for reading) instead of copied — the page cache's pages become the
+    /// destination. Off by default (4 KiB pages under decode, SIGBUS if the file is truncated,
+    /// and on the 2-core VM not faster than copying: see docs/benchmarks.md); never under
+    /// [`Strategy::Direct`].
+    pub map_cached: bool,
 }
 
 impl Default for LoaderOptions {
@@ -129,6 +135,7 @@ impl Default for LoaderOptions {
             progress: None,
             cuda_streams: 4,
             prefault: true,
+            map_cached: false,
         }
     }
 }
@@ -177,6 +184,8 @@ pub struct LoadStats {
     /// Fraction of the requested bytes found in the page cache.
     pub cached_fraction: f64,
     pub elapsed: Duration,
+    /// Bytes of [`Loader::load_host`] served by mapping cached pages (no copy).
+    pub mapped_bytes: u64,
     /// Fallbacks taken and other facts worth a line (each also logged once per process).
     pub notes: Vec<String>,
 }
@@ -272,11 +281,37 @@ impl Loader {
         let (open, notes) = self.open(files, requests)?;
         let total = check_requests(&open, requests)?;
         let (ext, place) = sink::extents(&open, requests, self.opts.merge_gap)?;
-        let mut arenas = Vec::with_capacity(ext.len());
+        // Extents wholly in the page cache are mapped, the rest read into fresh arenas.
+        let mut mapped: Vec<Option<AlignedBuf>> = Vec::with_capacity(ext.len());
+        let mut mapped_bytes = 0u64;
         for e in &ext {
+            let f = open.get(e.file).ok_or(IoError::BadFile(e.file))?;
+            let len = (e.alloc as u64).min(f.size.saturating_sub(e.base)) as usize;
+            let m = if self.opts.map_cached
+                && self.opts.strategy != Strategy::Direct
+                && len >= e.read
+                && crate::probe::range_cached(&f.buffered, e.base, e.read as u64) == Some(true)
+            {
+                AlignedBuf::map_file(&f.buffered, e.base, len)
+            } else {
+                None
+            };
+            if m.is_some() {
+                mapped_bytes += e.read as u64;
+            }
+            mapped.push(m);
+        }
+        let read_ext: Vec<sink::Extent> = ext
+            .iter()
+            .zip(&mapped)
+            .filter(|(_, m)| m.is_none())
+            .map(|(e, _)| *e)
+            .collect();
+        let mut arenas = Vec::with_capacity(read_ext.len());
+        for e in &read_ext {
             arenas.push(AlignedBuf::zeroed(e.alloc).ok_or(IoError::Alloc(e.alloc))?);
         }
-        let ext_reqs = extent_requests(&ext);
+        let ext_reqs = extent_requests(&read_ext);
         let out = {
             let sink = HostSink::new(&mut arenas);
             self.run(&open, &ext_reqs, &sink, notes)
@@ -289,7 +324,13 @@ impl Loader {
                 .unwrap_or_else(|| IoError::Engine("io_uring failed".into())));
         }
         let mut stats = out.into_result()?;
-        let arenas: Vec<Arc<AlignedBuf>> = arenas.into_iter().map(Arc::new).collect();
+        stats.mapped_bytes = mapped_bytes;
+        let mut read_arenas = arenas.into_iter();
+        let arenas: Vec<Arc<AlignedBuf>> = mapped
+            .into_iter()
+            .map(|m| m.or_else(|| read_arenas.next()).map(Arc::new))
+            .collect::<Option<_>>()
+            .ok_or_else(|| IoError::Plan("arena count mismatch".into()))?;
         let empty = Arc::new(AlignedBuf::zeroed(0).ok_or(IoError::Alloc(0))?);
         let mut views = Vec::with_capacity(requests.len());
         for (r, p) in requests.iter().zip(&place) {
@@ -658,6 +699,7 @@ impl Loader {
             },
             extents: requests.len(),
             staging_bytes: 0,
+            mapped_bytes: 0,
             elapsed: Duration::ZERO,
             notes: ctx.notes.lock().map(|n| n.clone()).unwrap_or_default(),
         };
@@ -728,6 +770,7 @@ fn trace(s: &LoadStats) {
         cached_bytes = s.buffered_bytes,
         bounced_bytes = s.copied_bytes,
         cached_fraction = s.cached_fraction,
+        mapped_bytes = s.mapped_bytes,
         engine = s.engine,
         extents = s.extents,
         staging_bytes = s.staging_bytes,

@@ -310,3 +310,48 @@ fn cuda_sink_is_byte_exact() {
         dev.name().unwrap_or_default()
     );
 }
+
+/// `map_cached`: extents already in the page cache are mapped, not copied, and the views are
+/// still byte-exact; uncached extents are read as before.
+#[test]
+fn mapped_cached_extents_are_byte_exact() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(21);
+    let data: Vec<u8> = (0..(5 << 20) + 321).map(|_| rng.random()).collect();
+    let mut f = tempfile::NamedTempFile::new_in(std::env::current_dir().unwrap()).unwrap();
+    f.write_all(&data).unwrap();
+    f.flush().unwrap();
+    let path = f.path().to_path_buf();
+    // Bring the file into the page cache.
+    assert_eq!(std::fs::read(&path).unwrap(), data);
+    let reqs: Vec<ReadRequest> = [
+        (0u64, 1000usize),
+        (4096 + 32, 1 << 20),
+        (3 << 20, (2 << 20) + 321),
+    ]
+    .iter()
+    .map(|&(offset, len)| ReadRequest {
+        file: 0,
+        offset,
+        len,
+    })
+    .collect();
+    let loader = Loader::new(LoaderOptions {
+        map_cached: true,
+        ..Default::default()
+    });
+    let (views, stats) = loader
+        .load_host(std::slice::from_ref(&path), &reqs)
+        .unwrap();
+    for (v, r) in views.iter().zip(&reqs) {
+        assert_eq!(
+            v.bytes(),
+            &data[r.offset as usize..r.offset as usize + r.len]
+        );
+    }
+    if flowgate_io::probe::cached_fraction(&path).unwrap() > 0.99 {
+        assert!(
+            stats.mapped_bytes > 0,
+            "a cached file should be mapped: {stats:?}"
+        );
+    }
+}

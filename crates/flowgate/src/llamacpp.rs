@@ -15,17 +15,18 @@ pub struct LlamaBench {
     pub tg_tps: f64,
 }
 
-/// Runs `llama-bench -m model -p pp -n tg -t threads -r 1 -o json` (inside `cg` if given).
-/// `pp` = 0 skips the prompt test.
+/// Runs `llama-bench -m model -p pp -n tg -t threads -r 1 -o json [extra…]` (inside `cg` if
+/// given). `pp` = 0 skips the prompt test.
 pub fn bench(
     bin: &Path,
     model: &Path,
     pp: usize,
     tg: usize,
     threads: usize,
+    extra: &[&str],
     cg: Option<&MemCgroup>,
 ) -> Result<LlamaBench> {
-    let args = [
+    let mut args = vec![
         "-m".to_string(),
         model.display().to_string(),
         "-p".into(),
@@ -39,6 +40,7 @@ pub fn bench(
         "-o".into(),
         "json".into(),
     ];
+    args.extend(extra.iter().map(|s| s.to_string()));
     let out = child(bin, &args, cg)?;
     let j: serde_json::Value = serde_json::from_str(&out)
         .with_context(|| format!("llama-bench printed no JSON: {out}"))?;

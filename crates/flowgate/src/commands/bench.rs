@@ -281,6 +281,7 @@ fn decode_on<B: Backend>(
             prompt.len(),
             n_gen,
             threads,
+            &[],
             None,
         )?),
         None => None,

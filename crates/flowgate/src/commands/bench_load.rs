@@ -80,6 +80,10 @@ pub struct LoadArgs {
     /// Do not fault the host destinations in ahead of direct reads (for comparison).
     #[arg(long)]
     pub no_prefault: bool,
+    /// Host loads: map extents already in the page cache instead of copying them (an option
+    /// of the loader, off in model loads; for comparison).
+    #[arg(long)]
+    pub map: bool,
     /// Copy streams of the CUDA sink.
     #[arg(long, default_value_t = 4)]
     pub cuda_streams: usize,
@@ -343,6 +347,7 @@ pub fn load(a: LoadArgs) -> Result<()> {
                 min_align: a.min_align.clamp(512, 1 << 20),
                 cuda_streams: a.cuda_streams.max(2),
                 prefault: !a.no_prefault,
+                map_cached: a.map,
                 progress: Some(cb),
                 ..LoaderOptions::default()
             };

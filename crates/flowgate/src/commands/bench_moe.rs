@@ -205,7 +205,9 @@ pub fn moe(a: MoeArgs) -> Result<()> {
     }
     // llama.cpp on the same file, no memory limit (mmap; the page cache holds what it reads).
     let llama = match &a.llama_bench {
-        Some(bin) => Some(crate::llamacpp::bench(bin, &a.model, 0, a.gen, threads, None)?.tg_tps),
+        Some(bin) => {
+            Some(crate::llamacpp::bench(bin, &a.model, 0, a.gen, threads, &[], None)?.tg_tps)
+        }
         None => None,
     };
     if a.json {
@@ -345,7 +347,16 @@ fn compare_in_cgroups(a: &MoeArgs, budgets: &[u64], threads: usize) -> Result<()
             Some(bin) => {
                 flowgate_io::probe::evict(model)?;
                 let cg = crate::memlimit::MemCgroup::create("llamacpp", limit)?;
-                let tps = crate::llamacpp::bench(bin, model, 0, a.gen, threads, Some(&cg))?.tg_tps;
+                let tps = crate::llamacpp::bench(
+                    bin,
+                    model,
+                    0,
+                    a.gen,
+                    threads,
+                    &["--repack", "0"],
+                    Some(&cg),
+                )?
+                .tg_tps;
                 Some((tps, cg.peak()))
             }
             None => None,

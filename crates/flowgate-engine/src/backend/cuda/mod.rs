@@ -14,7 +14,7 @@
 //!   rounded to 10 mantissa bits, f32 accumulation: ~3e-4 relative, far below the weights' own
 //!   4–8-bit rounding; `FLOWGATE_CUDA_TF32=0` turns it off). Activations stay f32 throughout:
 //!   unlike the CPU backend (and llama.cpp) they are not quantised for integer dot products,
-//!   which costs bandwidth (docs/benchmarks-cuda.md) but keeps decode within float rounding of a
+//!   which costs bandwidth (docs/benchmarks.md) but keeps decode within float rounding of a
 //!   float64 reference.
 //! - **Kernels are CUDA C in `kernels/`**, one file per family (`matvec_quant.cu`, `norm.cu`,
 //!   `rope.cu`, `attention.cu`, `elementwise.cu`), with the shared helpers of `common.cuh` and
