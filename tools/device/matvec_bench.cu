@@ -10,6 +10,7 @@
 #include "../../crates/flowgate-engine/src/backend/cuda/kernels/common.cuh"
 #include "../../crates/flowgate-engine/src/backend/cuda/kernels/quant.cuh"
 #include "../../crates/flowgate-engine/src/backend/cuda/kernels/matvec_quant.cu"
+#include "../../crates/flowgate-engine/src/backend/cuda/kernels/matvec_q8.cu"
 
 // Variant B: one warp per row, no unroll (the first version).
 __global__ void mv_b(const u8* W, u64 row_bytes, const float* x, float* y, int rows, int cols) {
@@ -142,6 +143,34 @@ static void bench_shape(int rows, int cols) {
         snprintf(name, sizeof name, "matvec1_q4_k wpr=%d", wpr);
         run(name, [&](u8* w) { matvec1_q4_k<<<(rows + 8 / wpr - 1) / (8 / wpr), 256>>>(w, row_bytes, x, y, rows, cols, wpr); });
     }
+    // int8 activations (matvec_q8.cu): quantise x once, then the dp4a kernels.
+    u8* xq;
+    cudaMalloc(&xq, cols + cols / 8 + 16);
+    QuantJobs qj;
+    qj.x[0] = (u64)x; qj.q[0] = (u64)xq;
+    run("quantize_q8 + q8 R=1 (256 thr)", [&](u8* w) {
+        quantize_q8<<<(cols / 32 + 7) / 8, 256>>>(qj, cols);
+        MvJobs j; j.w[0] = (u64)w; j.x[0] = (u64)xq; j.y[0] = (u64)y; j.rows[0] = rows;
+        matvec1q8_q4_k<<<dim3((rows + 7) / 8, 1), 256>>>(j, row_bytes, cols);
+    });
+    quantize_q8<<<(cols / 32 + 7) / 8, 256>>>(qj, cols);
+    run("q8 R=1 (256 thr)", [&](u8* w) {
+        MvJobs j; j.w[0] = (u64)w; j.x[0] = (u64)xq; j.y[0] = (u64)y; j.rows[0] = rows;
+        matvec1q8_q4_k<<<dim3((rows + 7) / 8, 1), 256>>>(j, row_bytes, cols);
+    });
+    run("q8 R=1 (128 thr)", [&](u8* w) {
+        MvJobs j; j.w[0] = (u64)w; j.x[0] = (u64)xq; j.y[0] = (u64)y; j.rows[0] = rows;
+        matvec1q8_q4_k<<<dim3((rows + 3) / 4, 1), 128>>>(j, row_bytes, cols);
+    });
+    run("q8 R=2 (256 thr)", [&](u8* w) {
+        MvJobs j; j.w[0] = (u64)w; j.x[0] = (u64)xq; j.y[0] = (u64)y; j.rows[0] = rows;
+        matvec1q8r2_q4_k<<<dim3((rows + 15) / 16, 1), 256>>>(j, row_bytes, cols);
+    });
+    run("q8 R=2 (128 thr)", [&](u8* w) {
+        MvJobs j; j.w[0] = (u64)w; j.x[0] = (u64)xq; j.y[0] = (u64)y; j.rows[0] = rows;
+        matvec1q8r2_q4_k<<<dim3((rows + 7) / 8, 1), 128>>>(j, row_bytes, cols);
+    });
+    cudaFree(xq);
     for (auto p : W) cudaFree(p);
     cudaFree(x); cudaFree(y); cudaFree(yref);
 }

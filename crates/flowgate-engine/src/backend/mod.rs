@@ -26,6 +26,46 @@ pub struct AttnParams {
     pub scale: f32,
 }
 
+/// Shape and positions of one [`Backend::qk_rope_kv`] call.
+#[derive(Clone, Copy, Debug)]
+pub struct QkRope<'a> {
+    pub n_tokens: usize,
+    /// Position of the first token.
+    pub start_pos: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    pub inv_freq: &'a [f32],
+    pub style: flowgate_formats::RopeStyle,
+}
+
+/// [`Backend::qk_rope_kv`] as its basic operations (the default, and a fused backend's
+/// fallback for shapes its kernel does not take).
+pub fn qk_rope_kv_unfused<B: Backend>(
+    b: &B,
+    q: &mut B::Buf,
+    k: &mut B::Buf,
+    v: &B::Buf,
+    kv: &mut B::Kv,
+    norms: Option<(&B::Buf, &B::Buf, f32)>,
+    r: &QkRope<'_>,
+) {
+    if let Some((qn, kn, eps)) = norms {
+        b.rms_norm_inplace(q, qn, r.head_dim, eps);
+        b.rms_norm_inplace(k, kn, r.head_dim, eps);
+    }
+    b.rope(q, r.n_heads, r.head_dim, r.start_pos, r.inv_freq, r.style);
+    b.rope(
+        k,
+        r.n_kv_heads,
+        r.head_dim,
+        r.start_pos,
+        r.inv_freq,
+        r.style,
+    );
+    b.kv_write(kv, k, v, r.n_tokens, r.start_pos);
+}
+
 /// One SwiGLU FFN application: `down · (silu(gate · x) ⊙ (up · x))` over `n` rows of `x`.
 pub struct SwiGluJob<'a, B: Backend> {
     pub gate: &'a B::Weight,
@@ -43,6 +83,9 @@ pub trait Backend: Send + Sync + Sized {
     type Weight: Send + Sync;
     /// One layer's key/value storage.
     type Kv: Send + Sync;
+    /// A sparse layer's resident experts as the device sees them, for [`Backend::moe_decode`]
+    /// (a backend without that path uses `()`).
+    type Experts: Send + Sync;
 
     fn name(&self) -> String;
 
@@ -133,6 +176,61 @@ pub trait Backend: Send + Sync + Sized {
     );
     /// Resizes a buffer to `n` floats (contents unspecified).
     fn resize(&self, b: &mut Self::Buf, n: usize) -> Result<()>;
+
+    /// The attention block between the q/k/v products and attention: per-head RMSNorm of q
+    /// and k (when `norms` = (q weight, k weight, eps) is given), RoPE of both at positions
+    /// `start_pos..`, and k and v stored in `kv` there. One launch per call where fused.
+    fn qk_rope_kv(
+        &self,
+        q: &mut Self::Buf,
+        k: &mut Self::Buf,
+        v: &Self::Buf,
+        kv: &mut Self::Kv,
+        norms: Option<(&Self::Buf, &Self::Buf, f32)>,
+        r: &QkRope<'_>,
+    ) {
+        qk_rope_kv_unfused(self, q, k, v, kv, norms, r);
+    }
+
+    /// `x += y`, then `out = rms_norm(x) · w` (rows of `dim`): a residual add and the norm
+    /// that follows it, one pass where the backend fuses them.
+    fn add_rms_norm(
+        &self,
+        x: &mut Self::Buf,
+        y: &Self::Buf,
+        w: &Self::Buf,
+        dim: usize,
+        eps: f32,
+        out: &mut Self::Buf,
+    ) {
+        self.add(x, y);
+        self.rms_norm(x, w, dim, eps, out);
+    }
+
+    /// Prepares a sparse layer's resident experts (`[gate, up, down]` each) for
+    /// [`Backend::moe_decode`]; `None` when this backend routes on the host (the default) or
+    /// cannot for these experts.
+    fn experts(&self, _experts: &[[&Self::Weight; 3]]) -> Result<Option<Self::Experts>> {
+        Ok(None)
+    }
+
+    /// One token through a sparse layer without leaving the device: router logits
+    /// (`router · h`), softmax over all experts, the `k` largest (ties to the lower index),
+    /// optionally renormalised, then `out = Σ weight_e · down_e(silu(gate_e · h) ⊙ up_e · h)`.
+    /// Only called with experts this backend's [`Backend::experts`] returned.
+    fn moe_decode(
+        &self,
+        _experts: &Self::Experts,
+        _router: &Self::Weight,
+        _h: &Self::Buf,
+        _k: usize,
+        _renormalise: bool,
+        _out: &mut Self::Buf,
+    ) -> Result<()> {
+        Err(crate::error::EngineError::Invalid(
+            "this backend has no device-side MoE decode".into(),
+        ))
+    }
 }
 
 /// One [`SwiGluJob`] with the backend's basic operations.

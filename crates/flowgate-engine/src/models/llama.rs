@@ -7,7 +7,7 @@ use flowgate_formats::catalog::names;
 use flowgate_formats::{ModelSpec, QkNorm};
 
 use super::TensorSource;
-use crate::backend::{AttnParams, Backend, SwiGluJob};
+use crate::backend::{AttnParams, Backend, QkRope, SwiGluJob};
 use crate::error::Result;
 
 /// Reusable activation buffers for one forward pass.
@@ -22,6 +22,11 @@ pub(crate) struct Scratch<B: Backend> {
 }
 
 impl<B: Backend> Scratch<B> {
+    /// The output of the last [`DenseFfn::forward`] (until the next forward writes it).
+    pub(crate) fn ffn_out(&self) -> &B::Buf {
+        &self.out
+    }
+
     pub(crate) fn new(b: &B, _s: &ModelSpec, _n: usize) -> Result<Self> {
         Ok(Scratch {
             q: b.buf_zeros(0)?,
@@ -111,38 +116,25 @@ impl<B: Backend> Attention<B> {
             b.add_row_bias(&mut sc.k, bk);
             b.add_row_bias(&mut sc.v, bv);
         }
-        match s.qk_norm {
-            QkNorm::None => {}
-            QkNorm::PerHead => {
-                if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
-                    b.rms_norm_inplace(&mut sc.q, qn, s.head_dim, s.rms_eps);
-                    b.rms_norm_inplace(&mut sc.k, kn, s.head_dim, s.rms_eps);
-                }
+        let norms = match (s.qk_norm, &self.q_norm, &self.k_norm) {
+            (QkNorm::PerHead, Some(qn), Some(kn)) => Some((qn, kn, s.rms_eps)),
+            (QkNorm::Full, Some(qn), Some(kn)) => {
+                b.rms_norm_inplace(&mut sc.q, qn, qd, s.rms_eps);
+                b.rms_norm_inplace(&mut sc.k, kn, kvd, s.rms_eps);
+                None
             }
-            QkNorm::Full => {
-                if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
-                    b.rms_norm_inplace(&mut sc.q, qn, qd, s.rms_eps);
-                    b.rms_norm_inplace(&mut sc.k, kn, kvd, s.rms_eps);
-                }
-            }
-        }
-        b.rope(
-            &mut sc.q,
-            s.n_heads,
-            s.head_dim,
-            start,
+            _ => None,
+        };
+        let rope = QkRope {
+            n_tokens: n,
+            start_pos: start,
+            n_heads: s.n_heads,
+            n_kv_heads: s.n_kv_heads,
+            head_dim: s.head_dim,
             inv_freq,
-            s.rope.style,
-        );
-        b.rope(
-            &mut sc.k,
-            s.n_kv_heads,
-            s.head_dim,
-            start,
-            inv_freq,
-            s.rope.style,
-        );
-        b.kv_write(kv, &sc.k, &sc.v, n, start);
+            style: s.rope.style,
+        };
+        b.qk_rope_kv(&mut sc.q, &mut sc.k, &sc.v, kv, norms, &rope);
         let p = AttnParams {
             n_tokens: n,
             start_pos: start,

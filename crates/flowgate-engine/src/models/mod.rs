@@ -221,6 +221,7 @@ impl<B: Backend> Model<B> {
             return Err(EngineError::EmptyInput);
         }
         cache.check_room(tokens.len())?;
+        let t0 = std::time::Instant::now();
         let b = &self.backend;
         let s = &self.spec;
         let n = tokens.len();
@@ -229,8 +230,24 @@ impl<B: Backend> Model<B> {
         b.embed(&self.embd, tokens, &mut x)?;
         let mut h = b.buf_zeros(n * s.hidden)?;
         let mut scratch = llama::Scratch::new(b, s, n)?;
+        // The last FFN output not yet added to the residual stream: it is added by the next
+        // layer's fused add + attention norm.
+        // (`Dense`: it is still in the scratch buffers.)
+        enum Pending<Buf> {
+            Nothing,
+            Dense,
+            Moe(Buf),
+        }
+        let mut pending = Pending::Nothing;
         for (l, layer) in self.layers.iter().enumerate() {
-            b.rms_norm(&x, &layer.attn_norm, s.hidden, s.rms_eps, &mut h);
+            let (norm, eps) = (&layer.attn_norm, s.rms_eps);
+            match std::mem::replace(&mut pending, Pending::Nothing) {
+                Pending::Nothing => b.rms_norm(&x, norm, s.hidden, eps, &mut h),
+                Pending::Dense => {
+                    b.add_rms_norm(&mut x, scratch.ffn_out(), norm, s.hidden, eps, &mut h)
+                }
+                Pending::Moe(y) => b.add_rms_norm(&mut x, &y, norm, s.hidden, eps, &mut h),
+            }
             let attn_out = layer.attn.forward(
                 b,
                 s,
@@ -241,12 +258,18 @@ impl<B: Backend> Model<B> {
                 &self.inv_freq,
                 &mut scratch,
             )?;
-            b.add(&mut x, attn_out);
-            b.rms_norm(&x, &layer.ffn_norm, s.hidden, s.rms_eps, &mut h);
+            b.add_rms_norm(
+                &mut x,
+                attn_out,
+                &layer.ffn_norm,
+                s.hidden,
+                s.rms_eps,
+                &mut h,
+            );
             match &layer.ffn {
                 Ffn::Dense(f) => {
-                    let y = f.forward(b, &h, n, &mut scratch)?;
-                    b.add(&mut x, y);
+                    f.forward(b, &h, n, &mut scratch)?;
+                    pending = Pending::Dense;
                 }
                 Ffn::Moe(m) => {
                     // The next sparse layer (dense ones may sit between), for prefetching.
@@ -259,10 +282,14 @@ impl<B: Backend> Model<B> {
                         routing: self.routing,
                         next,
                     };
-                    let y = m.forward(b, s, &h, n, step)?;
-                    b.add(&mut x, &y);
+                    pending = Pending::Moe(m.forward(b, s, &h, n, step)?);
                 }
             }
+        }
+        match pending {
+            Pending::Nothing => {}
+            Pending::Dense => b.add(&mut x, scratch.ffn_out()),
+            Pending::Moe(y) => b.add(&mut x, &y),
         }
         cache.advance(n);
         let (rows, last) = match which {
@@ -278,7 +305,16 @@ impl<B: Backend> Model<B> {
         let mut logits = b.buf_zeros(rows * s.vocab_size)?;
         let out_w = self.output.as_ref().unwrap_or(&self.embd);
         b.matmul(out_w, &h, rows, &mut logits);
+        // On an asynchronous backend the work is only queued so far: the two times tell
+        // whether the host (queueing) or the device bounds a step.
+        let queued = t0.elapsed();
         let out = b.to_host(&logits);
+        tracing::trace!(
+            tokens = n,
+            queued_us = queued.as_micros() as u64,
+            total_us = t0.elapsed().as_micros() as u64,
+            "forward"
+        );
         b.check()?;
         Ok(out)
     }

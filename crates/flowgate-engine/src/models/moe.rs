@@ -76,6 +76,8 @@ pub(crate) struct MoeFfn<B: Backend> {
     router: B::Weight,
     n_experts: usize,
     experts: Experts<B>,
+    /// The resident experts prepared for the backend's device-side decode, when it has one.
+    device: Option<B::Experts>,
     shared: Option<(DenseFfn<B>, B::Weight)>,
     n_used: usize,
     norm_topk: bool,
@@ -126,11 +128,20 @@ impl<B: Backend> MoeFfn<B> {
         } else {
             None
         };
+        let device = match &experts {
+            Experts::Resident(ex) => {
+                let refs: Vec<[&B::Weight; 3]> =
+                    ex.iter().map(|f| [&f.gate, &f.up, &f.down]).collect();
+                b.experts(&refs)?
+            }
+            Experts::Paged { .. } => None,
+        };
         Ok(MoeFfn {
             layer: l,
             router,
             n_experts: m.n_experts,
             experts,
+            device,
             shared,
             n_used: m.n_experts_used,
             norm_topk: m.norm_topk_prob,
@@ -212,6 +223,14 @@ impl<B: Backend> MoeFfn<B> {
             next,
         } = step;
         let n_exp = self.n_experts;
+        // One token with the model's router and resident experts: routed on the device, no
+        // logits come back to the host.
+        if let (1, Routing::Router, Some(dev)) = (n, routing, &self.device) {
+            let mut out = b.buf_zeros(0)?;
+            b.moe_decode(dev, &self.router, h, self.n_used, self.norm_topk, &mut out)?;
+            self.add_shared(b, h, n, &mut out)?;
+            return Ok(out);
+        }
         let mut logits = b.buf_zeros(n * n_exp)?;
         b.matmul(&self.router, h, n, &mut logits);
         let logits = b.to_host(&logits);
@@ -319,6 +338,12 @@ impl<B: Backend> MoeFfn<B> {
                 }
             }
         }
+        self.add_shared(b, h, n, &mut out)?;
+        Ok(out)
+    }
+
+    /// qwen2_moe's shared expert: `out += sigmoid(w_gate · h) · ffn(h)` per row.
+    fn add_shared(&self, b: &B, h: &B::Buf, n: usize, out: &mut B::Buf) -> Result<()> {
         if let Some((ffn, gate)) = &self.shared {
             let y = crate::backend::swiglu(b, &ffn.job(h, n))?;
             let mut g = b.buf_zeros(n)?;
@@ -329,9 +354,9 @@ impl<B: Backend> MoeFfn<B> {
                 .map(|&v| 1.0 / (1.0 + (-v).exp()))
                 .collect();
             let idx: Vec<usize> = (0..n).collect();
-            b.scatter_add_rows(&mut out, &y, s.hidden, &idx, &g);
+            b.scatter_add_rows(out, &y, b.weight_rows(&ffn.down), &idx, &g);
         }
-        Ok(out)
+        Ok(())
     }
 }
 

@@ -54,6 +54,7 @@ impl Backend for CpuBackend {
     type Buf = Vec<f32>;
     type Weight = CpuWeight;
     type Kv = CpuKv;
+    type Experts = ();
 
     fn name(&self) -> String {
         format!("cpu ({})", kernels::simd_level())

@@ -44,7 +44,7 @@ use flowgate_cuda::cudarc::driver::{sys, LaunchConfig, PushKernelArg};
 use flowgate_cuda::{Blas, CudaError, Device, DeviceAllocator, DeviceBuffer, Kernel, Stream};
 use flowgate_formats::{DType, RopeStyle};
 
-use super::{swiglu, AttnParams, Backend, SwiGluJob};
+use super::{swiglu, AttnParams, Backend, QkRope, SwiGluJob};
 use crate::error::{EngineError, Result};
 use crate::weights::HostTensor;
 
@@ -53,6 +53,8 @@ pub use flowgate_cuda::{Cuda, DeviceSpec, Resolved};
 const COMMON_CUH: &str = include_str!("kernels/common.cuh");
 const QUANT_CUH: &str = include_str!("kernels/quant.cuh");
 const MATVEC_CU: &str = include_str!("kernels/matvec_quant.cu");
+const MATVEC_Q8_CU: &str = include_str!("kernels/matvec_q8.cu");
+const MOE_CU: &str = include_str!("kernels/moe.cu");
 const NORM_CU: &str = include_str!("kernels/norm.cu");
 const ROPE_CU: &str = include_str!("kernels/rope.cu");
 const ATTENTION_CU: &str = include_str!("kernels/attention.cu");
@@ -91,6 +93,8 @@ fn dtype_index(d: DType) -> Option<usize> {
 pub fn kernel_source(family: &str) -> Option<String> {
     let body = match family {
         "matvec_quant" => MATVEC_CU,
+        "matvec_q8" => MATVEC_Q8_CU,
+        "moe" => MOE_CU,
         "norm" => NORM_CU,
         "rope" => ROPE_CU,
         "attention" => ATTENTION_CU,
@@ -217,6 +221,19 @@ pub struct CudaKv {
     capacity: usize,
 }
 
+/// A sparse layer's experts for [`Backend::moe_decode`]: device tables of the experts' gate,
+/// up and down matrix addresses (the matrices stay owned by the model), and their shapes.
+pub struct CudaExperts {
+    tables: CudaBuf,
+    n: usize,
+    kind: usize,
+    ffn: usize,
+    hidden: usize,
+    row_bytes: usize,
+    down_kind: usize,
+    down_row_bytes: usize,
+}
+
 /// A kernel with its name (for the profile).
 struct K {
     f: Kernel,
@@ -227,11 +244,20 @@ struct Kernels {
     matvec: Vec<K>,
     matvec1: Vec<K>,
     matvec1g: Vec<K>,
+    /// Decode mat-vec on 8-bit activations (dp4a), for the formats that have one.
+    matvec1q8: Vec<Option<K>>,
+    /// Expert-indexed decode mat-vecs (MoE routed on the device), f32 and 8-bit activations.
+    matvec1x: Vec<K>,
+    matvec1q8x: Vec<Option<K>>,
+    quantize_q8: K,
+    router_topk: K,
+    moe_combine: K,
     dequant: Vec<K>,
     rms_norm: K,
+    add_rms_norm: K,
     rope: K,
+    qk_rope_kv: K,
     attention: K,
-    attention_combine: K,
     add: K,
     add_row_bias: K,
     silu_mul: K,
@@ -247,6 +273,8 @@ impl Kernels {
             cache.load(family, &src, &[])
         };
         let mv = module("matvec_quant")?;
+        let mvq = module("matvec_q8")?;
+        let moe = module("moe")?;
         let norm = module("norm")?;
         let rope = module("rope")?;
         let attn = module("attention")?;
@@ -261,7 +289,22 @@ impl Kernels {
         let mut matvec1 = Vec::new();
         let mut matvec1g = Vec::new();
         let mut dequant = Vec::new();
+        let mut matvec1q8 = Vec::new();
+        let mut matvec1x = Vec::new();
+        let mut matvec1q8x = Vec::new();
         for n in DTYPE_NAMES {
+            let q8 = Q8_ACTIVATION_DTYPES.contains(&n);
+            matvec1q8.push(if q8 {
+                Some(k(&mvq, &format!("matvec1q8_{n}"))?)
+            } else {
+                None
+            });
+            matvec1q8x.push(if q8 {
+                Some(k(&mvq, &format!("matvec1q8x_{n}"))?)
+            } else {
+                None
+            });
+            matvec1x.push(k(&mv, &format!("matvec1x_{n}"))?);
             matvec.push(k(&mv, &format!("matvec_{n}"))?);
             matvec1.push(k(&mv, &format!("matvec1_{n}"))?);
             matvec1g.push(k(&mv, &format!("matvec1g_{n}"))?);
@@ -271,11 +314,18 @@ impl Kernels {
             matvec,
             matvec1,
             matvec1g,
+            matvec1q8,
+            matvec1x,
+            matvec1q8x,
+            quantize_q8: k(&mvq, "quantize_q8")?,
+            router_topk: k(&moe, "router_topk")?,
+            moe_combine: k(&moe, "moe_combine")?,
             dequant,
             rms_norm: k(&norm, "rms_norm")?,
+            add_rms_norm: k(&norm, "add_rms_norm")?,
             rope: k(&rope, "rope")?,
+            qk_rope_kv: k(&rope, "qk_rope_kv")?,
             attention: k(&attn, "attention")?,
-            attention_combine: k(&attn, "attention_combine")?,
             add: k(&el, "add")?,
             add_row_bias: k(&el, "add_row_bias")?,
             silu_mul: k(&el, "silu_mul")?,
@@ -293,6 +343,7 @@ enum Arg<'a> {
     I(i32),
     F(f32),
     J(&'a MvJobs),
+    Q(&'a QuantJobs),
     R(&'a RowScale),
 }
 
@@ -323,6 +374,28 @@ struct MvJobs {
 // (three arrays of 16 u64 then 16 int, no padding between them).
 unsafe impl flowgate_cuda::cudarc::driver::DeviceRepr for MvJobs {}
 
+/// Vectors of one `quantize_q8` launch (`QuantJobs` in matvec_q8.cu), passed by value.
+const MAXQ: usize = 16;
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct QuantJobs {
+    x: [u64; MAXQ],
+    q: [u64; MAXQ],
+}
+
+// SAFETY: QuantJobs is plain old data with the C layout of the kernel's `struct QuantJobs`.
+unsafe impl flowgate_cuda::cudarc::driver::DeviceRepr for QuantJobs {}
+
+/// Formats whose decode mat-vec runs on 8-bit activations (`matvec1q8_*` in matvec_q8.cu).
+const Q8_ACTIVATION_DTYPES: [&str; 1] = ["q4_k"];
+
+/// Bytes of one quantised activation vector of `cols` values: the int8 values, one f32 scale
+/// per 32, padded to 16 bytes (the kernels load 16 bytes at a time).
+fn q8_bytes(cols: usize) -> usize {
+    (cols + cols / 32 * 4).next_multiple_of(16)
+}
+
 /// Runs everything on one CUDA device.
 pub struct CudaBackend {
     device: Device,
@@ -337,6 +410,10 @@ pub struct CudaBackend {
     sms: usize,
     profile: Option<Mutex<Profile>>,
     tf32: bool,
+    q8_activations: std::sync::atomic::AtomicBool,
+    /// Zeroed per-(token, head) counters of the split-K attention's last-block merge (each
+    /// use leaves them zero again); grown on demand.
+    attn_counters: Mutex<Option<DeviceBuffer>>,
 }
 
 /// Per-kernel device time, when `FLOWGATE_CUDA_PROFILE` is set: each launch and copy is
@@ -436,10 +513,22 @@ impl CudaBackend {
             rope_freqs: Mutex::new(None),
             sms,
             tf32: std::env::var("FLOWGATE_CUDA_TF32").map_or(true, |v| v != "0"),
+            attn_counters: Mutex::new(None),
+            q8_activations: std::sync::atomic::AtomicBool::new(
+                std::env::var("FLOWGATE_CUDA_Q8").map_or(true, |v| v != "0"),
+            ),
             profile: std::env::var_os("FLOWGATE_CUDA_PROFILE")
                 .filter(|v| !v.is_empty() && v != "0")
                 .map(|_| Mutex::new(Profile::default())),
         })
+    }
+
+    /// Whether decode mat-vecs of the formats that support it (Q4_K) quantise the activations
+    /// to 8 bits and use dp4a (the default; `FLOWGATE_CUDA_Q8=0` turns it off). Off, every
+    /// format runs on f32 activations and matches a float reference up to summation order.
+    pub fn set_q8_activations(&self, on: bool) {
+        self.q8_activations
+            .store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The device.
@@ -565,6 +654,7 @@ impl CudaBackend {
                 Arg::I(v) => b.arg(v),
                 Arg::F(v) => b.arg(v),
                 Arg::J(v) => b.arg(*v),
+                Arg::Q(v) => b.arg(*v),
                 Arg::R(v) => b.arg(*v),
             };
         }
@@ -643,6 +733,30 @@ impl CudaBackend {
         let r = unsafe { sys::cuMemcpyDtoDAsync_v2(dst, src, bytes, self.stream.cu_stream()) };
         if r != sys::CUresult::CUDA_SUCCESS {
             self.fail(format!("cuMemcpyDtoDAsync: {r:?}"));
+        }
+    }
+
+    /// Address of at least `n` zeroed attention merge counters (see `attention.cu`).
+    fn attn_counters(&self, n: usize) -> Option<u64> {
+        let mut c = lock(&self.attn_counters);
+        if let Some(b) = c.as_ref() {
+            if b.len() >= n * 4 {
+                return Some(b.ptr());
+            }
+        }
+        match self.alloc.alloc((n * 4).next_power_of_two().max(1024)) {
+            Ok(b) => {
+                self.memset0(b.ptr(), b.len() / 4);
+                let p = b.ptr();
+                // The old buffer may still be in use by queued kernels: it is freed only
+                // after them, as cuMemFree synchronises.
+                *c = Some(b);
+                Some(p)
+            }
+            Err(e) => {
+                self.fail(format!("attention counters: {e}"));
+                None
+            }
         }
     }
 
@@ -796,6 +910,7 @@ impl Backend for CudaBackend {
     type Buf = CudaBuf;
     type Weight = CudaWeight;
     type Kv = CudaKv;
+    type Experts = CudaExperts;
 
     fn name(&self) -> String {
         self.name.clone()
@@ -927,6 +1042,43 @@ impl Backend for CudaBackend {
         self.norm_rows(x.ptr(), w, dim, eps, out.ptr(), x.len / dim);
     }
 
+    fn add_rms_norm(
+        &self,
+        x: &mut CudaBuf,
+        y: &CudaBuf,
+        w: &CudaBuf,
+        dim: usize,
+        eps: f32,
+        out: &mut CudaBuf,
+    ) {
+        if dim == 0 || x.len == 0 || y.len < x.len || w.len < dim || !x.len.is_multiple_of(dim) {
+            self.add(x, y);
+            self.rms_norm(x, w, dim, eps, out);
+            return;
+        }
+        if !self.ensure(out, x.len) {
+            return;
+        }
+        let threads = (dim.div_ceil(4).next_multiple_of(32)).clamp(32, 1024) as u32;
+        let cfg = LaunchConfig {
+            grid_dim: ((x.len / dim) as u32, 1, 1),
+            block_dim: (threads, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        self.launch(
+            &self.kernels.add_rms_norm,
+            cfg,
+            &[
+                Arg::P(x.ptr()),
+                Arg::P(y.ptr()),
+                Arg::P(w.ptr()),
+                Arg::P(out.ptr()),
+                Arg::I(dim as i32),
+                Arg::F(eps),
+            ],
+        );
+    }
+
     fn rms_norm_inplace(&self, x: &mut CudaBuf, w: &CudaBuf, dim: usize, eps: f32) {
         if dim == 0 || x.len == 0 {
             return;
@@ -949,7 +1101,9 @@ impl Backend for CudaBackend {
         if !self.ensure(out, n_tokens * w.rows) {
             return;
         }
-        if n_tokens == 1 {
+        if n_tokens == 1 && self.q8_kernel(w).is_some() {
+            self.matvec1_grouped(&[(w, x.ptr(), out.ptr())]);
+        } else if n_tokens == 1 {
             let wpr = warps_per_row(w.rows, w.cols);
             let cfg = LaunchConfig {
                 grid_dim: ((w.rows as u32).div_ceil(8 / wpr), 1, 1),
@@ -1169,6 +1323,63 @@ impl Backend for CudaBackend {
         );
     }
 
+    /// One token: one fused launch (`qk_rope_kv` in rope.cu). Batches: the basic operations.
+    fn qk_rope_kv(
+        &self,
+        q: &mut CudaBuf,
+        k: &mut CudaBuf,
+        v: &CudaBuf,
+        kv: &mut CudaKv,
+        norms: Option<(&CudaBuf, &CudaBuf, f32)>,
+        r: &QkRope<'_>,
+    ) {
+        let hd = r.head_dim;
+        let kvw = r.n_kv_heads * hd;
+        let fused = r.n_tokens == 1
+            && hd.is_multiple_of(2)
+            && (2..=512).contains(&hd)
+            && r.inv_freq.len() >= hd / 2
+            && q.len >= r.n_heads * hd
+            && k.len >= kvw
+            && v.len >= kvw
+            && kv.width == kvw
+            && r.start_pos < kv.capacity
+            && norms.is_none_or(|(qn, kn, _)| qn.len >= hd && kn.len >= hd);
+        if !fused {
+            return crate::backend::qk_rope_kv_unfused(self, q, k, v, kv, norms, r);
+        }
+        let Some(f) = self.inv_freq_buf(r.inv_freq) else {
+            return;
+        };
+        let (qn, kn, eps) = norms.map_or((0, 0, 0.0), |(a, b, e)| (a.ptr(), b.ptr(), e));
+        let threads = (hd / 2).next_multiple_of(32) as u32;
+        self.launch(
+            &self.kernels.qk_rope_kv,
+            LaunchConfig {
+                grid_dim: ((r.n_heads + r.n_kv_heads) as u32, 1, 1),
+                block_dim: (threads, 1, 1),
+                shared_mem_bytes: 0,
+            },
+            &[
+                Arg::P(q.ptr()),
+                Arg::P(k.ptr()),
+                Arg::P(v.ptr()),
+                Arg::P(qn),
+                Arg::P(kn),
+                Arg::F(eps),
+                Arg::I(norms.is_some() as i32),
+                Arg::P(kv.k.ptr()),
+                Arg::P(kv.v.ptr()),
+                Arg::P(f),
+                Arg::I(r.n_heads as i32),
+                Arg::I(r.n_kv_heads as i32),
+                Arg::I(hd as i32),
+                Arg::I(r.start_pos as i32),
+                Arg::I(matches!(r.style, RopeStyle::Interleaved) as i32),
+            ],
+        );
+    }
+
     fn kv_alloc(&self, n_kv_heads: usize, head_dim: usize, capacity: usize) -> Result<CudaKv> {
         let width = n_kv_heads * head_dim;
         let n = width
@@ -1254,6 +1465,14 @@ impl Backend for CudaBackend {
         } else {
             None
         };
+        let counters = if splits > 1 {
+            match self.attn_counters(blocks) {
+                Some(c) => c,
+                None => return,
+            }
+        } else {
+            0
+        };
         let cfg = LaunchConfig {
             grid_dim: (p.n_heads as u32, p.n_tokens as u32, splits as u32),
             block_dim: (32 * warps as u32, 1, 1),
@@ -1268,6 +1487,7 @@ impl Backend for CudaBackend {
                 Arg::P(kv.v.ptr()),
                 Arg::P(out.ptr()),
                 Arg::P(part.as_ref().map_or(0, |b| b.ptr())),
+                Arg::P(counters),
                 Arg::I(p.start_pos as i32),
                 Arg::I(p.n_heads as i32),
                 Arg::I(p.n_kv_heads as i32),
@@ -1276,24 +1496,9 @@ impl Backend for CudaBackend {
                 Arg::F(p.scale),
             ],
         );
-        if let Some(part) = &part {
-            let cfg = LaunchConfig {
-                grid_dim: (p.n_heads as u32, p.n_tokens as u32, 1),
-                block_dim: (hd.next_multiple_of(32).min(256) as u32, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            self.launch(
-                &self.kernels.attention_combine,
-                cfg,
-                &[
-                    Arg::P(part.ptr()),
-                    Arg::P(out.ptr()),
-                    Arg::I(p.n_heads as i32),
-                    Arg::I(hd as i32),
-                    Arg::I(splits as i32),
-                ],
-            );
-        }
+        // `part` goes back to the pool after the launch: stream order keeps it intact until
+        // the kernel (which merges it) has finished.
+        drop(part);
     }
 
     fn gather_rows(&self, x: &CudaBuf, dim: usize, idx: &[usize]) -> Result<CudaBuf> {
@@ -1397,12 +1602,326 @@ impl Backend for CudaBackend {
             self.check()
         }
     }
+
+    /// Experts of one shape and format each for gate/up and down: their addresses go into
+    /// one device table (gate addresses, then up, then down).
+    fn experts(&self, ex: &[[&CudaWeight; 3]]) -> Result<Option<CudaExperts>> {
+        let Some([g0, _, d0]) = ex.first() else {
+            return Ok(None);
+        };
+        let same = |a: &CudaWeight, b: &CudaWeight| {
+            a.kind == b.kind && a.rows == b.rows && a.cols == b.cols
+        };
+        let fits = d0.cols == g0.rows
+            && ex
+                .iter()
+                .all(|[g, u, d]| same(g, g0) && same(u, g0) && same(d, d0));
+        if !fits {
+            return Ok(None);
+        }
+        let n = ex.len();
+        let mut bytes = Vec::with_capacity(3 * n * 8);
+        for which in 0..3 {
+            for e in ex {
+                bytes.extend_from_slice(&e[which].mem.ptr().to_le_bytes());
+            }
+        }
+        let tables = self.new_buf(bytes.len() / 4)?;
+        self.upload(tables.ptr(), &bytes);
+        self.check()?;
+        Ok(Some(CudaExperts {
+            tables,
+            n,
+            kind: g0.kind,
+            ffn: g0.rows,
+            hidden: g0.cols,
+            row_bytes: g0.row_bytes,
+            down_kind: d0.kind,
+            down_row_bytes: d0.row_bytes,
+        }))
+    }
+
+    /// Router product, top-k on the device, gate/up of the k experts as one expert-indexed
+    /// launch of 2k jobs, SiLU·mul, their downs as one launch of k, and the weighted sum:
+    /// 6–8 launches and no host synchronisation.
+    fn moe_decode(
+        &self,
+        e: &CudaExperts,
+        router: &CudaWeight,
+        h: &CudaBuf,
+        k: usize,
+        renormalise: bool,
+        out: &mut CudaBuf,
+    ) -> Result<()> {
+        if k == 0 || k > 64 || k > e.n || e.n > 4096 || router.rows != e.n || h.len < e.hidden {
+            return Err(EngineError::Invalid(format!(
+                "moe_decode: {k} of {} experts (router rows {}, input {} of {})",
+                e.n, router.rows, h.len, e.hidden
+            )));
+        }
+        let mut logits = self.new_buf(e.n)?;
+        self.matmul(router, h, 1, &mut logits);
+        // ids (k ints) then weights (k floats).
+        let routed = self.new_buf(2 * k)?;
+        let (ids, wts) = (routed.ptr(), routed.ptr() + 4 * k as u64);
+        self.launch(
+            &self.kernels.router_topk,
+            LaunchConfig {
+                grid_dim: (1, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            },
+            &[
+                Arg::P(logits.ptr()),
+                Arg::I(e.n as i32),
+                Arg::I(k as i32),
+                Arg::I(renormalise as i32),
+                Arg::P(ids),
+                Arg::P(wts),
+            ],
+        );
+        let t = |i: u64| e.tables.ptr() + i * 8 * e.n as u64;
+        // gu = [gate of the k experts | up of the k experts], ffn values each.
+        let gu = self.new_buf(2 * k * e.ffn)?;
+        self.matvec1_experts(
+            (t(0), t(1)),
+            ids,
+            k,
+            2 * k,
+            h.ptr(),
+            0,
+            gu.ptr(),
+            (e.kind, e.ffn, e.hidden, e.row_bytes),
+        );
+        let n = (k * e.ffn) as u64;
+        self.launch(
+            &self.kernels.silu_mul,
+            grid_1d(n, 256),
+            &[Arg::P(gu.ptr()), Arg::P(gu.ptr() + 4 * n), Arg::P(n)],
+        );
+        let ys = self.new_buf(k * e.hidden)?;
+        self.matvec1_experts(
+            (t(2), t(2)),
+            ids,
+            k,
+            k,
+            gu.ptr(),
+            e.ffn,
+            ys.ptr(),
+            (e.down_kind, e.hidden, e.ffn, e.down_row_bytes),
+        );
+        if !self.ensure(out, e.hidden) {
+            return self.check();
+        }
+        self.launch(
+            &self.kernels.moe_combine,
+            grid_1d(e.hidden as u64, 256),
+            &[
+                Arg::P(ys.ptr()),
+                Arg::P(wts),
+                Arg::I(k as i32),
+                Arg::I(e.hidden as i32),
+                Arg::P(out.ptr()),
+            ],
+        );
+        self.check()
+    }
 }
 
 impl CudaBackend {
+    /// The 8-bit-activation decode kernel for `w`'s format, when it has one and it is on.
+    fn q8_kernel(&self, w: &CudaWeight) -> Option<&K> {
+        self.q8_on(w.kind, w.cols)?;
+        self.kernels.matvec1q8.get(w.kind)?.as_ref()
+    }
+
+    /// Whether products of format `kind` and width `cols` run on 8-bit activations.
+    fn q8_on(&self, kind: usize, cols: usize) -> Option<()> {
+        let on = self
+            .q8_activations
+            .load(std::sync::atomic::Ordering::Relaxed)
+            && cols.is_multiple_of(256)
+            && self.kernels.matvec1q8.get(kind)?.is_some();
+        on.then_some(())
+    }
+
+    /// Quantises the f32 vectors at `xs` (`cols` values each) into consecutive q8 vectors of
+    /// a new buffer (stride `q8_bytes(cols)`).
+    fn quantize_vectors(&self, xs: &[u64], cols: usize) -> Option<CudaBuf> {
+        let stride = q8_bytes(cols) as u64;
+        let Ok(qbuf) = self.new_buf((stride as usize * xs.len()).div_ceil(4)) else {
+            self.fail(format!(
+                "allocating {} quantised activation vectors",
+                xs.len()
+            ));
+            return None;
+        };
+        for (c, chunk) in xs.chunks(MAXQ).enumerate() {
+            let mut p = QuantJobs {
+                x: [0; MAXQ],
+                q: [0; MAXQ],
+            };
+            for (i, &x) in chunk.iter().enumerate() {
+                p.x[i] = x;
+                p.q[i] = qbuf.ptr() + (c * MAXQ + i) as u64 * stride;
+            }
+            let groups = (cols / 32) as u32;
+            let cfg = LaunchConfig {
+                grid_dim: (groups.div_ceil(8), chunk.len() as u32, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            self.launch(
+                &self.kernels.quantize_q8,
+                cfg,
+                &[Arg::Q(&p), Arg::I(cols as i32)],
+            );
+        }
+        Some(qbuf)
+    }
+
+    /// Expert-indexed single-token products (`matvec1x_*` / `matvec1q8x_*`): job j of
+    /// `jobs` multiplies expert `ids[j % k]` of table `ta` (j < k) or `tb` with the input at
+    /// `x + (j % k) * stride` into `y + j * rows`.
+    #[allow(clippy::too_many_arguments)]
+    fn matvec1_experts(
+        &self,
+        (ta, tb): (u64, u64),
+        ids: u64,
+        k: usize,
+        jobs: usize,
+        x: u64,
+        x_stride_floats: usize,
+        y: u64,
+        (kind, rows, cols, row_bytes): (usize, usize, usize, usize),
+    ) {
+        if self.q8_on(kind, cols).is_some() {
+            let xs: Vec<u64> = if x_stride_floats == 0 {
+                vec![x]
+            } else {
+                (0..k)
+                    .map(|i| x + (i * x_stride_floats * 4) as u64)
+                    .collect()
+            };
+            let Some(q) = self.quantize_vectors(&xs, cols) else {
+                return;
+            };
+            let Some(kq) = self.kernels.matvec1q8x.get(kind).and_then(|k| k.as_ref()) else {
+                return;
+            };
+            let stride = if x_stride_floats == 0 {
+                0
+            } else {
+                q8_bytes(cols)
+            };
+            let cfg = LaunchConfig {
+                grid_dim: ((rows as u32).div_ceil(8), jobs as u32, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            self.launch(
+                kq,
+                cfg,
+                &[
+                    Arg::P(ta),
+                    Arg::P(tb),
+                    Arg::P(ids),
+                    Arg::I(k as i32),
+                    Arg::P(q.ptr()),
+                    Arg::P(stride as u64),
+                    Arg::P(y),
+                    Arg::I(rows as i32),
+                    Arg::I(cols as i32),
+                    Arg::P(row_bytes as u64),
+                ],
+            );
+            return;
+        }
+        let wpr = warps_per_row(rows * jobs, cols);
+        let cfg = LaunchConfig {
+            grid_dim: ((rows as u32).div_ceil(8 / wpr), jobs as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        self.launch(
+            &self.kernels.matvec1x[kind],
+            cfg,
+            &[
+                Arg::P(ta),
+                Arg::P(tb),
+                Arg::P(ids),
+                Arg::I(k as i32),
+                Arg::P(x),
+                Arg::P(x_stride_floats as u64),
+                Arg::P(y),
+                Arg::I(rows as i32),
+                Arg::I(cols as i32),
+                Arg::P(row_bytes as u64),
+                Arg::I(wpr as i32),
+            ],
+        );
+    }
+
+    /// Single-token products on 8-bit activations: the distinct input vectors are quantised
+    /// in one launch, then the products run as one grouped launch per 16 jobs.
+    fn matvec1_grouped_q8(&self, k: &K, jobs: &[(&CudaWeight, u64, u64)]) {
+        let cols = jobs[0].0.cols;
+        let mut xs: Vec<u64> = Vec::new();
+        for j in jobs {
+            if !xs.contains(&j.1) {
+                xs.push(j.1);
+            }
+        }
+        let stride = q8_bytes(cols) as u64;
+        let Some(qbuf) = self.quantize_vectors(&xs, cols) else {
+            return;
+        };
+        let qptr = |i: usize| qbuf.ptr() + i as u64 * stride;
+        for chunk in jobs.chunks(MAXJ) {
+            let w0 = chunk[0].0;
+            let max_rows = chunk.iter().map(|j| j.0.rows).max().unwrap_or(0);
+            let mut p = MvJobs {
+                w: [0; MAXJ],
+                x: [0; MAXJ],
+                y: [0; MAXJ],
+                rows: [0; MAXJ],
+            };
+            for (i, (w, x, y)) in chunk.iter().enumerate() {
+                let xi = xs.iter().position(|v| v == x).unwrap_or(0);
+                p.w[i] = w.mem.ptr();
+                p.x[i] = qptr(xi);
+                p.y[i] = *y;
+                p.rows[i] = w.rows as i32;
+            }
+            // One warp per row, 8 warps per block (tools/device/matvec_bench.cu: 2 rows per
+            // warp and 4-warp blocks were not faster).
+            let cfg = LaunchConfig {
+                grid_dim: ((max_rows as u32).div_ceil(8), chunk.len() as u32, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            self.launch(
+                k,
+                cfg,
+                &[Arg::J(&p), Arg::P(w0.row_bytes as u64), Arg::I(cols as i32)],
+            );
+        }
+    }
+
     /// Single-token products `y = W · x` of matrices of one format and width, in launches of
     /// up to MAXJ jobs: (weight, x address, y address).
     fn matvec1_grouped(&self, jobs: &[(&CudaWeight, u64, u64)]) {
+        let Some(first) = jobs.first() else {
+            return;
+        };
+        if let Some(k) = self.q8_kernel(first.0) {
+            if jobs
+                .iter()
+                .all(|j| j.0.kind == first.0.kind && j.0.cols == first.0.cols)
+            {
+                return self.matvec1_grouped_q8(k, jobs);
+            }
+        }
         for chunk in jobs.chunks(MAXJ) {
             let w0 = chunk[0].0;
             let max_rows = chunk.iter().map(|j| j.0.rows).max().unwrap_or(0);

@@ -8,13 +8,48 @@
 // warp w takes every NW-th key. A warp holds the query and its output accumulator spread over
 // its lanes (element d on lane d % 32), computes each score with a shuffle reduction and
 // updates a running max / sum / weighted V. The warps of a block are merged through shared
-// memory; with splits > 1 each block writes (max, sum, acc) to `part` and attention_combine
-// merges them.
+// memory; with splits > 1 each block writes (max, sum, acc) to `part`, and the last block of a
+// (t, h) to finish (counted in `counters`, which it resets to zero) merges them: one launch,
+// where a separate combine kernel cost a second launch per layer.
 #define MAXD 8  // head_dim <= 256
+
+// A global load that bypasses L1 (other blocks wrote the value; L1 is not coherent).
+__device__ __forceinline__ float ld_cg(const float* p) {
+    float v;
+    asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(p));
+    return v;
+}
+
+// Merges the per-split partial results of query (t, h) (threads of one block over the
+// elements).
+__device__ __forceinline__ void combine_splits(const float* __restrict__ part,
+                                               float* __restrict__ out, int t, int h,
+                                               int n_heads, int head_dim, int splits) {
+    const float* pp = part + ((u64)t * n_heads + h) * splits * (u64)(head_dim + 2);
+    float M = -INFINITY;
+    for (int s = 0; s < splits; s++)
+        if (ld_cg(pp + s * (head_dim + 2) + 1) > 0.0f) M = fmaxf(M, ld_cg(pp + s * (head_dim + 2)));
+    float L = 0.0f;
+    for (int s = 0; s < splits; s++) {
+        const float* q = pp + s * (head_dim + 2);
+        float l = ld_cg(q + 1);
+        if (l > 0.0f) L += l * expf(ld_cg(q) - M);
+    }
+    float* o = out + ((u64)t * n_heads + h) * head_dim;
+    for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
+        float a = 0.0f;
+        for (int s = 0; s < splits; s++) {
+            const float* q = pp + s * (head_dim + 2);
+            if (ld_cg(q + 1) > 0.0f) a += ld_cg(q + 2 + d) * expf(ld_cg(q) - M);
+        }
+        o[d] = a / L;
+    }
+}
 
 extern "C" __global__ void attention(const float* __restrict__ q, const float* __restrict__ K,
                                      const float* __restrict__ V, float* __restrict__ out,
-                                     float* __restrict__ part, int start_pos, int n_heads,
+                                     float* __restrict__ part, int* __restrict__ counters,
+                                     int start_pos, int n_heads,
                                      int n_kv_heads, int head_dim, int window, float scale) {
     extern __shared__ float sm[];
     int h = blockIdx.x, t = blockIdx.y, split = blockIdx.z, splits = gridDim.z;
@@ -98,30 +133,17 @@ extern "C" __global__ void attention(const float* __restrict__ q, const float* _
                 if (sm_l[w] > 0.0f) a += sm_a[w * head_dim + d] * expf(sm_m[w] - M);
             pp[2 + d] = a;
         }
+        // Publish this split, then count it; the last one merges all splits.
+        __shared__ int is_last;
+        __threadfence();
+        __syncthreads();
+        int* counter = counters + (u64)t * n_heads + h;
+        if (threadIdx.x == 0) is_last = atomicAdd(counter, 1) == splits - 1;
+        __syncthreads();
+        if (!is_last) return;
+        __threadfence();
+        if (threadIdx.x == 0) *counter = 0;
+        combine_splits(part, out, t, h, n_heads, head_dim, splits);
     }
 }
 
-// Merges the per-split partial results: grid (n_heads, n_tokens), one thread per element.
-extern "C" __global__ void attention_combine(const float* __restrict__ part,
-                                             float* __restrict__ out, int n_heads, int head_dim,
-                                             int splits) {
-    int h = blockIdx.x, t = blockIdx.y;
-    const float* pp = part + ((u64)t * n_heads + h) * splits * (u64)(head_dim + 2);
-    float M = -INFINITY;
-    for (int s = 0; s < splits; s++)
-        if (pp[s * (head_dim + 2) + 1] > 0.0f) M = fmaxf(M, pp[s * (head_dim + 2)]);
-    float L = 0.0f;
-    for (int s = 0; s < splits; s++) {
-        const float* q = pp + s * (head_dim + 2);
-        if (q[1] > 0.0f) L += q[1] * expf(q[0] - M);
-    }
-    float* o = out + ((u64)t * n_heads + h) * head_dim;
-    for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
-        float a = 0.0f;
-        for (int s = 0; s < splits; s++) {
-            const float* q = pp + s * (head_dim + 2);
-            if (q[1] > 0.0f) a += q[2 + d] * expf(q[0] - M);
-        }
-        o[d] = a / L;
-    }
-}

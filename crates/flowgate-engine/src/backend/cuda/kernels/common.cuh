@@ -40,3 +40,13 @@ __device__ __forceinline__ float warp_max(float v) {
     for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
     return v;
 }
+
+// Jobs of one grouped mat-vec launch (matvec_quant.cu, matvec_q8.cu), passed by value: job j
+// multiplies matrix w[j] (rows[j] rows) with vector x[j] into y[j].
+#define MAXJ 16
+struct MvJobs {
+    u64 w[MAXJ];
+    u64 x[MAXJ];
+    u64 y[MAXJ];
+    int rows[MAXJ];
+};

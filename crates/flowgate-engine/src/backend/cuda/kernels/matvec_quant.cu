@@ -156,13 +156,7 @@ __device__ __forceinline__ void matvec1_body(const u8* __restrict__ W, u64 row_b
 // matvec1g: up to MAXJ single-token products in one launch — matrices of one format and
 // width, rows may differ (q/k/v, gate/up, the chosen experts of a MoE layer). The jobs are
 // passed by value as a kernel parameter (no upload); job blockIdx.y, blocks past its rows exit.
-#define MAXJ 16
-struct MvJobs {
-    u64 w[MAXJ];
-    u64 x[MAXJ];
-    u64 y[MAXJ];
-    int rows[MAXJ];
-};
+// (MvJobs and MAXJ are in common.cuh: matvec_q8.cu uses them too.)
 
 // Dequantises rows into f32: output row j is weight row `ids[j]` (or `row0 + j` without ids).
 // Grid: x over groups of 8 elements of a row (one per thread), y over rows (striding by
@@ -196,6 +190,10 @@ __device__ __forceinline__ void dequant_body(const u8* __restrict__ W, u64 row_b
     }
 }
 
+// matvec1x (MoE decode routed on the device): the matrix of job j (blockIdx.y) is expert
+// ids[j % k]'s, looked up in the device table ta (jobs below k) or tb (the others); its input
+// is x + (j % k) * x_stride floats and its output y + j * rows. Gate and up of k experts are
+// one launch of 2k jobs (ta = gate table, tb = up table, x_stride 0); their downs one of k.
 #define INSTANTIATE(NAME, DT)                                                                   \
     extern "C" __global__ void matvec_##NAME(const u8* W, u64 row_bytes, const float* x,       \
                                              float* y, int rows, int cols, int ntok,           \
@@ -212,6 +210,14 @@ __device__ __forceinline__ void dequant_body(const u8* __restrict__ W, u64 row_b
         if ((int)blockIdx.x * (8 / wpr) >= rows) return;                                      \
         matvec1_body<DT>((const u8*)jobs.w[j], row_bytes, (const float*)jobs.x[j],             \
                          (float*)jobs.y[j], rows, cols, wpr);                                  \
+    }                                                                                          \
+    extern "C" __global__ void matvec1x_##NAME(const u64* ta, const u64* tb, const int* ids,      \
+                                               int k, const float* x, u64 x_stride, float* y,   \
+                                               int rows, int cols, u64 row_bytes, int wpr) {    \
+        int j = blockIdx.y;                                                                    \
+        const u8* W = (const u8*)(j < k ? ta : tb)[ids[j % k]];                                \
+        matvec1_body<DT>(W, row_bytes, x + (u64)(j % k) * x_stride, y + (u64)j * rows, rows,   \
+                         cols, wpr);                                                           \
     }                                                                                          \
     extern "C" __global__ void dequant_##NAME(const u8* W, u64 row_bytes, const u32* ids,      \
                                               u64 row0, float* out, int nrows, int cols) {     \

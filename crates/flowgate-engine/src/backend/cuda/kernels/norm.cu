@@ -23,3 +23,32 @@ extern "C" __global__ void rms_norm(const float* x, const float* w, float* out, 
     float r = (float)(1.0 / sqrt((double)part[0] / (double)dim + (double)eps));
     for (int i = threadIdx.x; i < dim; i += blockDim.x) orow[i] = xr[i] * r * w[i];
 }
+
+// The residual add fused with the next RMSNorm: x += y, then out = rms_norm(x) · w, one block
+// per row (each thread normalises the values it added).
+extern "C" __global__ void add_rms_norm(float* x, const float* y, const float* w, float* out,
+                                        int dim, float eps) {
+    __shared__ float part[32];
+    float* xr = x + (u64)blockIdx.x * dim;
+    const float* yr = y + (u64)blockIdx.x * dim;
+    float* orow = out + (u64)blockIdx.x * dim;
+    float ss = 0.0f;
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) {
+        float v = xr[i] + yr[i];
+        xr[i] = v;
+        ss += v * v;
+    }
+    ss = warp_sum(ss);
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    if (lane == 0) part[warp] = ss;
+    __syncthreads();
+    if (warp == 0) {
+        int nw = blockDim.x >> 5;
+        float v = lane < nw ? part[lane] : 0.0f;
+        v = warp_sum(v);
+        if (lane == 0) part[0] = v;
+    }
+    __syncthreads();
+    float r = (float)(1.0 / sqrt((double)part[0] / (double)dim + (double)eps));
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) orow[i] = xr[i] * r * w[i];
+}

@@ -20,3 +20,57 @@ extern "C" __global__ void rope(float* x, const float* inv_freq, int n_tokens, i
     h[ia] = va * c - vb * s;
     h[ib] = vb * c + va * s;
 }
+
+// Decode (one token) of the attention block's middle, fused: one block per head (the n_heads
+// query heads, then the n_kv_heads key heads), one thread per rotated pair. Optionally the
+// head's RMSNorm (qwen3: per-head q/k norms; same float order as rms_norm), then RoPE at
+// position `pos`; query heads are rotated in place, key heads are rotated into k and into the
+// cache row `pos` of kc, whose value row of vc gets v. Replaces up to two norms, two ropes and
+// two cache copies.
+extern "C" __global__ void qk_rope_kv(float* q, float* k, const float* v, const float* qn,
+                                      const float* kn, float eps, int has_norm, float* kc,
+                                      float* vc, const float* inv_freq, int n_heads,
+                                      int n_kv_heads, int head_dim, int pos, int interleaved) {
+    __shared__ float part[32];
+    int hidx = blockIdx.x;
+    bool isq = hidx < n_heads;
+    int head = isq ? hidx : hidx - n_heads;
+    float* x = (isq ? q : k) + (u64)head * head_dim;
+    int half = head_dim / 2;
+    int i = threadIdx.x;
+    int ia = interleaved ? 2 * i : i;
+    int ib = interleaved ? 2 * i + 1 : i + half;
+    float va = 0.0f, vb = 0.0f;
+    if (i < half) {
+        va = x[ia];
+        vb = x[ib];
+    }
+    if (has_norm) {
+        float ss = warp_sum(va * va + vb * vb);
+        int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+        if (lane == 0) part[warp] = ss;
+        __syncthreads();
+        float tot = 0.0f;
+        for (int w = 0; w < (int)(blockDim.x >> 5); w++) tot += part[w];
+        float r = (float)(1.0 / sqrt((double)tot / (double)head_dim + (double)eps));
+        const float* nw = isq ? qn : kn;
+        if (i < half) {
+            va = va * r * nw[ia];
+            vb = vb * r * nw[ib];
+        }
+    }
+    if (i >= half) return;
+    float a = (float)pos * inv_freq[i];
+    float c = cosf(a), s = sinf(a);
+    float na = va * c - vb * s, nb = vb * c + va * s;
+    x[ia] = na;
+    x[ib] = nb;
+    if (!isq) {
+        u64 row = (u64)pos * n_kv_heads * head_dim + (u64)head * head_dim;
+        kc[row + ia] = na;
+        kc[row + ib] = nb;
+        const float* vs = v + (u64)head * head_dim;
+        vc[row + ia] = vs[ia];
+        vc[row + ib] = vs[ib];
+    }
+}

@@ -1,0 +1,122 @@
+// Decode mat-vec with the activations quantised to 8 bits (dp4a), as llama.cpp's MMVQ does:
+// the f32 kernels of matvec_quant.cu spend their time converting nibbles to floats and
+// reading 32 bytes of f32 activations from L1 per 16 bytes of weights; here a lane multiplies
+// 16 bytes of quants (32 weights) with 32 bytes of int8 activations in 8 dp4a instructions.
+//
+// Quantised vector layout ("q8 vector", made by `quantize_q8`): `cols` int8 values, then
+// cols/32 f32 scales (one per 32 values, d = max|x| / 127, q = round(x / d)), the whole
+// region padded to 16 bytes (q8_bytes() on the host). Error: each activation is rounded to
+// 1/254 of its 32-block's largest magnitude, the same order as the weights' own rounding
+// (the CPU backend rounds activations to Q8_K blocks of 256 the same way).
+
+__device__ __forceinline__ int dp4a(int a, int b, int c) {
+    int r;
+    asm("dp4a.s32.s32 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(c));
+    return r;
+}
+
+// Jobs of one launch: vector j is x[j] (f32) → q[j] (a q8 vector), `n` values each.
+#define MAXQ 16
+struct QuantJobs {
+    u64 x[MAXQ];
+    u64 q[MAXQ];
+};
+
+// One warp per 32 values: blockIdx.y is the job. n is a multiple of 32.
+extern "C" __global__ void quantize_q8(QuantJobs jobs, int n) {
+    int g = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    int lane = threadIdx.x & 31;
+    if (g * 32 >= n) return;
+    const float* x = (const float*)jobs.x[blockIdx.y];
+    u8* q = (u8*)jobs.q[blockIdx.y];
+    float v = x[g * 32 + lane];
+    float amax = warp_max(fabsf(v));
+    float d = amax / 127.0f;
+    int iv = d > 0.0f ? __float2int_rn(v / d) : 0;
+    ((i8*)q)[g * 32 + lane] = (i8)iv;
+    if (lane == 0) ((float*)(q + n))[g] = d;
+}
+
+// Q4_K (144-byte blocks of 256: f16 d, f16 dmin, 12 bytes of 6-bit scales and mins, 128 bytes
+// of nibbles: byte 32*j + l holds element 64*j + l (low) and 64*j + 32 + l (high)).
+// A lane takes 16 bytes of one block's quants: bytes 32*j + 16*h .. +16, i.e. 16 weights of
+// sub-block 2j and 16 of 2j+1; 8 lanes cover a block, a warp 4 blocks per step; R rows per
+// warp share the activation loads.
+template <int R>
+__device__ __forceinline__ void mvq_q4_k(const u8* __restrict__ W, u64 row_bytes,
+                                         const u8* __restrict__ xv, float* __restrict__ y,
+                                         int rows, int cols, int r0, int lane) {
+    const i8* xq = (const i8*)xv;
+    const float* xd = (const float*)(xv + cols);
+    int nb = cols >> 8;
+    int j = (lane & 7) >> 1, h = lane & 1;
+    float acc[R];
+#pragma unroll
+    for (int r = 0; r < R; r++) acc[r] = 0.0f;
+    for (int blk = lane >> 3; blk < nb; blk += 4) {
+        int e = blk * 256 + 64 * j;
+        int4 a = *(const int4*)(xq + e + 16 * h);
+        int4 c = *(const int4*)(xq + e + 32 + 16 * h);
+        float dx0 = xd[e >> 5], dx1 = xd[(e >> 5) + 1];
+        int sa = dp4a(0x01010101, a.x, dp4a(0x01010101, a.y, dp4a(0x01010101, a.z, dp4a(0x01010101, a.w, 0))));
+        int sc = dp4a(0x01010101, c.x, dp4a(0x01010101, c.y, dp4a(0x01010101, c.z, dp4a(0x01010101, c.w, 0))));
+#pragma unroll
+        for (int r = 0; r < R; r++) {
+            if (R > 1 && r0 + r >= rows) break;
+            const u8* b = W + (u64)(r0 + r) * row_bytes + (u64)blk * 144;
+            uint4 q = *(const uint4*)(b + 16 + 32 * j + 16 * h);
+            u32 dm = *(const u32*)b;
+            const u8* s = b + 4;
+            int sc0, m0, sc1, m1;
+            scale_min_k4(2 * j, s, &sc0, &m0);
+            scale_min_k4(2 * j + 1, s, &sc1, &m1);
+            const int M = 0x0F0F0F0F;
+            int d0 = dp4a(q.x & M, a.x, dp4a(q.y & M, a.y, dp4a(q.z & M, a.z, dp4a(q.w & M, a.w, 0))));
+            int d1 = dp4a((q.x >> 4) & M, c.x,
+                          dp4a((q.y >> 4) & M, c.y, dp4a((q.z >> 4) & M, c.z, dp4a((q.w >> 4) & M, c.w, 0))));
+            float d = h2f((u16)(dm & 0xFFFF)), dmin = h2f((u16)(dm >> 16));
+            acc[r] += d * (dx0 * (float)(sc0 * d0) + dx1 * (float)(sc1 * d1)) -
+                      dmin * (dx0 * (float)(m0 * sa) + dx1 * (float)(m1 * sc));
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < R; r++) {
+        float v = warp_sum(acc[r]);
+        if (lane == 0 && r0 + r < rows) y[r0 + r] = v;
+    }
+}
+
+// Grouped launch: blockIdx.y is the job (MvJobs of matvec_quant.cu, x = a q8 vector); a block
+// of 8 warps covers 8·R rows; blocks past a job's rows exit.
+template <int R>
+__device__ __forceinline__ void mvq_q4_k_jobs(const MvJobs& jobs, u64 row_bytes, int cols) {
+    int j = blockIdx.y;
+    int rows = jobs.rows[j];
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    int r0 = (blockIdx.x * (blockDim.x >> 5) + warp) * R;
+    if (r0 >= rows) return;
+    mvq_q4_k<R>((const u8*)jobs.w[j], row_bytes, (const u8*)jobs.x[j], (float*)jobs.y[j], rows,
+                cols, r0, lane);
+}
+
+extern "C" __global__ void matvec1q8_q4_k(MvJobs jobs, u64 row_bytes, int cols) {
+    mvq_q4_k_jobs<1>(jobs, row_bytes, cols);
+}
+
+extern "C" __global__ void matvec1q8r2_q4_k(MvJobs jobs, u64 row_bytes, int cols) {
+    mvq_q4_k_jobs<2>(jobs, row_bytes, cols);
+}
+
+// Expert-indexed (see matvec1x in matvec_quant.cu): job j uses expert ids[j % k] of table ta
+// (j < k) or tb, the q8 vector at xq + (j % k) * x_stride bytes, and writes y + j * rows.
+extern "C" __global__ void matvec1q8x_q4_k(const u64* ta, const u64* tb, const int* ids, int k,
+                                           const u8* xq, u64 x_stride, float* y, int rows,
+                                           int cols, u64 row_bytes) {
+    int j = blockIdx.y;
+    const u8* W = (const u8*)(j < k ? ta : tb)[ids[j % k]];
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    int r0 = blockIdx.x * (blockDim.x >> 5) + warp;
+    if (r0 >= rows) return;
+    mvq_q4_k<1>(W, row_bytes, xq + (u64)(j % k) * x_stride, y + (u64)j * rows, rows, cols, r0,
+                lane);
+}

@@ -1,0 +1,81 @@
+// MoE decode routed on the device (no host synchronisation per sparse layer): the router's
+// softmax and top-k, and the weighted sum of the chosen experts' outputs. The experts'
+// products themselves are the expert-indexed mat-vecs (matvec1x_*, matvec1q8x_*).
+
+// Block-wide (value, index) maximum, ties to the lower index; every thread gets the result.
+__device__ __forceinline__ void block_argmax(float& v, int& i, float* sv, int* si) {
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        float ov = __shfl_xor_sync(0xffffffffu, v, o);
+        int oi = __shfl_xor_sync(0xffffffffu, i, o);
+        if (ov > v || (ov == v && oi < i)) { v = ov; i = oi; }
+    }
+    __syncthreads();
+    if (lane == 0) { sv[warp] = v; si[warp] = i; }
+    __syncthreads();
+    v = sv[0]; i = si[0];
+    for (int w = 1; w < nw; w++)
+        if (sv[w] > v || (sv[w] == v && si[w] < i)) { v = sv[w]; i = si[w]; }
+}
+
+__device__ __forceinline__ float block_sum(float v, float* sv) {
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
+    v = warp_sum(v);
+    __syncthreads();
+    if (lane == 0) sv[warp] = v;
+    __syncthreads();
+    float s = 0.0f;
+    for (int w = 0; w < nw; w++) s += sv[w];
+    return s;
+}
+
+// One block: softmax over n ≤ 4096 logits, the k largest probabilities (ties to the lower
+// index, as torch.topk and the host's route()), optionally renormalised to sum to one.
+// Writes ids[0..k] (int) and w[0..k].
+#define TOPK_MAXN 4096
+extern "C" __global__ void router_topk(const float* logits, int n, int k, int renorm, int* ids,
+                                       float* w) {
+    __shared__ float p[TOPK_MAXN];
+    __shared__ float sv[32];
+    __shared__ int si[32];
+    __shared__ float chosen[64];
+    float m = -INFINITY;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) m = fmaxf(m, logits[i]);
+    int dummy = 0;
+    block_argmax(m, dummy, sv, si);
+    float s = 0.0f;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        float e = expf(logits[i] - m);
+        p[i] = e;
+        s += e;
+    }
+    float sum = block_sum(s, sv);
+    for (int r = 0; r < k; r++) {
+        float v = -1.0f;
+        int bi = n;
+        for (int i = threadIdx.x; i < n; i += blockDim.x)
+            if (p[i] > v) { v = p[i]; bi = i; }  // ascending i: ties keep the lower index
+        block_argmax(v, bi, sv, si);
+        if (threadIdx.x == 0) {
+            ids[r] = bi;
+            chosen[r] = v / sum;
+            p[bi] = -1.0f;  // probabilities are ≥ 0: never picked again
+        }
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) {
+        float t = 0.0f;
+        for (int r = 0; r < k; r++) t += chosen[r];
+        for (int r = 0; r < k; r++) w[r] = renorm ? chosen[r] / t : chosen[r];
+    }
+}
+
+// out[i] = Σ_j w[j] · ys[j·n + i]: the chosen experts' outputs weighted by their routing weights.
+extern "C" __global__ void moe_combine(const float* ys, const float* w, int k, int n, float* out) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    float s = 0.0f;
+    for (int j = 0; j < k; j++) s += w[j] * ys[(u64)j * n + i];
+    out[i] = s;
+}
