@@ -8,6 +8,7 @@ mod common;
 mod commands;
 mod llamacpp;
 mod memlimit;
+mod plot;
 mod synth;
 
 use clap::{Parser, Subcommand};

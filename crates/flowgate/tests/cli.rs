@@ -346,11 +346,34 @@ fn closed_stdout_is_not_a_panic() {
 fn bench_moe_pages_experts_within_the_budget() {
     let fx = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/qwen3_moe");
     let fx = fx.to_str().unwrap();
-    // Find the dense part's size from a sweep's report, then ask for it plus two slots.
+    // Find the dense part's size from a sweep's report, then ask for it plus two slots. The
+    // sweep is also drawn (`--plot`): a PNG next to the JSON.
+    let d = tempfile::tempdir().unwrap();
+    let png = d.path().join("sweep.png");
     let sweep: serde_json::Value = serde_json::from_str(&ok(&[
-        "bench", "moe", fx, "--steps", "2", "--gen", "3", "--prompt", "2", "--json",
+        "bench",
+        "moe",
+        fx,
+        "--steps",
+        "2",
+        "--gen",
+        "3",
+        "--prompt",
+        "2",
+        "--json",
+        "--plot",
+        png.to_str().unwrap(),
     ]))
     .unwrap();
+    let bytes = std::fs::read(&png).expect("--plot wrote no file");
+    assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n", "not a PNG");
+    assert_eq!(&bytes[12..16], b"IHDR");
+    assert!(u32::from_be_bytes(bytes[16..20].try_into().unwrap()) > 0);
+    // A plot that cannot be written is refused before the sweep, in one line.
+    let e = fails(&["bench", "moe", fx, "--plot", "/no/such/folder/p.png"]);
+    assert!(e.contains("--plot") && e.contains("does not exist"), "{e}");
+    let e = fails(&["bench", "moe", fx, "--plot", "sweep.jpg"]);
+    assert!(e.contains(".png"), "{e}");
     let dense = sweep["dense_bytes"].as_u64().unwrap();
     let slot = sweep["expert_slot_bytes"].as_u64().unwrap();
     let n_experts = sweep["n_experts"].as_u64().unwrap();

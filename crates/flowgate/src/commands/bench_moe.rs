@@ -18,6 +18,9 @@
 //! states share one dominant direction), which flatters any cache; `--routing uniform` makes
 //! each token pick experts uniformly at random instead (same work per token), the case where a
 //! cache of a fraction f of the experts hits about f of the time.
+//!
+//! `--plot FILE.png` also draws the sweep: decode tok/s (left axis) and hit rate (right axis)
+//! against the budget, with llama.cpp's figure as a reference when `--llama-bench` measured it.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -80,6 +83,10 @@ pub struct MoeArgs {
     pub prefetch: bool,
     #[arg(long)]
     pub json: bool,
+    /// Also write the sweep as a PNG plot: decode tok/s (left axis) and expert-cache hit rate
+    /// (right axis) against the budget, llama.cpp's decode as a reference with `--llama-bench`.
+    #[arg(long, value_name = "FILE.png")]
+    pub plot: Option<PathBuf>,
 }
 
 fn parse_budget(s: &str) -> std::result::Result<u64, String> {
@@ -105,6 +112,10 @@ struct Run {
 }
 
 pub fn moe(a: MoeArgs) -> Result<()> {
+    if let Some(p) = &a.plot {
+        // Before the sweep, not after minutes of it.
+        crate::plot::check_png_path(p)?;
+    }
     let threads = crate::common::init_threads(a.threads)?;
     let file = flowgate_formats::model::open(&a.model)
         .with_context(|| format!("opening {}", a.model.display()))?;
@@ -235,7 +246,7 @@ pub fn moe(a: MoeArgs) -> Result<()> {
             })).collect::<Vec<_>>(),
         });
         outln!("{}", serde_json::to_string_pretty(&j)?);
-        return Ok(());
+        return plot(&a, threads, &prompt, &runs, llama);
     }
     outln!(
         "model     {} ({}), {} experts of {} each, dense part {}",
@@ -304,7 +315,67 @@ pub fn moe(a: MoeArgs) -> Result<()> {
     } else {
         outln!("The model's router: on flowgate's synthetic files it picks nearly the same experts for every token (see docs/benchmarks.md); trained models sit between that and uniform.");
     }
+    plot(&a, threads, &prompt, &runs, llama)?;
+    if let Some(p) = &a.plot {
+        outln!("plot: {}", p.display());
+    }
     Ok(())
+}
+
+/// The plot's title: the model file, the policy and the routing.
+fn plot_title(a: &MoeArgs) -> String {
+    let name = a.model.file_name().map_or_else(
+        || a.model.display().to_string(),
+        |n| n.to_string_lossy().into_owned(),
+    );
+    format!(
+        "flowgate bench moe: {name}, policy {}, routing {}",
+        a.policy.name(),
+        a.routing
+    )
+}
+
+/// `--plot`: the sweep measured in this process.
+fn plot(
+    a: &MoeArgs,
+    threads: usize,
+    prompt: &[u32],
+    runs: &[Run],
+    llama: Option<f64>,
+) -> Result<()> {
+    let Some(path) = &a.plot else {
+        return Ok(());
+    };
+    let sweep = crate::plot::Sweep {
+        title: plot_title(a),
+        subtitle: format!(
+            "CPU, {threads} threads, prompt {} + decode {} tokens per budget, misses from {}{}",
+            prompt.len(),
+            a.gen,
+            if a.cold {
+                "disk"
+            } else {
+                "the file (page cache allowed)"
+            },
+            if a.prefetch {
+                ", speculative prefetch"
+            } else {
+                ""
+            }
+        ),
+        budget_name: "RAM budget".into(),
+        points: runs
+            .iter()
+            .map(|r| crate::plot::SweepPoint {
+                budget_bytes: r.budget,
+                decode_tps: r.decode_tps,
+                hit_rate: r.hit_rate,
+                llama_tps: None,
+            })
+            .collect(),
+        llama_unlimited: llama,
+    };
+    crate::plot::write_sweep_png(path, &sweep)
 }
 
 /// `--cgroup`: each budget measured in child processes, each in its own memory cgroup.
@@ -376,7 +447,7 @@ fn compare_in_cgroups(a: &MoeArgs, budgets: &[u64], threads: usize) -> Result<()
             })).collect::<Vec<_>>(),
         });
         outln!("{}", serde_json::to_string_pretty(&j)?);
-        return Ok(());
+        return plot_cgroups(a, threads, &rows);
     }
     outln!(
         "model {}: each budget in its own memory cgroup (limit = budget + {}), page cache dropped before each run, {threads} threads, tg{}",
@@ -410,5 +481,44 @@ fn compare_in_cgroups(a: &MoeArgs, budgets: &[u64], threads: usize) -> Result<()
             ratio
         );
     }
+    plot_cgroups(a, threads, &rows)?;
+    if let Some(p) = &a.plot {
+        outln!("plot: {}", p.display());
+    }
     Ok(())
+}
+
+type CgroupRow = (
+    u64,
+    u64,
+    serde_json::Value,
+    Option<u64>,
+    Option<(f64, Option<u64>)>,
+);
+
+/// `--plot` with `--cgroup`: llama.cpp, when measured, is a point per budget (same limit).
+fn plot_cgroups(a: &MoeArgs, threads: usize, rows: &[CgroupRow]) -> Result<()> {
+    let Some(path) = &a.plot else {
+        return Ok(());
+    };
+    let sweep = crate::plot::Sweep {
+        title: plot_title(a),
+        subtitle: format!(
+            "CPU, {threads} threads, decode {} tokens, each budget in a memory cgroup of budget + {}, page cache dropped before each run",
+            a.gen,
+            fmt_size(a.headroom)
+        ),
+        budget_name: "RAM budget".into(),
+        points: rows
+            .iter()
+            .map(|(b, _, run, _, ll)| crate::plot::SweepPoint {
+                budget_bytes: *b,
+                decode_tps: run["decode_tps"].as_f64().unwrap_or(f64::NAN),
+                hit_rate: run["hit_rate"].as_f64().unwrap_or(f64::NAN),
+                llama_tps: ll.as_ref().map(|x| x.0),
+            })
+            .collect(),
+        llama_unlimited: None,
+    };
+    crate::plot::write_sweep_png(path, &sweep)
 }
