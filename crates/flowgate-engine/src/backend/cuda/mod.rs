@@ -12,21 +12,25 @@
 //!   tiles to f32 and multiply them with cuBLAS SGEMM: plain FP32 for F32/F16/BF16 weights
 //!   (float models keep their precision), TF32 tensor cores for quantised weights (inputs
 //!   rounded to 10 mantissa bits, f32 accumulation: ~3e-4 relative, far below the weights' own
-//!   4–8-bit rounding; `FLOWGATE_CUDA_TF32=0` turns it off). Activations stay f32 throughout:
-//!   unlike the CPU backend (and llama.cpp) they are not quantised for integer dot products,
-//!   which costs bandwidth (docs/benchmarks.md) but keeps decode within float rounding of a
-//!   float64 reference.
-//! - **Kernels are CUDA C in `kernels/`**, one file per family (`matvec_quant.cu`, `norm.cu`,
-//!   `rope.cu`, `attention.cu`, `elementwise.cu`), with the shared helpers of `common.cuh` and
-//!   the block formats of `quant.cuh` prepended; they are embedded with `include_str!` and
-//!   compiled by NVRTC for the device's compute capability through flowgate-cuda's
-//!   [`flowgate_cuda::KernelCache`] (cached on disk).
-//! - **One stream, no host synchronisation inside a forward pass** except where the model asks
-//!   for host values: [`Backend::to_host`] (the logits at the end; MoE router logits, once per
-//!   MoE layer, because `models/moe.rs` routes on the host). Small host inputs (token ids, row
-//!   indices of prefill gathers) are queued with asynchronous pageable copies, which the driver
-//!   stages before returning; decode-sized ones go as kernel parameters. No CUDA graph: each
-//!   operation is a launch (about 480 per dense8b decode step).
+//!   4–8-bit rounding; `FLOWGATE_CUDA_TF32=0` turns it off). Decode products of Q4_K run on
+//!   activations quantised to 8 bits per 32 values with dp4a (`kernels/matvec_q8.cu`, as
+//!   llama.cpp's MMVQ: 2× the bandwidth of the f32 kernel, ~4e-3 relative error per product);
+//!   every other format, and Q4_K with `FLOWGATE_CUDA_Q8=0` or
+//!   [`CudaBackend::set_q8_activations`], keeps f32 activations and float-rounding agreement
+//!   with a float64 reference.
+//! - **Kernels are CUDA C in `kernels/`**, one file per family (`matvec_quant.cu`,
+//!   `matvec_q8.cu`, `norm.cu`, `rope.cu`, `attention.cu`, `moe.cu`, `elementwise.cu`), with
+//!   the shared helpers of `common.cuh` and the block formats of `quant.cuh` prepended; they are
+//!   embedded with `include_str!` and compiled by NVRTC for the device's compute capability
+//!   through flowgate-cuda's [`flowgate_cuda::KernelCache`] (cached on disk).
+//! - **One stream, no host synchronisation inside a decode step**: MoE layers with resident
+//!   experts route on the device ([`Backend::moe_decode`]: router top-k, expert-indexed
+//!   products through a device table of expert addresses); the host reads values only through
+//!   [`Backend::to_host`] (the logits at the end; router logits in prefill and for paged
+//!   experts). Small host inputs (token ids, row indices of prefill gathers) are queued with
+//!   asynchronous pageable copies, which the driver stages before returning; decode-sized ones
+//!   go as kernel parameters. No CUDA graph yet: each operation is a launch; the residual add
+//!   + RMSNorm, and q/k norm + RoPE + KV write, are fused to cut their number.
 //! - **Activation buffers come from a pool** ([`CudaBuf`] returns its memory on drop): a forward
 //!   pass allocates the same sizes every step, and `cuMemFree` would synchronise the device.
 //!   Every allocation (weights, KV, pool) is charged to one [`flowgate_cuda::MemoryBudget`]:
