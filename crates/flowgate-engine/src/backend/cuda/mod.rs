@@ -29,8 +29,8 @@
 //!   [`Backend::to_host`] (the logits at the end; router logits in prefill and for paged
 //!   experts). Small host inputs (token ids, row indices of prefill gathers) are queued with
 //!   asynchronous pageable copies, which the driver stages before returning; decode-sized ones
-//!   go as kernel parameters. No CUDA graph yet: each operation is a launch; the residual add
-//!   + RMSNorm, and q/k norm + RoPE + KV write, are fused to cut their number.
+//!   go as kernel parameters. No CUDA graph yet: each operation is a launch; two chains are
+//!   fused to cut their number (residual add with RMSNorm; q/k norm, RoPE and KV write).
 //! - **Activation buffers come from a pool** ([`CudaBuf`] returns its memory on drop): a forward
 //!   pass allocates the same sizes every step, and `cuMemFree` would synchronise the device.
 //!   Every allocation (weights, KV, pool) is charged to one [`flowgate_cuda::MemoryBudget`]:
