@@ -460,6 +460,25 @@ fn warps_per_row(rows: usize, cols: usize) -> u32 {
     wpr as u32
 }
 
+/// The by-value job table of one grouped mat-vec launch (at most MAXJ jobs of (weight, input
+/// address, output address)); `input` maps each job's input address to the one the kernel
+/// reads (itself, or its quantised copy).
+fn mv_jobs(chunk: &[(&CudaWeight, u64, u64)], input: impl Fn(u64) -> u64) -> MvJobs {
+    let mut p = MvJobs {
+        w: [0; MAXJ],
+        x: [0; MAXJ],
+        y: [0; MAXJ],
+        rows: [0; MAXJ],
+    };
+    for (i, (w, x, y)) in chunk.iter().enumerate() {
+        p.w[i] = w.mem.ptr();
+        p.x[i] = input(*x);
+        p.y[i] = *y;
+        p.rows[i] = w.rows as i32;
+    }
+    p
+}
+
 fn grid_1d(n: u64, threads: u32) -> LaunchConfig {
     LaunchConfig {
         grid_dim: (n.div_ceil(threads as u64).max(1) as u32, 1, 1),
@@ -1884,19 +1903,9 @@ impl CudaBackend {
         for chunk in jobs.chunks(MAXJ) {
             let w0 = chunk[0].0;
             let max_rows = chunk.iter().map(|j| j.0.rows).max().unwrap_or(0);
-            let mut p = MvJobs {
-                w: [0; MAXJ],
-                x: [0; MAXJ],
-                y: [0; MAXJ],
-                rows: [0; MAXJ],
-            };
-            for (i, (w, x, y)) in chunk.iter().enumerate() {
-                let xi = xs.iter().position(|v| v == x).unwrap_or(0);
-                p.w[i] = w.mem.ptr();
-                p.x[i] = qptr(xi);
-                p.y[i] = *y;
-                p.rows[i] = w.rows as i32;
-            }
+            let p = mv_jobs(chunk, |x| {
+                qptr(xs.iter().position(|v| *v == x).unwrap_or(0))
+            });
             // One warp per row, 8 warps per block (tools/device/matvec_bench.cu: 2 rows per
             // warp and 4-warp blocks were not faster).
             let cfg = LaunchConfig {
@@ -1930,18 +1939,7 @@ impl CudaBackend {
             let w0 = chunk[0].0;
             let max_rows = chunk.iter().map(|j| j.0.rows).max().unwrap_or(0);
             let wpr = warps_per_row(max_rows, w0.cols);
-            let mut p = MvJobs {
-                w: [0; MAXJ],
-                x: [0; MAXJ],
-                y: [0; MAXJ],
-                rows: [0; MAXJ],
-            };
-            for (i, (w, x, y)) in chunk.iter().enumerate() {
-                p.w[i] = w.mem.ptr();
-                p.x[i] = *x;
-                p.y[i] = *y;
-                p.rows[i] = w.rows as i32;
-            }
+            let p = mv_jobs(chunk, |x| x);
             let cfg = LaunchConfig {
                 grid_dim: ((max_rows as u32).div_ceil(8 / wpr), chunk.len() as u32, 1),
                 block_dim: (256, 1, 1),

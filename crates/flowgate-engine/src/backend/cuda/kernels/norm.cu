@@ -1,14 +1,11 @@
 // RMSNorm: one block per row of `dim` values (in place when out == x); up to 1024 threads so
 // that the single row of a decode step is spread over the whole block. The sum of squares is
 // accumulated in f32 per thread and reduced across the block; the reciprocal root is taken in
-// f64 like the CPU reference.
-extern "C" __global__ void rms_norm(const float* x, const float* w, float* out, int dim,
-                                    float eps) {
+// f64 like the CPU reference (rms_scale, shared with the fused add + RMSNorm below).
+
+// 1 / sqrt(mean of squares + eps) of a row from each thread's partial sum of squares `ss`.
+__device__ __forceinline__ float rms_scale(float ss, int dim, float eps) {
     __shared__ float part[32];
-    const float* xr = x + (u64)blockIdx.x * dim;
-    float* orow = out + (u64)blockIdx.x * dim;
-    float ss = 0.0f;
-    for (int i = threadIdx.x; i < dim; i += blockDim.x) ss += xr[i] * xr[i];
     ss = warp_sum(ss);
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     if (lane == 0) part[warp] = ss;
@@ -20,7 +17,16 @@ extern "C" __global__ void rms_norm(const float* x, const float* w, float* out, 
         if (lane == 0) part[0] = v;
     }
     __syncthreads();
-    float r = (float)(1.0 / sqrt((double)part[0] / (double)dim + (double)eps));
+    return (float)(1.0 / sqrt((double)part[0] / (double)dim + (double)eps));
+}
+
+extern "C" __global__ void rms_norm(const float* x, const float* w, float* out, int dim,
+                                    float eps) {
+    const float* xr = x + (u64)blockIdx.x * dim;
+    float* orow = out + (u64)blockIdx.x * dim;
+    float ss = 0.0f;
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) ss += xr[i] * xr[i];
+    float r = rms_scale(ss, dim, eps);
     for (int i = threadIdx.x; i < dim; i += blockDim.x) orow[i] = xr[i] * r * w[i];
 }
 
@@ -28,7 +34,6 @@ extern "C" __global__ void rms_norm(const float* x, const float* w, float* out, 
 // per row (each thread normalises the values it added).
 extern "C" __global__ void add_rms_norm(float* x, const float* y, const float* w, float* out,
                                         int dim, float eps) {
-    __shared__ float part[32];
     float* xr = x + (u64)blockIdx.x * dim;
     const float* yr = y + (u64)blockIdx.x * dim;
     float* orow = out + (u64)blockIdx.x * dim;
@@ -38,17 +43,6 @@ extern "C" __global__ void add_rms_norm(float* x, const float* y, const float* w
         xr[i] = v;
         ss += v * v;
     }
-    ss = warp_sum(ss);
-    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    if (lane == 0) part[warp] = ss;
-    __syncthreads();
-    if (warp == 0) {
-        int nw = blockDim.x >> 5;
-        float v = lane < nw ? part[lane] : 0.0f;
-        v = warp_sum(v);
-        if (lane == 0) part[0] = v;
-    }
-    __syncthreads();
-    float r = (float)(1.0 / sqrt((double)part[0] / (double)dim + (double)eps));
+    float r = rms_scale(ss, dim, eps);
     for (int i = threadIdx.x; i < dim; i += blockDim.x) orow[i] = xr[i] * r * w[i];
 }
