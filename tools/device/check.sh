@@ -10,7 +10,9 @@
 #   mkdir -p .devbin/cuda && strip --strip-debug -o .devbin/cuda/flowgate target/release/flowgate
 #   strip --strip-debug -o .devbin/cuda/fg_cuda_gpu target/release/deps/gpu-<hash>
 #   strip --strip-debug -o .devbin/cuda/fg_cuda_parity target/release/deps/cuda_parity-<hash>
-# Device: run `tools/device/check.sh [tests] [dense8b] [moe30b]` (default: all three; PROFILE=1
+# Device: run `tools/device/check.sh [tests] [dense8b] [moe30b] [vram]` (default: the first
+#   three; `vram` runs `bench moe --vram-budget` on moe30b, 3 and 8 GiB, both routings, and a
+#   uniform-routing sweep with its plot; PROFILE=1
 #   adds a per-kernel decode profile, KEEP=1 keeps the synthetic models in /tmp) with
 #   carry [".devbin/cuda"]; logs land in $OUT.
 set -u -o pipefail
@@ -52,6 +54,27 @@ for step in $steps; do
       fi
       echo "bench $step total $(awk "BEGIN{print $(date +%s.%N) - $T0}") s" | tee -a "$OUT/bench_$step.log"
       [ -n "${KEEP:-}" ] || rm -f "/tmp/$step.gguf"
+      ;;
+    vram)
+      T0=$(date +%s.%N)
+      [ -f /tmp/moe30b.gguf ] || $BIN/flowgate synth --shape moe30b --out /tmp/moe30b.gguf 2>&1 | tail -n 1
+      budgets=""
+      for b in ${VRAM_BUDGETS:-3GiB 8GiB}; do budgets="$budgets --vram-budget $b"; done
+      cpux=""
+      for m in ${CPU_EXPERTS:-off auto}; do cpux="$cpux --cpu-experts $m"; done
+      for routing in ${ROUTINGS:-router uniform}; do
+        $BIN/flowgate bench moe /tmp/moe30b.gguf $budgets $cpux \
+          --routing $routing --prompt 64 --gen 64 --policy ${POLICY:-lru} 2>&1 | tee "$OUT/vram_$routing.txt" || rc=1
+      done
+      # The CLI path: bench decode under a VRAM budget, with the placement explained.
+      $BIN/flowgate bench decode /tmp/moe30b.gguf --device cuda --vram-budget 8GiB --explain-placement \
+        --reps 1 2>&1 | tail -n 14 | tee "$OUT/vram_bench_decode.txt" || rc=1
+      if [ -n "${SWEEP:-}" ]; then
+        $BIN/flowgate bench moe /tmp/moe30b.gguf --device cuda --steps 6 --routing uniform \
+          --prompt 64 --gen 64 --plot "$OUT/bench_moe_moe30b.png" --json > "$OUT/vram_sweep.json" 2>&1 || rc=1
+        cat "$OUT/vram_sweep.json" | grep -E '"(vram_budget_bytes|decode_tps|hit_rate|expert_fraction)"'
+      fi
+      echo "vram total $(awk "BEGIN{print $(date +%s.%N) - $T0}") s"
       ;;
     *) echo "unknown step $step"; rc=2 ;;
   esac

@@ -189,3 +189,63 @@ impl Drop for HostRegistration<'_> {
         }
     }
 }
+
+/// A host range page-locked with `cuMemHostRegister` by address, for memory the caller owns
+/// through some other handle (an `Arc` of a loader arena); unregistered on drop. Unlike
+/// [`HostRegistration`] it borrows nothing, so the caller must keep the memory alive and in
+/// place for as long as this value lives (drop this first).
+#[derive(Debug)]
+pub struct HostPin {
+    device: Device,
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: HostPin only holds the address to unregister it; it never reads or writes through it.
+unsafe impl Send for HostPin {}
+// SAFETY: as above; no method touches the memory.
+unsafe impl Sync for HostPin {}
+
+impl HostPin {
+    /// Page-locks `len` bytes at `ptr` (portable across contexts).
+    ///
+    /// # Safety
+    /// `ptr..ptr+len` must be a live host allocation that stays mapped at that address until
+    /// this value is dropped, and must not already be registered.
+    pub unsafe fn new(device: &Device, ptr: *mut u8, len: usize) -> Result<HostPin, CudaError> {
+        if len == 0 || ptr.is_null() {
+            return Err(CudaError::InvalidArgument(
+                "registering an empty host range".into(),
+            ));
+        }
+        device.bind()?;
+        // SAFETY: the caller guarantees a live range that outlives this value.
+        check("cuMemHostRegister", unsafe {
+            sys::cuMemHostRegister_v2(ptr.cast(), len, sys::CU_MEMHOSTREGISTER_PORTABLE)
+        })?;
+        Ok(HostPin {
+            device: device.clone(),
+            ptr,
+            len,
+        })
+    }
+
+    /// Bytes pinned.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl Drop for HostPin {
+    fn drop(&mut self) {
+        if self.device.bind().is_ok() {
+            // SAFETY: registered by new() and unregistered once; the range is still live
+            // (the caller's contract).
+            let _ = unsafe { sys::cuMemHostUnregister(self.ptr.cast()) };
+        }
+    }
+}

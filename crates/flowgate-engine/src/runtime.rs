@@ -9,12 +9,13 @@
 //! answers, else the CPU; an explicit `cuda` without CUDA is one clear error.
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use flowgate_formats::model::{ModelFile, ModelSource};
 
 use crate::backend::cpu::CpuBackend;
-use crate::backend::cuda::{CudaBackend, DeviceSpec, Resolved};
+use crate::backend::cuda::{CudaBackend, DeviceSpec, ExpertPager, Resolved};
 use crate::backend::Backend;
 use crate::chat::ChatTemplate;
 use crate::error::{EngineError, Result};
@@ -33,8 +34,21 @@ pub struct LoadOptions {
     /// `--ram-budget`: weights held in host memory stay within this many bytes; MoE experts
     /// that do not fit are paged from the model file through a cache (see [`crate::residency`]).
     pub ram_budget: Option<u64>,
-    /// Eviction policy of that cache.
+    /// Eviction policy of that cache (and of the device expert cache).
     pub cache_policy: crate::residency::PolicyKind,
+    /// `--vram-budget` (CUDA): device memory flowgate may allocate. The dense weights go to the
+    /// device first; MoE experts that do not fit stay in page-locked host memory and are
+    /// copied into a device cache of slots as the router asks for them
+    /// (`backend::cuda::ExpertPager`).
+    pub vram_budget: Option<u64>,
+    /// Positions the KV cache will hold: sizes the device memory kept for it under
+    /// `--vram-budget` (0: 4096).
+    pub ctx: usize,
+    /// Caps the device expert cache at this many slots (tests and benchmarks: a cache of one
+    /// expert per layer); with it, an MoE model is paged even when the budget holds it all.
+    pub expert_slots: Option<usize>,
+    /// Under `--vram-budget`: which missed experts decode computes on the CPU.
+    pub cpu_experts: Option<crate::backend::cuda::CpuExperts>,
 }
 
 /// A model ready to run on backend `B` (the CPU by default), with what is needed to talk to it.
@@ -46,6 +60,9 @@ pub struct Loaded<B: Backend = CpuBackend> {
     pub load_time: Duration,
     /// The placement and accounting of a load under `--ram-budget`.
     pub residency: Option<crate::residency::Residency>,
+    /// The placement under `--vram-budget`, and the pager when experts are paged.
+    pub device_plan: Option<crate::residency::DevicePlan>,
+    pub pager: Option<Arc<ExpertPager>>,
 }
 
 /// Opens and loads a model on the CPU backend.
@@ -90,19 +107,109 @@ pub fn resolve_device(spec: DeviceSpec) -> Result<Resolved> {
 /// Opens and loads a model on the device `spec` resolves to.
 pub fn load_on(path: &Path, opts: &LoadOptions, spec: DeviceSpec) -> Result<AnyLoaded> {
     match resolve_device(spec)? {
+        Resolved::Cpu if opts.vram_budget.is_some() => Err(EngineError::Invalid(
+            "--vram-budget needs a GPU (--device cuda); on the CPU use --ram-budget".into(),
+        )),
         Resolved::Cpu => Ok(AnyLoaded::Cpu(load_with(path, opts, CpuBackend)?)),
-        Resolved::Cuda(n) => {
-            let backend = CudaBackend::new(n)?;
-            Ok(AnyLoaded::Cuda(load_with(path, opts, backend)?))
-        }
+        Resolved::Cuda(n) => match opts.vram_budget {
+            None => Ok(AnyLoaded::Cuda(load_with(
+                path,
+                opts,
+                CudaBackend::new(n)?,
+            )?)),
+            Some(budget) => Ok(AnyLoaded::Cuda(load_cuda_budget(path, opts, n, budget)?)),
+        },
     }
 }
 
-/// Opens and loads a model on `backend`.
-pub fn load_with<B: Backend>(path: &Path, opts: &LoadOptions, backend: B) -> Result<Loaded<B>> {
-    let t0 = Instant::now();
+/// Device memory kept free under `--vram-budget` for the KV cache (`ctx` positions, f32 keys
+/// and values) and activations: a 512-token prefill batch of every intermediate, twice (the
+/// activation pool keeps freed buffers for reuse), a 128 MiB prefill tile and the logits.
+pub fn device_reserve(spec: &flowgate_formats::ModelSpec, ctx: usize) -> u64 {
+    let ctx = if ctx == 0 { 4096 } else { ctx } as u64;
+    let kv = 2 * 4 * (spec.n_layers * spec.n_kv_heads * spec.head_dim) as u64 * ctx;
+    let (k, eff) = spec
+        .moe
+        .as_ref()
+        .map_or((1, 0), |m| (m.n_experts_used, m.expert_ffn));
+    let per_token = 8 * spec.hidden
+        + (spec.n_heads + 2 * spec.n_kv_heads) * spec.head_dim
+        + 3 * spec.ffn.max(2 * k * eff)
+        + 2 * k * spec.hidden;
+    let act = 2 * 512 * 4 * per_token as u64;
+    kv + act + (128 << 20) + 8 * spec.vocab_size as u64
+}
+
+/// Loads on CUDA device `ordinal` with every device allocation charged to `budget` bytes. An
+/// MoE model that does not fit whole keeps its experts in page-locked host memory and pages
+/// them through a device cache of what the dense weights and [`device_reserve`] leave.
+pub fn load_cuda_budget(
+    path: &Path,
+    opts: &LoadOptions,
+    ordinal: usize,
+    budget: u64,
+) -> Result<Loaded<CudaBackend>> {
+    if opts.ram_budget.is_some() {
+        return Err(EngineError::Invalid(
+            "--vram-budget with --ram-budget (experts paged from the SSD into host RAM and on \
+             into VRAM) is not built yet: give one of them"
+                .into(),
+        ));
+    }
+    let device = flowgate_cuda::Device::open(ordinal)
+        .map_err(|e| EngineError::Invalid(format!("CUDA: {e}")))?;
+    let backend = CudaBackend::with_budget(device, budget)?;
     let file = flowgate_formats::model::open(path)?;
-    let (tokenizer, chat) = match &file.source {
+    let reserve = device_reserve(&file.spec, opts.ctx);
+    let total = file.catalog.total_bytes();
+    if file.spec.moe.is_none() || (total + reserve <= budget && opts.expert_slots.is_none()) {
+        if total + reserve > budget {
+            return Err(EngineError::Invalid(format!(
+                "--vram-budget {}: the weights take {} and the KV cache and activations {}; \
+                 a dense model is not paged (running dense layers on the CPU is not built)",
+                crate::residency::fmt_size(budget),
+                crate::residency::fmt_size(total),
+                crate::residency::fmt_size(reserve)
+            )));
+        }
+        return load_with(path, opts, backend);
+    }
+    let t0 = Instant::now();
+    let (tokenizer, chat) = tokenizer_and_template(&file)?;
+    let threads = if opts.io_threads == 0 {
+        flowgate_io::LoaderOptions::default().threads
+    } else {
+        opts.io_threads
+    };
+    let mut tensors = crate::weights::load_all(&file.catalog, threads, opts.progress.clone())?;
+    let pager = ExpertPager::new(&backend, &file.spec, &mut tensors, opts.cache_policy)?;
+    backend.set_expert_pager(pager.clone());
+    let model = Model::new(file.spec.clone(), backend, tensors)?;
+    let plan = pager.provision(&model.backend, reserve, opts.expert_slots)?;
+    if let Some(m) = opts.cpu_experts {
+        pager.set_cpu_experts(m);
+    }
+    tracing::info!(
+        slots = plan.n_slots,
+        dense_bytes = plan.dense_bytes,
+        "expert cache provisioned under --vram-budget"
+    );
+    Ok(Loaded {
+        file,
+        model,
+        tokenizer,
+        chat,
+        load_time: t0.elapsed(),
+        residency: None,
+        device_plan: Some(plan),
+        pager: Some(pager),
+    })
+}
+
+type TokenizerAndTemplate = (Option<Tokenizer>, Option<ChatTemplate>);
+
+fn tokenizer_and_template(file: &ModelFile) -> Result<TokenizerAndTemplate> {
+    Ok(match &file.source {
         ModelSource::Gguf(g) => (
             Tokenizer::from_gguf(g).map_err(|e| EngineError::Invalid(format!("tokenizer: {e}")))?,
             ChatTemplate::from_gguf(g)
@@ -120,7 +227,14 @@ pub fn load_with<B: Backend>(path: &Path, opts: &LoadOptions, backend: B) -> Res
             ChatTemplate::from_hf_dir(dir)
                 .map_err(|e| EngineError::Invalid(format!("chat template: {e}")))?,
         ),
-    };
+    })
+}
+
+/// Opens and loads a model on `backend`.
+pub fn load_with<B: Backend>(path: &Path, opts: &LoadOptions, backend: B) -> Result<Loaded<B>> {
+    let t0 = Instant::now();
+    let file = flowgate_formats::model::open(path)?;
+    let (tokenizer, chat) = tokenizer_and_template(&file)?;
     let threads = if opts.io_threads == 0 {
         flowgate_io::LoaderOptions::default().threads
     } else {
@@ -151,6 +265,8 @@ pub fn load_with<B: Backend>(path: &Path, opts: &LoadOptions, backend: B) -> Res
         chat,
         load_time: t0.elapsed(),
         residency,
+        device_plan: None,
+        pager: None,
     })
 }
 

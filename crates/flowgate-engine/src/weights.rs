@@ -104,6 +104,11 @@ impl HostTensor {
         &self.buf[self.range.clone()]
     }
 
+    /// The buffer holding the bytes (shared by the views of one loader arena).
+    pub fn storage(&self) -> &Arc<AlignedBuf> {
+        &self.buf
+    }
+
     pub fn numel(&self) -> usize {
         self.shape.iter().product()
     }

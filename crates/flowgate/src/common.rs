@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::Args as ClapArgs;
-use flowgate_engine::backend::cuda::DeviceSpec;
+use flowgate_engine::backend::cuda::{CpuExperts, DeviceSpec};
 use flowgate_engine::residency::PolicyKind;
 use flowgate_engine::runtime::{self, AnyLoaded, LoadOptions};
 use flowgate_engine::sampling::SamplerConfig;
@@ -27,7 +27,17 @@ pub struct ModelArgs {
     /// paged in from the model file through a cache; the budget is never exceeded.
     #[arg(long, value_parser = parse_budget)]
     pub ram_budget: Option<u64>,
-    /// Expert cache policy under --ram-budget: lru or lfu (LFU with aging).
+    /// Device memory flowgate may allocate (CUDA; e.g. 8GiB). Dense weights go to the GPU;
+    /// MoE experts that do not fit stay in page-locked host RAM and are copied into a device
+    /// cache as the router picks them; the budget is never exceeded.
+    #[arg(long, value_parser = parse_budget)]
+    pub vram_budget: Option<u64>,
+    /// Under --vram-budget, missed experts computed on the CPU instead of copied to the GPU:
+    /// off (default), auto (as many as finish no later than the copies, from measured
+    /// costs), all.
+    #[arg(long, default_value = "off", value_parser = parse_cpu_experts)]
+    pub cpu_experts: CpuExperts,
+    /// Expert cache policy under --ram-budget / --vram-budget: lru or lfu (LFU with aging).
     #[arg(long, default_value = "lru", value_parser = parse_policy)]
     pub cache_policy: PolicyKind,
     /// Print where the weights were placed (dense part, expert cache, disk) on stderr.
@@ -37,6 +47,10 @@ pub struct ModelArgs {
 
 fn parse_budget(s: &str) -> std::result::Result<u64, String> {
     flowgate_engine::residency::parse_size(s).map_err(|e| e.to_string())
+}
+
+pub(crate) fn parse_cpu_experts(s: &str) -> std::result::Result<CpuExperts, String> {
+    CpuExperts::parse(s).map_err(|e| e.to_string())
 }
 
 fn parse_policy(s: &str) -> std::result::Result<PolicyKind, String> {
@@ -55,6 +69,9 @@ impl ModelArgs {
         init_threads(self.threads)?;
         let mut opts = LoadOptions {
             ram_budget: self.ram_budget,
+            vram_budget: self.vram_budget,
+            cpu_experts: Some(self.cpu_experts),
+            ctx: self.ctx,
             cache_policy: self.cache_policy,
             ..Default::default()
         };
@@ -94,10 +111,14 @@ impl ModelArgs {
 
 /// What `--explain-placement` prints: the residency plan, or why there is none.
 fn explain(l: &AnyLoaded) -> String {
-    let (plan, name) = flowgate_engine::with_loaded!(l, x => (
+    let (plan, device, name) = flowgate_engine::with_loaded!(l, x => (
         x.residency.as_ref().map(|r| (r.plan.explain(), r.budget.used(), r.budget.peak())),
+        x.device_plan.as_ref().map(|p| p.explain()),
         x.model.backend_name()
     ));
+    if let Some(d) = device {
+        return format!("{d}  backend {name}\n");
+    }
     match plan {
         Some((text, used, peak)) => format!(
             "{text}  accounting      in use {} (peak {}) right after loading; backend {name}\n",

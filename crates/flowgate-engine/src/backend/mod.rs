@@ -231,6 +231,44 @@ pub trait Backend: Send + Sync + Sized {
             "this backend has no device-side MoE decode".into(),
         ))
     }
+
+    /// Like [`Backend::moe_decode`] with the routes (expert, weight) chosen on the host
+    /// (`Routing::UniformRandom` in benchmarks), for experts of [`Backend::paged_experts`].
+    fn moe_decode_routed(
+        &self,
+        _experts: &Self::Experts,
+        _routes: &[(usize, f32)],
+        _h: &Self::Buf,
+        _out: &mut Self::Buf,
+    ) -> Result<()> {
+        Err(crate::error::EngineError::Invalid(
+            "this backend has no device-side MoE decode".into(),
+        ))
+    }
+
+    /// Sparse layer `layer`'s experts paged through this backend's own expert cache (the CUDA
+    /// backend under `--vram-budget`), or `None`: the layer then loads its experts from the
+    /// tensors as usual.
+    fn paged_experts(&self, _layer: usize) -> Result<Option<Self::Experts>> {
+        Ok(None)
+    }
+
+    /// How many experts of a paged layer can be resident at once (0 if not paged).
+    fn paged_quota(&self, _experts: &Self::Experts) -> usize {
+        0
+    }
+
+    /// Makes `experts` (at most [`Backend::paged_quota`]) of a paged layer resident and returns
+    /// their (gate, up, down) weights, valid for work queued before the layer's next call.
+    fn paged_weights(
+        &self,
+        _experts: &Self::Experts,
+        _ids: &[usize],
+    ) -> Result<Vec<[Self::Weight; 3]>> {
+        Err(crate::error::EngineError::Invalid(
+            "this backend does not page experts".into(),
+        ))
+    }
 }
 
 /// One [`SwiGluJob`] with the backend's basic operations.

@@ -18,13 +18,15 @@ use crate::residency::HostExpertCache;
 use crate::weights::HostTensor;
 use std::sync::Arc;
 
-/// Where a layer's experts are: all resident, or paged through a cache.
+/// Where a layer's experts are: all resident, paged through a host cache, or paged by the
+/// backend through its own device cache (`--vram-budget`; the layer's `device` experts).
 pub(crate) enum Experts<B: Backend> {
     Resident(Vec<DenseFfn<B>>),
     Paged {
         layer: usize,
         cache: Arc<HostExpertCache>,
     },
+    Device,
 }
 
 /// How tokens pick experts.
@@ -110,9 +112,16 @@ impl<B: Backend> MoeFfn<B> {
             m.n_experts,
             s.hidden,
         )?;
-        let experts = match src.expert_cache() {
-            Some(cache) => Experts::Paged { layer: l, cache },
-            None => Experts::Resident(Self::load_resident(b, s, l, m.n_experts, src)?),
+        let paged_on_device = b.paged_experts(l)?;
+        let experts = match (&paged_on_device, src.expert_cache()) {
+            (Some(_), _) => {
+                for stem in ["ffn_gate", "ffn_up", "ffn_down"] {
+                    src.take_opt(&names::blk(l, &format!("{stem}_exps.weight")));
+                }
+                Experts::Device
+            }
+            (None, Some(cache)) => Experts::Paged { layer: l, cache },
+            (None, None) => Experts::Resident(Self::load_resident(b, s, l, m.n_experts, src)?),
         };
         let shared = if m.shared_expert_ffn.is_some() {
             let ffn = DenseFfn::load(b, s, l, src, "_shexp")?;
@@ -135,6 +144,7 @@ impl<B: Backend> MoeFfn<B> {
                 b.experts(&refs)?
             }
             Experts::Paged { .. } => None,
+            Experts::Device => paged_on_device,
         };
         Ok(MoeFfn {
             layer: l,
@@ -231,6 +241,15 @@ impl<B: Backend> MoeFfn<B> {
             self.add_shared(b, h, n, &mut out)?;
             return Ok(out);
         }
+        if let (1, Routing::UniformRandom { seed }, Experts::Device, Some(dev)) =
+            (n, routing, &self.experts, &self.device)
+        {
+            let r = uniform_route(seed, self.layer, start, n_exp, self.n_used);
+            let mut out = b.buf_zeros(0)?;
+            b.moe_decode_routed(dev, &r, h, &mut out)?;
+            self.add_shared(b, h, n, &mut out)?;
+            return Ok(out);
+        }
         let mut logits = b.buf_zeros(n * n_exp)?;
         b.matmul(&self.router, h, n, &mut logits);
         let logits = b.to_host(&logits);
@@ -277,6 +296,33 @@ impl<B: Backend> MoeFfn<B> {
                 for (&e, y) in used.iter().zip(&ys) {
                     let (idx, w) = &chosen[e];
                     b.scatter_add_rows(&mut out, y, s.hidden, idx, w);
+                }
+            }
+            Experts::Device => {
+                let dev = self.device.as_ref().ok_or_else(|| {
+                    EngineError::Invalid("a device-paged layer without its experts".into())
+                })?;
+                // In waves of the layer's quota, in the same expert order as above.
+                let cap = b.paged_quota(dev).max(1);
+                for (wave, inputs) in used.chunks(cap).zip(gathered.chunks(cap)) {
+                    let ws = b.paged_weights(dev, wave)?;
+                    let jobs: Vec<_> = wave
+                        .iter()
+                        .zip(inputs)
+                        .zip(&ws)
+                        .map(|((&e, g), [gate, up, down])| crate::backend::SwiGluJob {
+                            gate,
+                            up,
+                            down,
+                            x: g.as_ref().unwrap_or(h),
+                            n: chosen[e].0.len(),
+                        })
+                        .collect();
+                    let ys = b.swiglu_many(&jobs)?;
+                    for (&e, y) in wave.iter().zip(&ys) {
+                        let (idx, w) = &chosen[e];
+                        b.scatter_add_rows(&mut out, y, s.hidden, idx, w);
+                    }
                 }
             }
             Experts::Paged { layer, cache } => {

@@ -197,6 +197,10 @@ pub struct CacheStats {
     /// Experts read speculatively, and how many of those a layer then used.
     pub prefetched: u64,
     pub prefetch_used: u64,
+    /// Missed experts computed on the CPU instead of being brought in (the VRAM tier's
+    /// Fiddler-style choice), and the host time those computations took.
+    pub cpu_computed: u64,
+    pub cpu_time: Duration,
 }
 
 impl CacheStats {

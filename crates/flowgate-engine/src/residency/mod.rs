@@ -6,6 +6,9 @@
 //! - [`plan`] — [`HostPlan`]: dense tensors first, the rest of the budget as an expert cache.
 //! - [`host_tier`] — [`HostExpertCache`]: experts paged from the model file (SSD, through
 //!   flowgate-io's loader) into fixed RAM slots, pinned while a layer uses them.
+//! - [`device_tier`] — the VRAM tier's bookkeeping: [`SlotMap`] (expert → device slot, per-layer
+//!   quotas, eviction) and [`DevicePlan`] (how a `--vram-budget` is divided). The slots and the
+//!   copies are the backend's (`backend::cuda::paging`).
 //!
 //! [`load_host`] puts it together for the CPU backend: it loads the dense tensors and, if the
 //! budget cannot hold every expert, builds the cache the MoE layers page through
@@ -13,6 +16,7 @@
 //! logits as everything resident (tested), only slower.
 
 pub mod budget;
+pub mod device_tier;
 pub mod host_tier;
 pub mod plan;
 pub mod policy;
@@ -23,6 +27,7 @@ use std::sync::Arc;
 use flowgate_formats::model::ModelFile;
 
 pub use budget::{fmt_size, parse_size, Budget};
+pub use device_tier::{Assigned, DevicePlan, SlotMap};
 pub use host_tier::{CacheStats, ExpertLayout, HostExpertCache, Lease};
 pub use plan::HostPlan;
 pub use policy::{Policy, PolicyKind};

@@ -106,7 +106,7 @@ fn anchor(spec: &flowgate_formats::ModelSpec, gpu: bool) -> Option<(&'static str
 }
 
 /// The decode ceiling of the device a model runs on: (GB/s, what was measured).
-type Ceiling = (f64, &'static str);
+type Ceiling = (f64, String);
 
 /// Merged (`ffn_up_exps`) or per-expert (`ffn_up.7.weight`) expert weights.
 fn is_expert_tensor(name: &str) -> bool {
@@ -129,15 +129,22 @@ fn decode(a: DecodeArgs) -> Result<()> {
         AnyLoaded::Cpu(l) => decode_on(&a, &l, threads, false, || {
             Ok((
                 memory_read_gbps(),
-                "multi-threaded read of a 1 GiB host buffer",
+                "multi-threaded read of a 1 GiB host buffer".to_string(),
             ))
         }),
         AnyLoaded::Cuda(l) => {
             let be = &l.model.backend;
             decode_on(&a, &l, threads, true, || {
+                // 1 GiB, or what a --vram-budget leaves room for (two buffers).
+                let (used, _) = be.memory_in_use();
+                let free = be.memory_budget().saturating_sub(used);
+                let bytes = (1u64 << 30).min(((free / 2) >> 20) << 20).max(1 << 20) as usize;
                 Ok((
-                    be.copy_bandwidth_gbps(1 << 30, 5)?,
-                    "device-to-device copy of 1 GiB, read + write counted",
+                    be.copy_bandwidth_gbps(bytes, 5)?,
+                    format!(
+                        "device-to-device copy of {}, read + write counted",
+                        flowgate_engine::residency::fmt_size(bytes as u64)
+                    ),
                 ))
             })?;
             if be.profiling() {

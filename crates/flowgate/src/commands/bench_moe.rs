@@ -41,6 +41,19 @@ pub struct MoeArgs {
     /// Without any, a sweep from the dense part + 10% of the experts to everything.
     #[arg(long = "ram-budget", value_parser = parse_budget)]
     pub ram_budget: Vec<u64>,
+    /// VRAM budgets to measure on the GPU (repeatable): dense weights on the device, experts in
+    /// page-locked host RAM, copied into a device cache of what the budget leaves. With
+    /// `--device cuda` and no budget, a sweep from the dense part + reserve + 10% of the experts
+    /// to everything.
+    #[arg(long = "vram-budget", value_parser = parse_budget)]
+    pub vram_budget: Vec<u64>,
+    /// With --vram-budget: missed experts computed on the CPU instead of copied (auto, off,
+    /// all; repeatable to compare them in one run).
+    #[arg(long = "cpu-experts", value_parser = crate::common::parse_cpu_experts)]
+    pub cpu_experts: Vec<flowgate_engine::backend::cuda::CpuExperts>,
+    /// `cpu` (RAM budgets) or `cuda` / `cuda:N` (VRAM budgets; implied by --vram-budget).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
     /// Budgets in the automatic sweep.
     #[arg(long, default_value_t = 6)]
     pub steps: usize,
@@ -89,7 +102,7 @@ pub struct MoeArgs {
     pub plot: Option<PathBuf>,
 }
 
-fn parse_budget(s: &str) -> std::result::Result<u64, String> {
+pub(crate) fn parse_budget(s: &str) -> std::result::Result<u64, String> {
     parse_size(s).map_err(|e| e.to_string())
 }
 
@@ -124,6 +137,9 @@ pub fn moe(a: MoeArgs) -> Result<()> {
             "{} is a dense model: `bench moe` measures expert paging (try `bench decode`)",
             a.model.display()
         );
+    }
+    if !a.vram_budget.is_empty() || a.device.starts_with("cuda") {
+        return super::bench_moe_vram::moe_vram(&a, &file);
     }
     let full = HostPlan::new(&file.spec, &file.catalog, u64::MAX, a.policy)?;
     let layout = full
@@ -323,7 +339,7 @@ pub fn moe(a: MoeArgs) -> Result<()> {
 }
 
 /// The plot's title: the model file, the policy and the routing.
-fn plot_title(a: &MoeArgs) -> String {
+pub(crate) fn plot_title(a: &MoeArgs) -> String {
     let name = a.model.file_name().map_or_else(
         || a.model.display().to_string(),
         |n| n.to_string_lossy().into_owned(),

@@ -1,6 +1,7 @@
 pub mod bench;
 pub mod bench_load;
 pub mod bench_moe;
+pub mod bench_moe_vram;
 pub mod demo;
 pub mod generate;
 pub mod inspect;

@@ -54,6 +54,9 @@ use crate::weights::HostTensor;
 
 pub use flowgate_cuda::{Cuda, DeviceSpec, Resolved};
 
+mod paging;
+pub use paging::{CpuExperts, ExpertPager, PagedLayer};
+
 const COMMON_CUH: &str = include_str!("kernels/common.cuh");
 const QUANT_CUH: &str = include_str!("kernels/quant.cuh");
 const MATVEC_CU: &str = include_str!("kernels/matvec_quant.cu");
@@ -74,6 +77,21 @@ const HEADROOM: usize = 768 << 20;
 /// Kernel-name suffixes, indexed by [`dtype_index`].
 const DTYPE_NAMES: [&str; 11] = [
     "f32", "f16", "bf16", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q4_k", "q5_k", "q6_k",
+];
+
+/// Formats by kernel index (the inverse of [`dtype_index`]).
+const DTYPES: [DType; 11] = [
+    DType::F32,
+    DType::F16,
+    DType::BF16,
+    DType::Q4_0,
+    DType::Q4_1,
+    DType::Q5_0,
+    DType::Q5_1,
+    DType::Q8_0,
+    DType::Q4K,
+    DType::Q5K,
+    DType::Q6K,
 ];
 
 fn dtype_index(d: DType) -> Option<usize> {
@@ -151,7 +169,15 @@ impl Pool {
             Err(_) => {
                 // Give the cached buffers back to the driver and try once more.
                 lock(&self.free).clear();
-                self.alloc.alloc(size)
+                let r = self.alloc.alloc(size);
+                if r.is_err() && std::env::var_os("FLOWGATE_CUDA_ALLOC_TRACE").is_some() {
+                    tracing::error!(
+                        bytes = size,
+                        "activation allocation refused by the budget at\n{}",
+                        std::backtrace::Backtrace::force_capture()
+                    );
+                }
+                r
             }
         }
     }
@@ -198,9 +224,31 @@ impl Drop for CudaBuf {
     }
 }
 
+/// A weight's device memory: its own allocation, or a view of memory owned elsewhere (a slot
+/// of the paged expert cache).
+enum WMem {
+    Owned(DeviceBuffer),
+    View { ptr: u64, len: usize },
+}
+
+impl WMem {
+    fn ptr(&self) -> u64 {
+        match self {
+            WMem::Owned(b) => b.ptr(),
+            WMem::View { ptr, .. } => *ptr,
+        }
+    }
+    fn len(&self) -> usize {
+        match self {
+            WMem::Owned(b) => b.len(),
+            WMem::View { len, .. } => *len,
+        }
+    }
+}
+
 /// A weight matrix in device memory, in its file dtype.
 pub struct CudaWeight {
-    mem: DeviceBuffer,
+    mem: WMem,
     dtype: DType,
     kind: usize,
     rows: usize,
@@ -236,6 +284,9 @@ pub struct CudaExperts {
     row_bytes: usize,
     down_kind: usize,
     down_row_bytes: usize,
+    /// Paged through a device expert cache (`--vram-budget`): the table holds the addresses
+    /// of the resident experts' slots.
+    paged: Option<PagedLayer>,
 }
 
 /// A kernel with its name (for the profile).
@@ -256,6 +307,7 @@ struct Kernels {
     quantize_q8: K,
     router_topk: K,
     moe_combine: K,
+    moe_page: K,
     dequant: Vec<K>,
     rms_norm: K,
     add_rms_norm: K,
@@ -324,6 +376,7 @@ impl Kernels {
             quantize_q8: k(&mvq, "quantize_q8")?,
             router_topk: k(&moe, "router_topk")?,
             moe_combine: k(&moe, "moe_combine")?,
+            moe_page: k(&moe, "moe_page")?,
             dequant,
             rms_norm: k(&norm, "rms_norm")?,
             add_rms_norm: k(&norm, "add_rms_norm")?,
@@ -349,6 +402,7 @@ enum Arg<'a> {
     J(&'a MvJobs),
     Q(&'a QuantJobs),
     R(&'a RowScale),
+    M(&'a paging::MoePage),
 }
 
 /// Up to 16 (row, weight) pairs passed by value (`RowScale` in elementwise.cu).
@@ -418,6 +472,8 @@ pub struct CudaBackend {
     /// Zeroed per-(token, head) counters of the split-K attention's last-block merge (each
     /// use leaves them zero again); grown on demand.
     attn_counters: Mutex<Option<DeviceBuffer>>,
+    /// The device expert cache sparse layers page through (`--vram-budget`).
+    pager: Mutex<Option<Arc<ExpertPager>>>,
 }
 
 /// Per-kernel device time, when `FLOWGATE_CUDA_PROFILE` is set: each launch and copy is
@@ -537,6 +593,7 @@ impl CudaBackend {
             sms,
             tf32: std::env::var("FLOWGATE_CUDA_TF32").map_or(true, |v| v != "0"),
             attn_counters: Mutex::new(None),
+            pager: Mutex::new(None),
             q8_activations: std::sync::atomic::AtomicBool::new(
                 std::env::var("FLOWGATE_CUDA_Q8").map_or(true, |v| v != "0"),
             ),
@@ -568,6 +625,11 @@ impl CudaBackend {
     pub fn memory_in_use(&self) -> (u64, u64) {
         let b = self.alloc.budget();
         (b.in_use(), b.peak())
+    }
+
+    /// The budget every device allocation is charged to (bytes).
+    pub fn memory_budget(&self) -> u64 {
+        self.alloc.budget().budget()
     }
 
     /// Waits for all queued work.
@@ -679,6 +741,7 @@ impl CudaBackend {
                 Arg::J(v) => b.arg(*v),
                 Arg::Q(v) => b.arg(*v),
                 Arg::R(v) => b.arg(*v),
+                Arg::M(v) => b.arg(*v),
             };
         }
         // SAFETY: every argument matches the kernel's C signature (pointers as u64, `int` as
@@ -974,7 +1037,7 @@ impl Backend for CudaBackend {
         mem.write(&self.stream, 0, bytes)
             .map_err(|e| werr(e.to_string()))?;
         Ok(CudaWeight {
-            mem,
+            mem: WMem::Owned(mem),
             dtype: t.dtype,
             kind,
             rows,
@@ -1031,10 +1094,15 @@ impl Backend for CudaBackend {
     }
 
     fn check(&self) -> Result<()> {
-        match lock(&self.error).take() {
-            Some(e) => Err(EngineError::Invalid(format!("CUDA backend: {e}"))),
-            None => Ok(()),
+        if let Some(e) = lock(&self.error).take() {
+            return Err(EngineError::Invalid(format!("CUDA backend: {e}")));
         }
+        // A CPU share of experts (paged decode) that failed; it has finished by the time the
+        // stream passed its gate, which every read of results waits for.
+        if let Some(f) = lock(&self.pager).as_ref().and_then(|p| p.take_failure()) {
+            return Err(EngineError::Invalid(format!("experts on the CPU: {f}")));
+        }
+        Ok(())
     }
 
     fn embed(&self, table: &CudaWeight, ids: &[u32], out: &mut CudaBuf) -> Result<()> {
@@ -1661,12 +1729,14 @@ impl Backend for CudaBackend {
             row_bytes: g0.row_bytes,
             down_kind: d0.kind,
             down_row_bytes: d0.row_bytes,
+            paged: None,
         }))
     }
 
     /// Router product, top-k on the device, gate/up of the k experts as one expert-indexed
     /// launch of 2k jobs, SiLU·mul, their downs as one launch of k, and the weighted sum:
-    /// 6–8 launches and no host synchronisation.
+    /// 6–8 launches and no host synchronisation. Paged experts (`--vram-budget`) read the
+    /// chosen ids back, copy the misses into their slots, then run the same products.
     fn moe_decode(
         &self,
         e: &CudaExperts,
@@ -1703,36 +1773,133 @@ impl Backend for CudaBackend {
                 Arg::P(wts),
             ],
         );
+        let chosen = match &e.paged {
+            Some(p) if self.cpu_experts_on(e) => {
+                let (c, w, hh) =
+                    self.read_back(&p.pager, k, Some(ids), true, Some((h.ptr(), e.hidden)))?;
+                let routes: Vec<(usize, f32)> = c.into_iter().zip(w).collect();
+                return self.moe_split(e, Some(&routed), &routes, h, &hh, out);
+            }
+            Some(p) => Some(self.read_back(&p.pager, k, Some(ids), false, None)?.0),
+            None => None,
+        };
+        self.moe_experts(e, &routed, k, chosen.as_deref(), h, out)
+    }
+
+    fn moe_decode_routed(
+        &self,
+        e: &CudaExperts,
+        routes: &[(usize, f32)],
+        h: &CudaBuf,
+        out: &mut CudaBuf,
+    ) -> Result<()> {
+        let k = routes.len();
+        let upd = paging::MoePage::routes(routes);
+        let Some(upd) = upd.filter(|_| k > 0 && routes.iter().all(|r| r.0 < e.n)) else {
+            return Err(EngineError::Invalid(format!(
+                "moe_decode_routed: {k} routes over {} experts",
+                e.n
+            )));
+        };
+        let routed = self.new_buf(2 * k)?;
+        self.launch_page(e, &upd, routed.ptr(), routed.ptr() + 4 * k as u64);
+        if let Some(p) = &e.paged {
+            // Paged experts behave as with a real router, whose choice must come back to the
+            // host: one read-back (and synchronisation) per sparse layer, of the routes
+            // written on the device, so that this benchmarking aid costs what routing costs.
+            let cpu = self.cpu_experts_on(e);
+            let (_, _, hh) = self.read_back(
+                &p.pager,
+                k,
+                Some(routed.ptr()),
+                true,
+                cpu.then_some((h.ptr(), e.hidden)),
+            )?;
+            if cpu {
+                return self.moe_split(e, Some(&routed), routes, h, &hh, out);
+            }
+        }
+        let chosen: Vec<usize> = routes.iter().map(|r| r.0).collect();
+        self.moe_experts(e, &routed, k, Some(&chosen), h, out)
+    }
+
+    fn paged_experts(&self, layer: usize) -> Result<Option<CudaExperts>> {
+        self.paged_layer(layer)
+    }
+
+    fn paged_quota(&self, e: &CudaExperts) -> usize {
+        e.paged.as_ref().map_or(0, |p| p.pager.quota(p.layer))
+    }
+
+    fn paged_weights(&self, e: &CudaExperts, experts: &[usize]) -> Result<Vec<[CudaWeight; 3]>> {
+        self.paged_views(e, experts)
+    }
+}
+
+impl CudaBackend {
+    /// The chosen experts' products and their weighted sum: `routed` holds k ids then k
+    /// weights on the device; `chosen` the same ids on the host (needed for paged experts,
+    /// which run in waves of at most the layer's quota, each paged in first).
+    fn moe_experts(
+        &self,
+        e: &CudaExperts,
+        routed: &CudaBuf,
+        k: usize,
+        chosen: Option<&[usize]>,
+        h: &CudaBuf,
+        out: &mut CudaBuf,
+    ) -> Result<()> {
+        let (ids, wts) = (routed.ptr(), routed.ptr() + 4 * k as u64);
+        let paged = match (&e.paged, chosen) {
+            (Some(p), Some(c)) => Some((p, c)),
+            (Some(_), None) => {
+                return Err(EngineError::Invalid(
+                    "paged experts need the chosen ids on the host".into(),
+                ))
+            }
+            _ => None,
+        };
+        let wave = match paged {
+            Some((p, _)) => p.pager.quota(p.layer).clamp(1, k),
+            None => k,
+        };
         let t = |i: u64| e.tables.ptr() + i * 8 * e.n as u64;
-        // gu = [gate of the k experts | up of the k experts], ffn values each.
-        let gu = self.new_buf(2 * k * e.ffn)?;
-        self.matvec1_experts(
-            (t(0), t(1)),
-            ids,
-            k,
-            2 * k,
-            h.ptr(),
-            0,
-            gu.ptr(),
-            (e.kind, e.ffn, e.hidden, e.row_bytes),
-        );
-        let n = (k * e.ffn) as u64;
-        self.launch(
-            &self.kernels.silu_mul,
-            grid_1d(n, 256),
-            &[Arg::P(gu.ptr()), Arg::P(gu.ptr() + 4 * n), Arg::P(n)],
-        );
+        // gu = [gate of the wave's experts | their up], ffn values each.
+        let gu = self.new_buf(2 * wave * e.ffn)?;
         let ys = self.new_buf(k * e.hidden)?;
-        self.matvec1_experts(
-            (t(2), t(2)),
-            ids,
-            k,
-            k,
-            gu.ptr(),
-            e.ffn,
-            ys.ptr(),
-            (e.down_kind, e.hidden, e.ffn, e.down_row_bytes),
-        );
+        for o in (0..k).step_by(wave) {
+            let kw = wave.min(k - o);
+            if let Some((p, c)) = paged {
+                self.page_in(e, p, &c[o..o + kw])?;
+            }
+            let wave_ids = ids + 4 * o as u64;
+            self.matvec1_experts(
+                (t(0), t(1)),
+                wave_ids,
+                kw,
+                2 * kw,
+                h.ptr(),
+                0,
+                gu.ptr(),
+                (e.kind, e.ffn, e.hidden, e.row_bytes),
+            );
+            let n = (kw * e.ffn) as u64;
+            self.launch(
+                &self.kernels.silu_mul,
+                grid_1d(n, 256),
+                &[Arg::P(gu.ptr()), Arg::P(gu.ptr() + 4 * n), Arg::P(n)],
+            );
+            self.matvec1_experts(
+                (t(2), t(2)),
+                wave_ids,
+                kw,
+                kw,
+                gu.ptr(),
+                e.ffn,
+                ys.ptr() + (4 * o * e.hidden) as u64,
+                (e.down_kind, e.hidden, e.ffn, e.down_row_bytes),
+            );
+        }
         if !self.ensure(out, e.hidden) {
             return self.check();
         }

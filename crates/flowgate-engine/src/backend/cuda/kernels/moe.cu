@@ -79,3 +79,32 @@ extern "C" __global__ void moe_combine(const float* ys, const float* w, int k, i
     for (int j = 0; j < k; j++) s += w[j] * ys[(u64)j * n + i];
     out[i] = s;
 }
+
+// Paged experts (--vram-budget): after the host copied experts into device slots, one launch
+// points the layer's table entries at them (gate at a, up at a + off_up, down at a + off_down)
+// and, for routes chosen on the host, writes the ids and weights the expert-indexed products
+// and moe_combine read. Passed by value: no staging buffer to keep alive.
+#define PAGE_MAX 64
+struct MoePage {
+    int n;             // table entries to set
+    int k;             // routes to write (0: none)
+    int e[PAGE_MAX];   // expert ids of the entries
+    int ids[PAGE_MAX];
+    float w[PAGE_MAX];
+    u64 a[PAGE_MAX];   // slot addresses of the entries
+};
+
+extern "C" __global__ void moe_page(u64* table, int n_experts, u64 off_up, u64 off_down,
+                                    MoePage p, int* ids, float* w) {
+    int i = threadIdx.x;
+    if (i < p.n) {
+        int e = p.e[i];
+        table[e] = p.a[i];
+        table[n_experts + e] = p.a[i] + off_up;
+        table[2 * n_experts + e] = p.a[i] + off_down;
+    }
+    if (i < p.k) {
+        ids[i] = p.ids[i];
+        w[i] = p.w[i];
+    }
+}

@@ -1,0 +1,1104 @@
+//! The VRAM expert tier (`--vram-budget`): MoE experts held in page-locked host memory and
+//! copied on demand into a device cache of fixed-size slots.
+//!
+//! - **Slots.** One VMM reservation ([`VmmArena`]) cut into chunks of about 64 MiB (whole
+//!   allocation-granularity units), each holding several expert slots back to back; every chunk
+//!   is mapped when the cache is provisioned, so a slot's address never changes and the
+//!   allocator's budget is charged once, up front (paging never allocates). A slot holds one
+//!   expert's gate, up and down matrices in their file format, each 256-byte aligned.
+//! - **Host tier.** The expert tensors stay in the loader's arenas, which are page-locked in
+//!   place with `cuMemHostRegister` ([`HostPin`]): a miss is three asynchronous host→device
+//!   copies straight from them at the link's full speed, no staging.
+//! - **Bookkeeping** is [`SlotMap`] (per-layer quotas, LRU or LFU-with-aging eviction); each
+//!   paged layer keeps its own device table of expert addresses, which the expert-indexed
+//!   mat-vecs of `moe_decode` read. When a miss lands in a slot, one `moe_page` launch points
+//!   the table entries at it.
+//! - **Per token** (`moe_decode`): the router and top-k run on the device as for resident
+//!   experts; the chosen ids come back to the host (the one synchronisation per sparse layer
+//!   paging needs), the misses are copied on the compute stream (ordered after the work that
+//!   read the evicted slots, before the products that read the new ones), then the products
+//!   run. A layer whose quota is smaller than `k` runs its experts in waves of the quota.
+//!   Prefill routes on the host and takes the experts wave by wave as weight views of the slots.
+//! - **Statistics**: hits and misses per layer, bytes copied, evictions, and the device time
+//!   spent copying (events around each layer's copies, read when the statistics are asked for).
+//!
+//! - **Missed experts on the CPU** (Fiddler's idea; an option, `--cpu-experts auto|all`):
+//!   copying an expert over PCIe and computing it on the host's cores take comparable time,
+//!   so when a token's layer misses m experts, j of them can be computed on the CPU (from the
+//!   same host copies, with the CPU backend's kernels) while the other m − j are copied and
+//!   computed on the GPU. `auto` picks j minimising max(T_cpu(j), (m − j)·t_copy), with t_copy
+//!   and T_cpu(1..k) measured when the cache is provisioned, T_cpu then following the times
+//!   measured in decode (a moving average). The CPU share runs on the compute pool while the
+//!   host goes on queueing; the stream waits for it at a host-function gate
+//!   (`cuLaunchHostFunc`), copies its weighted sum in and adds it to the GPU's. Results then
+//!   differ from all-GPU ones by the CPU kernels' own rounding (8-bit activations per 256
+//!   instead of per 32). Off by default: on the H100 box a cold expert took the CPU about
+//!   twice its calibrated time in decode, and the split did not beat copying
+//!   (docs/benchmarks.md).
+//!
+//! Not built yet: speculative prefetch on a copy stream, and the SSD tier below host RAM (with
+//! `--ram-budget`).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::time::Instant;
+
+use flowgate_cuda::cudarc::driver::{sys, LaunchConfig};
+use flowgate_cuda::{Event, HostPin, PinnedBuffer, VmmArena};
+use flowgate_formats::catalog::names;
+use flowgate_formats::ModelSpec;
+use flowgate_io::AlignedBuf;
+
+use super::{cuda_err, dtype_index, lock, Arg, CudaBackend, CudaExperts, CudaWeight, WMem};
+use crate::backend::cpu::{CpuBackend, CpuWeight};
+use crate::backend::{Backend, SwiGluJob};
+use crate::error::{EngineError, Result};
+use crate::residency::host_tier::CacheStats;
+use crate::residency::{DevicePlan, PolicyKind, SlotMap};
+use crate::weights::HostTensor;
+
+/// Table entries and routes one `moe_page` launch can write (`PAGE_MAX` in moe.cu).
+const PAGE_MAX: usize = 64;
+/// Target bytes of one mapped chunk of slots.
+const CHUNK_TARGET: usize = 64 << 20;
+
+/// `moe_page`'s by-value argument (`struct MoePage` in moe.cu).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub(super) struct MoePage {
+    n: i32,
+    k: i32,
+    e: [i32; PAGE_MAX],
+    ids: [i32; PAGE_MAX],
+    w: [f32; PAGE_MAX],
+    a: [u64; PAGE_MAX],
+}
+
+// SAFETY: plain old data with the C layout of `struct MoePage` (2 ints, 3 arrays of 64 4-byte
+// values, then 64 u64 starting at byte 776, 8-aligned).
+unsafe impl flowgate_cuda::cudarc::driver::DeviceRepr for MoePage {}
+
+impl MoePage {
+    pub(super) fn empty() -> MoePage {
+        MoePage {
+            n: 0,
+            k: 0,
+            e: [0; PAGE_MAX],
+            ids: [0; PAGE_MAX],
+            w: [0.0; PAGE_MAX],
+            a: [0; PAGE_MAX],
+        }
+    }
+
+    /// Routes chosen on the host, to be written to the device.
+    pub(super) fn routes(routes: &[(usize, f32)]) -> Option<MoePage> {
+        if routes.len() > PAGE_MAX {
+            return None;
+        }
+        let mut p = MoePage::empty();
+        p.k = routes.len() as i32;
+        for (i, &(e, w)) in routes.iter().enumerate() {
+            p.ids[i] = e as i32;
+            p.w[i] = w;
+        }
+        Some(p)
+    }
+}
+
+/// An expert's three matrices in their file format: shapes and where they sit in a slot.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct ExpertShape {
+    pub kind: usize,
+    pub ffn: usize,
+    pub hidden: usize,
+    pub row_bytes: usize,
+    pub down_kind: usize,
+    pub down_row_bytes: usize,
+    /// Bytes of gate (= up) and of down.
+    part: [usize; 3],
+    /// Offsets of gate, up and down in a slot.
+    off: [u64; 3],
+    slot_bytes: usize,
+}
+
+/// Which missed experts decode computes on the CPU instead of copying them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CpuExperts {
+    /// None: every miss is copied into the device cache (the default: on the H100 box the
+    /// CPU share did not pay, see docs/benchmarks.md).
+    Off = 0,
+    /// As many as the measured costs say finish no later than copying.
+    Auto = 1,
+    /// Every miss (tests, and measuring the CPU side alone).
+    All = 2,
+}
+
+impl CpuExperts {
+    /// `off`, `auto` or `all`.
+    pub fn parse(s: &str) -> Result<CpuExperts> {
+        match s {
+            "off" => Ok(CpuExperts::Off),
+            "auto" => Ok(CpuExperts::Auto),
+            "all" => Ok(CpuExperts::All),
+            _ => Err(EngineError::Invalid(format!(
+                "--cpu-experts {s}: expected off, auto or all"
+            ))),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            CpuExperts::Off => "off",
+            CpuExperts::Auto => "auto",
+            CpuExperts::All => "all",
+        }
+    }
+}
+
+/// The provisioned cache: slots and their bookkeeping.
+struct Slots {
+    map: SlotMap,
+    arena: VmmArena,
+    per_chunk: usize,
+    plan: DevicePlan,
+}
+
+/// The expert tier of one model on one device.
+pub struct ExpertPager {
+    n_experts: usize,
+    sparse: Vec<bool>,
+    pub(super) shape: ExpertShape,
+    /// Per key (`layer * n_experts + expert`): host addresses of gate, up, down.
+    host: Vec<Option<[u64; 3]>>,
+    host_bytes: u64,
+    slots: Mutex<Option<Slots>>,
+    /// Routed ids read back to the host (page-locked, so the copy is a DMA).
+    ids_back: Mutex<PinnedBuffer>,
+    /// (start, end) events around each layer's copies, not read yet.
+    copy_events: Mutex<Vec<(Event, Event)>>,
+    /// Device time spent copying, read from the events so far.
+    copy_time: Mutex<Duration>,
+    policy: PolicyKind,
+    /// The experts as CPU-backend weights (views of the same host memory), per key.
+    cpu: Vec<Option<[CpuWeight; 3]>>,
+    /// Experts a token uses (`k`).
+    n_used: usize,
+    cpu_mode: AtomicU8,
+    /// Measured at provisioning: seconds to copy one expert, and to compute j experts on the
+    /// CPU (index j, 0..=k).
+    cost: Mutex<Option<(f64, Vec<f64>)>>,
+    /// The CPU share's weighted sum (`hidden` floats, page-locked), and a CPU failure not
+    /// reported yet.
+    cpu_out: Mutex<PinnedBuffer>,
+    failure: Mutex<Option<String>>,
+    // Dropped in this order: unpin, then release the arenas.
+    _pins: Vec<HostPin>,
+    _arenas: Vec<Arc<AlignedBuf>>,
+}
+
+/// One paged layer's link to its pager (inside [`CudaExperts`]).
+pub struct PagedLayer {
+    pub(super) pager: Arc<ExpertPager>,
+    pub(super) layer: usize,
+}
+
+/// Expert `e`'s projection `stem` in layer `l`: a slice of the merged tensor, or its own.
+fn expert_view(
+    map: &HashMap<String, HostTensor>,
+    l: usize,
+    stem: &str,
+    e: usize,
+) -> Result<HostTensor> {
+    let merged = names::blk(l, &format!("{stem}_exps.weight"));
+    if let Some(t) = map.get(&merged) {
+        if t.shape.len() != 3 {
+            return Err(EngineError::Weight {
+                tensor: merged,
+                msg: format!("expected 3 dimensions, found {:?}", t.shape),
+            });
+        }
+        return t.slice_outer(e);
+    }
+    let own = names::blk(l, &format!("{stem}.{e}.weight"));
+    map.get(&own)
+        .cloned()
+        .ok_or_else(|| flowgate_formats::FormatError::MissingTensor(own).into())
+}
+
+fn align256(n: usize) -> usize {
+    n.div_ceil(256) * 256
+}
+
+impl ExpertPager {
+    /// Takes every expert tensor out of `tensors` (they stay in host memory, page-locked in
+    /// place) and prepares the tier; slots come with [`ExpertPager::provision`], once the
+    /// dense weights are on the device.
+    pub fn new(
+        backend: &CudaBackend,
+        spec: &ModelSpec,
+        tensors: &mut HashMap<String, HostTensor>,
+        policy: PolicyKind,
+    ) -> Result<Arc<ExpertPager>> {
+        let m = spec.moe.as_ref().ok_or_else(|| {
+            EngineError::Invalid("--vram-budget paging needs an MoE model".into())
+        })?;
+        let n = m.n_experts;
+        let sparse: Vec<bool> = (0..spec.n_layers)
+            .map(|l| spec.is_sparse_layer(l))
+            .collect();
+        let mut host = vec![None; spec.n_layers * n];
+        let mut cpu: Vec<Option<[CpuWeight; 3]>> = (0..spec.n_layers * n).map(|_| None).collect();
+        let mut arenas: Vec<Arc<AlignedBuf>> = Vec::new();
+        let mut shape: Option<ExpertShape> = None;
+        let mut host_bytes = 0u64;
+        for (l, _) in sparse.iter().enumerate().filter(|(_, s)| **s) {
+            for e in 0..n {
+                let mut addr = [0u64; 3];
+                let mut parts = Vec::with_capacity(3);
+                let mut cpu_parts: Vec<HostTensor> = Vec::with_capacity(3);
+                for (i, stem) in ["ffn_gate", "ffn_up", "ffn_down"].into_iter().enumerate() {
+                    let t = expert_view(tensors, l, stem, e)?;
+                    let want = if i < 2 {
+                        [m.expert_ffn, spec.hidden]
+                    } else {
+                        [spec.hidden, m.expert_ffn]
+                    };
+                    if t.shape != want {
+                        return Err(EngineError::Weight {
+                            tensor: t.name.clone(),
+                            msg: format!("shape {:?}, expected {want:?}", t.shape),
+                        });
+                    }
+                    let kind = dtype_index(t.dtype).ok_or_else(|| EngineError::Weight {
+                        tensor: t.name.clone(),
+                        msg: format!("dtype {} is not a weight format", t.dtype),
+                    })?;
+                    let row_bytes = t
+                        .dtype
+                        .row_bytes(want[1] as u64)
+                        .map_err(|e| EngineError::Invalid(e.to_string()))?
+                        as usize;
+                    addr[i] = t.bytes().as_ptr() as u64;
+                    cpu_parts.push(t.clone());
+                    host_bytes += t.bytes().len() as u64;
+                    let buf = t.storage();
+                    if !arenas.iter().any(|a| Arc::ptr_eq(a, buf)) {
+                        arenas.push(buf.clone());
+                    }
+                    parts.push((kind, row_bytes, t.bytes().len()));
+                }
+                let s = {
+                    let part = [parts[0].2, parts[1].2, parts[2].2];
+                    let off = [
+                        0,
+                        align256(part[0]) as u64,
+                        (align256(part[0]) + align256(part[1])) as u64,
+                    ];
+                    ExpertShape {
+                        kind: parts[0].0,
+                        ffn: m.expert_ffn,
+                        hidden: spec.hidden,
+                        row_bytes: parts[0].1,
+                        down_kind: parts[2].0,
+                        down_row_bytes: parts[2].1,
+                        part,
+                        off,
+                        slot_bytes: off[2] as usize + align256(part[2]),
+                    }
+                };
+                match &shape {
+                    None => shape = Some(s),
+                    Some(s0) => {
+                        if (s0.kind, s0.down_kind, s0.part) != (s.kind, s.down_kind, s.part)
+                            || parts[1].0 != s.kind
+                        {
+                            return Err(EngineError::Invalid(format!(
+                                "expert {e} of layer {l} differs in format from the others: \
+                                 --vram-budget needs experts of one format"
+                            )));
+                        }
+                    }
+                }
+                host[l * n + e] = Some(addr);
+                let mut it = cpu_parts.into_iter().map(|t| CpuBackend.weight(t));
+                let (Some(g), Some(u), Some(d)) = (it.next(), it.next(), it.next()) else {
+                    return Err(EngineError::Invalid("expert without three matrices".into()));
+                };
+                cpu[l * n + e] = Some([g?, u?, d?]);
+            }
+        }
+        let shape =
+            shape.ok_or_else(|| EngineError::Invalid("the model has no sparse layer".into()))?;
+        // The views above hold the arenas; the tensors themselves leave the map.
+        tensors.retain(|name, _| !crate::residency::ExpertLayout::is_expert_tensor(name));
+        let mut pins = Vec::with_capacity(arenas.len());
+        for a in &arenas {
+            // SAFETY: the arena is kept alive (and never moves: it is a mapping) by `_arenas`,
+            // which is dropped after `_pins`.
+            let pin = unsafe { HostPin::new(&backend.device, a.as_ptr().cast_mut(), a.len()) }
+                .map_err(cuda_err)?;
+            pins.push(pin);
+        }
+        // ids and weights (k each), then the token's hidden vector.
+        let ids_back =
+            PinnedBuffer::new(&backend.device, 8 * PAGE_MAX + 4 * spec.hidden).map_err(cuda_err)?;
+        Ok(Arc::new(ExpertPager {
+            n_experts: n,
+            sparse,
+            shape,
+            host,
+            host_bytes,
+            slots: Mutex::new(None),
+            ids_back: Mutex::new(ids_back),
+            copy_events: Mutex::new(Vec::new()),
+            copy_time: Mutex::new(Duration::ZERO),
+            policy,
+            cpu,
+            n_used: m.n_experts_used.min(PAGE_MAX),
+            cpu_mode: AtomicU8::new(CpuExperts::Off as u8),
+            cost: Mutex::new(None),
+            cpu_out: Mutex::new(
+                PinnedBuffer::new(&backend.device, 4 * spec.hidden).map_err(cuda_err)?,
+            ),
+            failure: Mutex::new(None),
+            _pins: pins,
+            _arenas: arenas,
+        }))
+    }
+
+    /// Bytes of one device slot.
+    pub fn slot_bytes(&self) -> u64 {
+        self.shape.slot_bytes as u64
+    }
+
+    /// Experts of the model and their bytes.
+    pub fn n_experts_total(&self) -> usize {
+        self.host.iter().filter(|h| h.is_some()).count()
+    }
+
+    pub fn experts_bytes(&self) -> u64 {
+        self.host_bytes
+    }
+
+    /// Maps the slots the budget leaves (after what is in use now and `reserve` bytes kept
+    /// for the KV cache and activations), at most `max_slots` if given, and returns the plan.
+    pub fn provision(
+        &self,
+        backend: &CudaBackend,
+        reserve: u64,
+        max_slots: Option<usize>,
+    ) -> Result<DevicePlan> {
+        let budget = backend.alloc.budget();
+        let n_sparse = self.sparse.iter().filter(|&&s| s).count();
+        let slot = self.shape.slot_bytes;
+        let mut plan = DevicePlan::new(
+            budget.budget(),
+            budget.in_use(),
+            reserve,
+            slot as u64,
+            n_sparse,
+            self.n_experts_total(),
+            self.host_bytes,
+            self.policy,
+        )?;
+        if let Some(m) = max_slots {
+            plan.n_slots = plan.n_slots.min(m);
+        }
+        // Chunks of whole granularity units, each holding `per_chunk` slots; as many as the
+        // budget allows once rounded (never more than the plan's slots need).
+        let per_chunk = (CHUNK_TARGET / slot).clamp(1, plan.n_slots.max(1));
+        let gran = VmmArena::info(&backend.device).map_err(cuda_err)?.minimum;
+        let chunk = (per_chunk * slot).div_ceil(gran) * gran;
+        let room = budget.available().saturating_sub(reserve) / chunk as u64;
+        let n_chunks = plan.n_slots.div_ceil(per_chunk).min(room as usize);
+        let n_slots = (n_chunks * per_chunk).min(plan.n_slots);
+        if n_chunks == 0 || n_slots < n_sparse {
+            return Err(EngineError::Invalid(format!(
+                "--vram-budget {} leaves room for {n_slots} expert slots once mapped in chunks \
+                 of {}; the {n_sparse} sparse layers need one each",
+                crate::residency::fmt_size(budget.budget()),
+                crate::residency::fmt_size(chunk as u64)
+            )));
+        }
+        let mut arena = VmmArena::new(&backend.alloc, chunk, n_chunks).map_err(cuda_err)?;
+        for c in 0..n_chunks {
+            arena.map(c).map_err(cuda_err)?;
+        }
+        let map = SlotMap::new(&self.sparse, self.n_experts, n_slots, self.policy)?;
+        let plan = DevicePlan {
+            n_slots: map.n_slots(),
+            ..plan
+        };
+        *lock(&self.slots) = Some(Slots {
+            map,
+            arena,
+            per_chunk,
+            plan: plan.clone(),
+        });
+        let cost = self.calibrate(backend)?;
+        tracing::info!(
+            copy_us = 1e6 * cost.0,
+            cpu_us = ?cost.1.iter().map(|t| (1e6 * t) as u64).collect::<Vec<_>>(),
+            "expert copy vs CPU compute, measured"
+        );
+        *lock(&self.cost) = Some(cost);
+        Ok(plan)
+    }
+
+    /// Measures the two ways to serve a miss: copying one expert into a slot (median of 5,
+    /// device events), and computing j = 1..=k experts of a token on the CPU (best of 3).
+    fn calibrate(&self, b: &CudaBackend) -> Result<(f64, Vec<f64>)> {
+        let key = self
+            .host
+            .iter()
+            .position(|h| h.is_some())
+            .ok_or_else(|| EngineError::Invalid("no expert to calibrate with".into()))?;
+        let layer = key / self.n_experts;
+        let host = self.host[key].unwrap_or_default();
+        let base = {
+            let g = lock(&self.slots);
+            let s = g
+                .as_ref()
+                .ok_or_else(|| EngineError::Invalid("no slots".into()))?;
+            s.arena.slot_ptr(0).map_err(cuda_err)?
+        };
+        let s = self.shape;
+        let mut copies = Vec::new();
+        for _ in 0..5 {
+            let a = Event::new(&b.device).map_err(cuda_err)?;
+            let z = Event::new(&b.device).map_err(cuda_err)?;
+            a.record(&b.stream).map_err(cuda_err)?;
+            // SAFETY: slot 0 is mapped and holds slot_bytes; nothing is resident yet (the map
+            // is empty), so the bytes written are never read as an expert; the source is
+            // page-locked memory of the pager.
+            if let Err(r) = unsafe { b.copy_expert(base, &host, &s) } {
+                return Err(EngineError::Invalid(format!("calibration copy: {r:?}")));
+            }
+            z.record(&b.stream).map_err(cuda_err)?;
+            z.synchronize().map_err(cuda_err)?;
+            copies.push(a.elapsed_ms(&z).map_err(cuda_err)? as f64 / 1e3);
+        }
+        copies.sort_by(f64::total_cmp);
+        let copy = copies[copies.len() / 2];
+        let x: Vec<f32> = (0..s.hidden)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0)
+            .collect();
+        // Misses are cold in the host's caches: every timed run uses experts not touched
+        // before (walking through the experts of all sparse layers).
+        let keys: Vec<usize> = (0..self.cpu.len())
+            .filter(|&k| self.cpu[k].is_some())
+            .collect();
+        let mut next = keys
+            .iter()
+            .position(|&k| k / self.n_experts == layer)
+            .unwrap_or(0);
+        // Untimed first: wakes the compute pool.
+        if let Some([g, u, d]) = self.cpu[keys[next]].as_ref() {
+            let job = SwiGluJob {
+                gate: g,
+                up: u,
+                down: d,
+                x: &x,
+                n: 1,
+            };
+            std::hint::black_box(CpuBackend.swiglu_many(&[job])?);
+        }
+        next += 1;
+        let mut cpu = vec![0.0];
+        for j in 1..=self.n_used.min(self.n_experts) {
+            let mut best = f64::INFINITY;
+            for _ in 0..3 {
+                let ws: Vec<&[CpuWeight; 3]> = (0..j)
+                    .filter_map(|i| self.cpu[keys[(next + i) % keys.len()]].as_ref())
+                    .collect();
+                next += j;
+                let t0 = Instant::now();
+                let jobs: Vec<SwiGluJob<'_, CpuBackend>> = ws
+                    .iter()
+                    .map(|[g, u, d]| SwiGluJob {
+                        gate: g,
+                        up: u,
+                        down: d,
+                        x: &x,
+                        n: 1,
+                    })
+                    .collect();
+                std::hint::black_box(CpuBackend.swiglu_many(&jobs)?);
+                best = best.min(t0.elapsed().as_secs_f64());
+            }
+            cpu.push(best);
+        }
+        Ok((copy, cpu))
+    }
+
+    /// The failure of a CPU share of experts since the last call, if any.
+    pub fn take_failure(&self) -> Option<String> {
+        lock(&self.failure).take()
+    }
+
+    /// Whether decode computes missed experts on the CPU ([`CpuExperts::Off`] by default).
+    pub fn set_cpu_experts(&self, mode: CpuExperts) {
+        self.cpu_mode.store(mode as u8, Ordering::Relaxed);
+    }
+
+    pub fn cpu_experts(&self) -> CpuExperts {
+        match self.cpu_mode.load(Ordering::Relaxed) {
+            0 => CpuExperts::Off,
+            2 => CpuExperts::All,
+            _ => CpuExperts::Auto,
+        }
+    }
+
+    /// The measured costs: seconds per expert copy, and seconds for j CPU experts (j = 0..=k).
+    pub fn costs(&self) -> Option<(f64, Vec<f64>)> {
+        lock(&self.cost).clone()
+    }
+
+    /// How many of `misses` misses to compute on the CPU.
+    fn cpu_share(&self, misses: usize) -> usize {
+        match self.cpu_experts() {
+            _ if misses == 0 => return 0,
+            CpuExperts::Off => return 0,
+            CpuExperts::All => return misses,
+            CpuExperts::Auto => {}
+        }
+        let g = lock(&self.cost);
+        let Some((copy, cpu)) = g.as_ref() else {
+            return 0;
+        };
+        let cost = |j: usize| {
+            let c = cpu.get(j).copied().unwrap_or(f64::INFINITY);
+            c.max((misses - j) as f64 * copy)
+        };
+        (0..=misses.min(cpu.len() - 1))
+            .min_by(|&a, &b| cost(a).total_cmp(&cost(b)))
+            .unwrap_or(0)
+    }
+
+    /// The plan, once provisioned.
+    pub fn plan(&self) -> Option<DevicePlan> {
+        lock(&self.slots).as_ref().map(|s| s.plan.clone())
+    }
+
+    /// Experts `layer` may hold at once.
+    pub fn quota(&self, layer: usize) -> usize {
+        lock(&self.slots).as_ref().map_or(0, |s| s.map.quota(layer))
+    }
+
+    /// Hits, misses, bytes copied and copy time so far (waits for the copies queued).
+    pub fn stats(&self) -> CacheStats {
+        let pending = std::mem::take(&mut *lock(&self.copy_events));
+        let mut t = lock(&self.copy_time);
+        for (a, b) in pending {
+            if b.synchronize().is_ok() {
+                if let Ok(ms) = a.elapsed_ms(&b) {
+                    *t += Duration::from_secs_f64(ms as f64 / 1e3);
+                }
+            }
+        }
+        let mut s = lock(&self.slots)
+            .as_ref()
+            .map(|s| s.map.stats().clone())
+            .unwrap_or_default();
+        s.stall = *t;
+        s
+    }
+
+    /// Zeroes the statistics; residency is kept.
+    pub fn reset_stats(&self) {
+        let _ = self.stats();
+        *lock(&self.copy_time) = Duration::ZERO;
+        if let Some(s) = lock(&self.slots).as_mut() {
+            s.map.reset_stats();
+        }
+    }
+}
+
+impl CudaBackend {
+    /// Routes the sparse layers of the model built next through `pager`'s device cache.
+    pub fn set_expert_pager(&self, pager: Arc<ExpertPager>) {
+        *lock(&self.pager) = Some(pager);
+    }
+
+    /// A paged layer's (empty) expert table.
+    pub(super) fn paged_layer(&self, layer: usize) -> Result<Option<CudaExperts>> {
+        let Some(pager) = lock(&self.pager).clone() else {
+            return Ok(None);
+        };
+        if !pager.sparse.get(layer).copied().unwrap_or(false) {
+            return Ok(None);
+        }
+        let n = pager.n_experts;
+        let tables = self.new_buf(3 * n * 2)?;
+        self.memset0(tables.ptr(), 3 * n * 2);
+        let s = pager.shape;
+        Ok(Some(CudaExperts {
+            tables,
+            n,
+            kind: s.kind,
+            ffn: s.ffn,
+            hidden: s.hidden,
+            row_bytes: s.row_bytes,
+            down_kind: s.down_kind,
+            down_row_bytes: s.down_row_bytes,
+            paged: Some(PagedLayer { pager, layer }),
+        }))
+    }
+
+    /// Reads back to the host, after the work queued so far (one stream synchronisation):
+    /// the `k` ids at `ids` (when given) and the `k` weights that follow them (with
+    /// `with_weights`), and the `hidden` values at `h` (when given).
+    pub(super) fn read_back(
+        &self,
+        pager: &ExpertPager,
+        k: usize,
+        ids: Option<u64>,
+        with_weights: bool,
+        h: Option<(u64, usize)>,
+    ) -> Result<(Vec<usize>, Vec<f32>, Vec<f32>)> {
+        let mut back = lock(&pager.ids_back);
+        let dst = back.as_mut_slice();
+        let hidden = h.map_or(0, |x| x.1);
+        if k > PAGE_MAX || 8 * PAGE_MAX + 4 * hidden > dst.len() {
+            return Err(EngineError::Invalid(format!("read back of {k} routes")));
+        }
+        self.device.bind().map_err(cuda_err)?;
+        let base = dst.as_mut_ptr();
+        let route_bytes = if with_weights { 8 * k } else { 4 * k };
+        let parts = [
+            (ids, 0usize, route_bytes),
+            (h.map(|x| x.0), 8 * PAGE_MAX, 4 * hidden),
+        ];
+        for (src, at, len) in parts {
+            let Some(src) = src else { continue };
+            // SAFETY: base + at .. + len lies inside the page-locked buffer (checked above),
+            // which stays locked (and alive) until the synchronisation below; `src` holds
+            // `len` bytes on the device.
+            let r = unsafe {
+                sys::cuMemcpyDtoHAsync_v2(base.add(at).cast(), src, len, self.stream.cu_stream())
+            };
+            if r != sys::CUresult::CUDA_SUCCESS {
+                return Err(EngineError::Invalid(format!("cuMemcpyDtoHAsync: {r:?}")));
+            }
+        }
+        self.stream.synchronize().map_err(cuda_err)?;
+        self.check()?;
+        if let Some(f) = pager.take_failure() {
+            return Err(EngineError::Invalid(format!("experts on the CPU: {f}")));
+        }
+        let f32s = |at: usize, n: usize| -> Vec<f32> {
+            dst[at..at + 4 * n]
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect()
+        };
+        let v: Vec<usize> = if ids.is_some() {
+            dst[..4 * k]
+                .chunks_exact(4)
+                .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as usize)
+                .collect()
+        } else {
+            Vec::new()
+        };
+        if v.iter().any(|&e| e >= pager.n_experts) {
+            return Err(EngineError::Invalid(format!("router chose experts {v:?}")));
+        }
+        let w = if ids.is_some() && with_weights {
+            f32s(4 * k, k)
+        } else {
+            Vec::new()
+        };
+        Ok((v, w, f32s(8 * PAGE_MAX, hidden)))
+    }
+
+    /// Whether paged decode may compute missed experts on the CPU.
+    pub(super) fn cpu_experts_on(&self, e: &CudaExperts) -> bool {
+        e.paged.as_ref().is_some_and(|p| {
+            p.pager.cpu_experts() != CpuExperts::Off && lock(&p.pager.cost).is_some()
+        })
+    }
+
+    /// One token through a paged layer with `routes` (expert, weight) known on the host (and
+    /// on the device in `routed`, ids then weights, when the router chose them there) and
+    /// the input `h` both on the device and on the host (`h_host`): of the missed experts,
+    /// the share [`ExpertPager`]'s cost model gives the CPU is computed here, on the host,
+    /// while the GPU copies and computes the rest; the two sums are added on the device.
+    pub(super) fn moe_split(
+        &self,
+        e: &CudaExperts,
+        routed: Option<&super::CudaBuf>,
+        routes: &[(usize, f32)],
+        h: &super::CudaBuf,
+        h_host: &[f32],
+        out: &mut super::CudaBuf,
+    ) -> Result<()> {
+        let p = e
+            .paged
+            .as_ref()
+            .ok_or_else(|| EngineError::Invalid("moe_split on resident experts".into()))?;
+        let pager = &p.pager;
+        let resident = |x: usize| {
+            lock(&pager.slots)
+                .as_ref()
+                .is_some_and(|s| s.map.slot_of(p.layer, x).is_some())
+        };
+        let misses: Vec<usize> = (0..routes.len())
+            .filter(|&i| !resident(routes[i].0))
+            .collect();
+        let j = pager.cpu_share(misses.len());
+        let on_cpu = &misses[misses.len() - j..];
+        let gpu: Vec<(usize, f32)> = (0..routes.len())
+            .filter(|i| !on_cpu.contains(i))
+            .map(|i| routes[i])
+            .collect();
+        // The GPU's part first: it runs while the host computes.
+        if gpu.is_empty() {
+            if !self.ensure(out, e.hidden) {
+                return self.check();
+            }
+            self.memset0(out.ptr(), e.hidden);
+        } else if let (Some(r), 0) = (routed, j) {
+            // Nothing for the CPU: the routes already on the device serve as they are.
+            let ids: Vec<usize> = gpu.iter().map(|r| r.0).collect();
+            self.moe_experts(e, r, gpu.len(), Some(&ids), h, out)?;
+        } else {
+            let upd = MoePage::routes(&gpu)
+                .ok_or_else(|| EngineError::Invalid("too many routes".into()))?;
+            let routed = self.new_buf(2 * gpu.len())?;
+            self.launch_page(e, &upd, routed.ptr(), routed.ptr() + 4 * gpu.len() as u64);
+            let ids: Vec<usize> = gpu.iter().map(|r| r.0).collect();
+            self.moe_experts(e, &routed, gpu.len(), Some(&ids), h, out)?;
+        }
+        if j == 0 {
+            return Ok(());
+        }
+        // The CPU's part runs on the compute pool while this thread goes on queueing; the
+        // stream waits for it at a host-function gate, then copies its sum in and adds it.
+        let job = Arc::new(CpuJob::default());
+        let work = CpuWork {
+            pager: pager.clone(),
+            layer: p.layer,
+            experts: on_cpu.iter().map(|&i| routes[i]).collect(),
+            x: h_host.to_vec(),
+            hidden: e.hidden,
+            job: job.clone(),
+        };
+        rayon::spawn(move || work.run());
+        let gate = Arc::into_raw(job.clone()) as *mut std::ffi::c_void;
+        // SAFETY: `gate` is an Arc<CpuJob> reference handed to the callback, which takes it
+        // back (Arc::from_raw) exactly once; the callback makes no CUDA call.
+        let r = unsafe { sys::cuLaunchHostFunc(self.stream.cu_stream(), Some(wait_for_cpu), gate) };
+        if r != sys::CUresult::CUDA_SUCCESS {
+            // SAFETY: the callback was not queued: take the reference back here.
+            drop(unsafe { Arc::from_raw(gate as *const CpuJob) });
+            job.wait();
+            return Err(EngineError::Invalid(format!("cuLaunchHostFunc: {r:?}")));
+        }
+        let cpu_part = self.new_buf(e.hidden)?;
+        {
+            let src = lock(&pager.cpu_out);
+            // SAFETY: the pinned buffer holds `hidden` floats; the copy runs after the gate,
+            // i.e. after the worker wrote them, and before any later worker writes again (the
+            // next one starts after the next read-back, which waits for this copy).
+            let r = unsafe {
+                sys::cuMemcpyHtoDAsync_v2(
+                    cpu_part.ptr(),
+                    src.as_slice().as_ptr().cast(),
+                    4 * e.hidden,
+                    self.stream.cu_stream(),
+                )
+            };
+            if r != sys::CUresult::CUDA_SUCCESS {
+                return Err(EngineError::Invalid(format!("cuMemcpyHtoDAsync: {r:?}")));
+            }
+        }
+        self.add(out, &cpu_part);
+        self.check()
+    }
+
+    /// Makes `experts` of `p`'s layer resident (at most its quota): copies the misses into
+    /// their slots and points the layer's table at them, all queued on the stream.
+    pub(super) fn page_in(&self, e: &CudaExperts, p: &PagedLayer, experts: &[usize]) -> Result<()> {
+        let pager = &p.pager;
+        let mut guard = lock(&pager.slots);
+        let slots = guard
+            .as_mut()
+            .ok_or_else(|| EngineError::Invalid("expert slots were not provisioned".into()))?;
+        let assigned = slots.map.assign(p.layer, experts)?;
+        let s = pager.shape;
+        let mut upd = MoePage::empty();
+        let mut copied = 0u64;
+        let mut events: Option<(Event, Event)> = None;
+        for a in assigned.iter().filter(|a| !a.hit) {
+            let key = p.layer * pager.n_experts + a.expert;
+            let host = pager.host[key]
+                .ok_or_else(|| EngineError::Invalid(format!("no host copy of expert {key}")))?;
+            let base = slots
+                .arena
+                .slot_ptr(a.slot / slots.per_chunk)
+                .map_err(cuda_err)?
+                + ((a.slot % slots.per_chunk) * s.slot_bytes) as u64;
+            if events.is_none() {
+                let ev = (
+                    Event::new(&self.device).map_err(cuda_err)?,
+                    Event::new(&self.device).map_err(cuda_err)?,
+                );
+                ev.0.record(&self.stream).map_err(cuda_err)?;
+                events = Some(ev);
+            }
+            let _timer = self.profile_span("expert copy host->device");
+            // SAFETY: the slot lies in a mapped chunk and holds slot_bytes; the source is
+            // page-locked host memory that lives as long as the pager (and so past the copy,
+            // which the stream orders before any later use of the slot).
+            match unsafe { self.copy_expert(base, &host, &s) } {
+                Ok(n) => copied += n,
+                Err(r) => {
+                    slots.map.invalidate(a.slot);
+                    return Err(EngineError::Invalid(format!(
+                        "copying expert {} of layer {}: {r:?}",
+                        a.expert, p.layer
+                    )));
+                }
+            }
+            let n = upd.n as usize;
+            upd.e[n] = a.expert as i32;
+            upd.a[n] = base;
+            upd.n += 1;
+            if upd.n as usize == PAGE_MAX {
+                // A prefill wave can miss more experts than one launch's table takes.
+                self.launch_page(e, &upd, 0, 0);
+                upd.n = 0;
+            }
+        }
+        slots.map.stats_mut().bytes_read += copied;
+        drop(guard);
+        if upd.n > 0 {
+            self.launch_page(e, &upd, 0, 0);
+        }
+        if let Some((a, b)) = events {
+            b.record(&self.stream).map_err(cuda_err)?;
+            let mut ev = lock(&pager.copy_events);
+            ev.push((a, b));
+            if ev.len() >= 4096 {
+                drop(ev);
+                let _ = pager.stats();
+            }
+        }
+        Ok(())
+    }
+
+    /// Queues the three host→device copies of one expert into the slot at `base`; returns
+    /// the bytes queued.
+    ///
+    /// # Safety
+    /// `base` must be a mapped slot of at least `s.slot_bytes` bytes, and `host` the
+    /// page-locked addresses of the expert's parts, alive until the copies have run.
+    unsafe fn copy_expert(
+        &self,
+        base: u64,
+        host: &[u64; 3],
+        s: &ExpertShape,
+    ) -> std::result::Result<u64, sys::CUresult> {
+        let mut n = 0;
+        for ((&src, &off), &len) in host.iter().zip(&s.off).zip(&s.part) {
+            // SAFETY: the caller's contract covers both ranges.
+            let r = unsafe {
+                sys::cuMemcpyHtoDAsync_v2(
+                    base + off,
+                    src as *const std::ffi::c_void,
+                    len,
+                    self.stream.cu_stream(),
+                )
+            };
+            if r != sys::CUresult::CUDA_SUCCESS {
+                return Err(r);
+            }
+            n += len as u64;
+        }
+        Ok(n)
+    }
+
+    /// One `moe_page` launch: table entries, and routes written to `ids`/`w` when `upd.k > 0`.
+    pub(super) fn launch_page(&self, e: &CudaExperts, upd: &MoePage, ids: u64, w: u64) {
+        let s = e
+            .paged
+            .as_ref()
+            .map(|p| p.pager.shape.off)
+            .unwrap_or([0; 3]);
+        self.launch(
+            &self.kernels.moe_page,
+            LaunchConfig {
+                grid_dim: (1, 1, 1),
+                block_dim: (PAGE_MAX as u32, 1, 1),
+                shared_mem_bytes: 0,
+            },
+            &[
+                Arg::P(e.tables.ptr()),
+                Arg::I(e.n as i32),
+                Arg::P(s[1]),
+                Arg::P(s[2]),
+                Arg::M(upd),
+                Arg::P(ids),
+                Arg::P(w),
+            ],
+        );
+    }
+
+    /// Weight views of `experts` of a paged layer, made resident first (valid for work queued
+    /// before the layer's next page-in).
+    pub(super) fn paged_views(
+        &self,
+        e: &CudaExperts,
+        experts: &[usize],
+    ) -> Result<Vec<[CudaWeight; 3]>> {
+        let p = e
+            .paged
+            .as_ref()
+            .ok_or_else(|| EngineError::Invalid("these experts are not paged".into()))?;
+        self.page_in(e, p, experts)?;
+        let guard = lock(&p.pager.slots);
+        let slots = guard
+            .as_ref()
+            .ok_or_else(|| EngineError::Invalid("expert slots were not provisioned".into()))?;
+        let s = p.pager.shape;
+        let mut out = Vec::with_capacity(experts.len());
+        for &x in experts {
+            let slot = slots.map.slot_of(p.layer, x).ok_or_else(|| {
+                EngineError::Invalid(format!("expert {x} of layer {} is not resident", p.layer))
+            })?;
+            let base = slots
+                .arena
+                .slot_ptr(slot / slots.per_chunk)
+                .map_err(cuda_err)?
+                + ((slot % slots.per_chunk) * s.slot_bytes) as u64;
+            let view =
+                |i: usize, kind: usize, rows: usize, cols: usize, row_bytes: usize| CudaWeight {
+                    mem: WMem::View {
+                        ptr: base + s.off[i],
+                        len: s.part[i],
+                    },
+                    dtype: super::DTYPES[kind],
+                    kind,
+                    rows,
+                    cols,
+                    row_bytes,
+                };
+            out.push([
+                view(0, s.kind, s.ffn, s.hidden, s.row_bytes),
+                view(1, s.kind, s.ffn, s.hidden, s.row_bytes),
+                view(2, s.down_kind, s.hidden, s.ffn, s.down_row_bytes),
+            ]);
+        }
+        Ok(out)
+    }
+}
+
+/// Completion of one CPU share of experts, which the stream's host-function gate waits on.
+#[derive(Default)]
+struct CpuJob {
+    done: Mutex<bool>,
+    cv: std::sync::Condvar,
+}
+
+impl CpuJob {
+    fn finish(&self) {
+        *lock(&self.done) = true;
+        self.cv.notify_all();
+    }
+
+    fn wait(&self) {
+        let mut d = lock(&self.done);
+        while !*d {
+            d = self.cv.wait(d).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+}
+
+/// The host-function gate: returns once the CPU share is written.
+unsafe extern "C" fn wait_for_cpu(data: *mut std::ffi::c_void) {
+    // SAFETY: `data` is the Arc<CpuJob> reference moe_split leaked for this call.
+    let job = unsafe { Arc::from_raw(data as *const CpuJob) };
+    job.wait();
+}
+
+/// Missed experts of one token computed on the CPU: writes Σ w·expert(x) into the pager's
+/// page-locked `cpu_out`, then opens the gate. A failure writes zeros and is reported by the
+/// next [`ExpertPager::take_failure`] (the forward pass's check).
+struct CpuWork {
+    pager: Arc<ExpertPager>,
+    layer: usize,
+    experts: Vec<(usize, f32)>,
+    x: Vec<f32>,
+    hidden: usize,
+    job: Arc<CpuJob>,
+}
+
+impl CpuWork {
+    fn run(self) {
+        let t0 = Instant::now();
+        let pager = &self.pager;
+        let result = (|| -> Result<Vec<f32>> {
+            let jobs = self
+                .experts
+                .iter()
+                .map(|&(e, _)| {
+                    let key = self.layer * pager.n_experts + e;
+                    let [g, u, d] = pager.cpu[key]
+                        .as_ref()
+                        .ok_or_else(|| EngineError::Invalid(format!("no host expert {key}")))?;
+                    Ok(SwiGluJob {
+                        gate: g,
+                        up: u,
+                        down: d,
+                        x: &self.x,
+                        n: 1,
+                    })
+                })
+                .collect::<Result<Vec<SwiGluJob<'_, CpuBackend>>>>()?;
+            let ys = CpuBackend.swiglu_many(&jobs)?;
+            let mut acc = vec![0f32; self.hidden];
+            for (&(_, w), y) in self.experts.iter().zip(&ys) {
+                for (a, v) in acc.iter_mut().zip(y) {
+                    *a += w * v;
+                }
+            }
+            Ok(acc)
+        })();
+        {
+            let mut out = lock(&pager.cpu_out);
+            let dst = out.as_mut_slice();
+            match &result {
+                Ok(acc) => {
+                    for (d, v) in dst.chunks_exact_mut(4).zip(acc) {
+                        d.copy_from_slice(&v.to_le_bytes());
+                    }
+                }
+                Err(e) => {
+                    dst.fill(0);
+                    *lock(&pager.failure) = Some(e.to_string());
+                }
+            }
+        }
+        let took = t0.elapsed();
+        self.job.finish();
+        let j = self.experts.len();
+        if let Some(s) = lock(&pager.slots).as_mut() {
+            let st = s.map.stats_mut();
+            st.misses[self.layer] += j as u64;
+            st.cpu_computed += j as u64;
+            st.cpu_time += took;
+        }
+        // The cost model follows what the CPU really takes (cold weights, waking the pool's
+        // threads), starting from the calibration.
+        if let Some((_, cpu)) = lock(&pager.cost).as_mut() {
+            if let Some(t) = cpu.get_mut(j) {
+                // One slow outlier (the pool's threads waking from sleep) moves it at most 2×.
+                let took = took.as_secs_f64().clamp(0.5 * *t, 2.0 * *t);
+                *t = 0.8 * *t + 0.2 * took;
+            }
+        }
+    }
+}

@@ -1,0 +1,320 @@
+//! `flowgate bench moe --vram-budget …` (or `--device cuda`): decode speed and device
+//! expert-cache statistics across VRAM budgets.
+//!
+//! Per budget the model is loaded on the GPU under that budget (`runtime::load_cuda_budget`:
+//! dense weights on the device, experts page-locked in host RAM, the rest of the budget a
+//! device cache of expert slots; a budget that holds everything loads everything), a random
+//! prompt is prefilled (which warms the cache), the counters are reset, and `--gen` random
+//! tokens are decoded one by one, each step ending with the logits on the host. Reported:
+//! decode tok/s, hit rate (per layer in `--json`), bytes copied host→device per token, device
+//! time spent copying per token, the budget's peak use as flowgate's allocator accounts it,
+//! and the device memory the driver reports in use (context included, as nvidia-smi shows).
+
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use flowgate_engine::backend::cuda::CpuExperts;
+use flowgate_engine::models::{Logits, Routing};
+use flowgate_engine::residency::{fmt_size, ExpertLayout};
+use flowgate_engine::runtime::{self, LoadOptions};
+use flowgate_engine::sampling::argmax;
+use flowgate_formats::model::ModelFile;
+use rand::{Rng, SeedableRng};
+
+use super::bench_moe::MoeArgs;
+
+struct VramRun {
+    budget: u64,
+    cpu_mode: CpuExperts,
+    cpu_per_token: f64,
+    cpu_ms_per_token: f64,
+    /// Measured at provisioning: µs to copy one expert; ms to compute j = 1..k on the CPU.
+    costs: Option<(f64, Vec<f64>)>,
+    paged: bool,
+    slots: usize,
+    fraction: f64,
+    decode_tps: f64,
+    hit_rate: f64,
+    hit_rate_per_layer: Vec<Option<f64>>,
+    bytes_per_token: f64,
+    copy_ms_per_token: f64,
+    peak: u64,
+    driver_used: u64,
+    load_s: f64,
+}
+
+fn ordinal(device: &str) -> Result<usize> {
+    match device {
+        "cuda" | "cpu" => Ok(0),
+        d => d
+            .strip_prefix("cuda:")
+            .and_then(|n| n.parse().ok())
+            .with_context(|| format!("--device {d}: expected cuda or cuda:N")),
+    }
+}
+
+pub fn moe_vram(a: &MoeArgs, file: &ModelFile) -> Result<()> {
+    if !a.ram_budget.is_empty() || a.cgroup || a.prefetch || a.cold {
+        bail!("--vram-budget runs take none of --ram-budget, --cgroup, --prefetch, --cold");
+    }
+    let dev = ordinal(&a.device)?;
+    let layout = ExpertLayout::new(&file.spec, &file.catalog)?;
+    let experts_bytes = layout.total_bytes;
+    let total = file.catalog.total_bytes();
+    let dense = total - experts_bytes;
+    let ctx = a.prompt.max(1) + a.gen + 1;
+    let reserve = runtime::device_reserve(&file.spec, ctx);
+    let budgets = if a.vram_budget.is_empty() {
+        let lo = dense + reserve + (layout.n_paged() as u64).div_ceil(10) * layout.slot_bytes;
+        let hi = total + reserve;
+        let steps = a.steps.max(2) as u64;
+        (0..steps)
+            .map(|i| lo + (hi - lo) * i / (steps - 1))
+            .collect()
+    } else {
+        a.vram_budget.clone()
+    };
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let prompt: Vec<u32> = (0..a.prompt.max(1))
+        .map(|_| rng.random_range(0..file.spec.vocab_size as u32))
+        .collect();
+    // Random decode inputs, as in the RAM sweep: a random-weight model's greedy output repeats.
+    let inputs: Vec<u32> = (0..a.gen)
+        .map(|_| rng.random_range(0..file.spec.vocab_size as u32))
+        .collect();
+    let modes = if a.cpu_experts.is_empty() {
+        vec![CpuExperts::Off]
+    } else {
+        a.cpu_experts.clone()
+    };
+    let mut runs = Vec::new();
+    for &budget in &budgets {
+        let opts = LoadOptions {
+            vram_budget: Some(budget),
+            cache_policy: a.policy,
+            ctx,
+            ..Default::default()
+        };
+        let t0 = Instant::now();
+        let mut l = runtime::load_cuda_budget(&a.model, &opts, dev, budget)
+            .with_context(|| format!("loading under --vram-budget {}", fmt_size(budget)))?;
+        let load_s = t0.elapsed().as_secs_f64();
+        if a.routing == "uniform" {
+            l.model.set_routing(Routing::UniformRandom { seed: 11 });
+        }
+        for &mode in &modes {
+            if let Some(p) = &l.pager {
+                p.set_cpu_experts(mode);
+            }
+            let mut kv = l.model.new_cache(ctx)?;
+            l.model.forward(&prompt, &mut kv, Logits::Last)?;
+            if let Some(p) = &l.pager {
+                p.reset_stats();
+            }
+            let t0 = Instant::now();
+            for &tok in &inputs {
+                let lg = l.model.forward(&[tok], &mut kv, Logits::Last)?;
+                std::hint::black_box(argmax(&lg));
+            }
+            let dt = t0.elapsed().as_secs_f64();
+            let n = a.gen.max(1) as f64;
+            let (slots, fraction, paged) = match &l.device_plan {
+                Some(p) => (p.n_slots, p.fraction(), true),
+                None => (layout.n_paged(), 1.0, false),
+            };
+            let (cpu_n, cpu_t) = match &l.pager {
+                Some(p) => {
+                    let st = p.stats();
+                    (
+                        st.cpu_computed as f64 / n,
+                        1e3 * st.cpu_time.as_secs_f64() / n,
+                    )
+                }
+                None => (0.0, 0.0),
+            };
+            let (hit_rate, per_layer, bytes, copy) = match &l.pager {
+                Some(p) => {
+                    let st = p.stats();
+                    let per_layer = st
+                        .hits
+                        .iter()
+                        .zip(&st.misses)
+                        .map(|(&h, &m)| (h + m > 0).then(|| h as f64 / (h + m) as f64))
+                        .collect();
+                    (
+                        st.hit_rate(),
+                        per_layer,
+                        st.bytes_read as f64,
+                        st.stall.as_secs_f64(),
+                    )
+                }
+                None => (1.0, vec![], 0.0, 0.0),
+            };
+            let (_, peak) = l.model.backend.memory_in_use();
+            let driver_used = l
+                .model
+                .backend
+                .device()
+                .memory_info()
+                .map(|(free, tot)| (tot - free) as u64)
+                .unwrap_or(0);
+            runs.push(VramRun {
+                budget,
+                cpu_mode: mode,
+                cpu_per_token: cpu_n,
+                cpu_ms_per_token: cpu_t,
+                costs: l.pager.as_ref().and_then(|p| p.costs()),
+                paged,
+                slots,
+                fraction,
+                decode_tps: a.gen as f64 / dt,
+                hit_rate,
+                hit_rate_per_layer: per_layer,
+                bytes_per_token: bytes / n,
+                copy_ms_per_token: 1e3 * copy / n,
+                peak,
+                driver_used,
+                load_s,
+            });
+            if peak > budget {
+                bail!(
+                    "the allocator's peak {} passed the budget {}: a bug",
+                    fmt_size(peak),
+                    fmt_size(budget)
+                );
+            }
+        }
+    }
+    if a.json {
+        let j = serde_json::json!({
+            "model": file.name, "device": format!("cuda:{dev}"), "policy": a.policy.name(),
+            "routing": a.routing, "prompt_tokens": prompt.len(), "gen_tokens": a.gen,
+            "dense_bytes": dense, "experts_bytes": experts_bytes, "reserve_bytes": reserve,
+            "n_experts": layout.n_paged(),
+            "runs": runs.iter().map(|r| serde_json::json!({
+                "vram_budget_bytes": r.budget,
+                "cpu_experts": r.cpu_mode.name(),
+                "cpu_experts_per_token": r.cpu_per_token,
+                "cpu_ms_per_token": r.cpu_ms_per_token,
+                "expert_copy_us": r.costs.as_ref().map(|c| 1e6 * c.0),
+                "cpu_experts_ms": r.costs.as_ref().map(|c| c.1.iter().map(|t| 1e3 * t).collect::<Vec<_>>()),
+                "paged": r.paged,
+                "cache_slots": r.slots,
+                "expert_fraction": r.fraction,
+                "decode_tps": r.decode_tps,
+                "hit_rate": r.hit_rate,
+                "hit_rate_per_layer": r.hit_rate_per_layer,
+                "bytes_copied_per_token": r.bytes_per_token,
+                "copy_ms_per_token": r.copy_ms_per_token,
+                "budget_peak_bytes": r.peak,
+                "driver_used_bytes": r.driver_used,
+                "load_s": r.load_s,
+            })).collect::<Vec<_>>(),
+        });
+        outln!("{}", serde_json::to_string_pretty(&j)?);
+        return plot(a, &prompt, &runs);
+    }
+    outln!(
+        "model     {} ({}), {} experts, dense part {}, experts {}, reserve (KV {} positions + activations) {}",
+        file.name,
+        file.spec.arch,
+        layout.n_paged(),
+        fmt_size(dense),
+        fmt_size(experts_bytes),
+        ctx,
+        fmt_size(reserve)
+    );
+    outln!(
+        "cuda:{dev}, policy {}, routing {}, prompt {} + decode {} tokens per budget; misses copied from page-locked host RAM",
+        a.policy.name(),
+        a.routing,
+        prompt.len(),
+        a.gen
+    );
+    outln!();
+    outln!(
+        "{:>12} {:>5} {:>8} {:>8} {:>10} {:>9} {:>12} {:>10} {:>9} {:>10} {:>12} {:>12}",
+        "vram budget",
+        "cpu",
+        "slots",
+        "cached",
+        "tok/s",
+        "hit rate",
+        "copied/tok",
+        "copy/tok",
+        "cpu exp/t",
+        "cpu/tok",
+        "budget peak",
+        "driver used"
+    );
+    for r in &runs {
+        outln!(
+            "{:>12} {:>5} {:>8} {:>7.1}% {:>10.2} {:>8.1}% {:>12} {:>8.2}ms {:>9.1} {:>8.2}ms {:>12} {:>12}",
+            fmt_size(r.budget),
+            r.cpu_mode.name(),
+            r.slots,
+            100.0 * r.fraction,
+            r.decode_tps,
+            100.0 * r.hit_rate,
+            fmt_size(r.bytes_per_token as u64),
+            r.copy_ms_per_token,
+            r.cpu_per_token,
+            r.cpu_ms_per_token,
+            fmt_size(r.peak),
+            fmt_size(r.driver_used)
+        );
+    }
+    if let Some((copy, cpu)) = runs.iter().find_map(|r| r.costs.clone()) {
+        outln!();
+        outln!(
+            "measured at load: one expert copied host->device in {:.0} us; j experts on the CPU ({} threads): {}",
+            1e6 * copy,
+            rayon::current_num_threads(),
+            cpu.iter()
+                .enumerate()
+                .skip(1)
+                .map(|(j, t)| format!("{j}: {:.0} us", 1e6 * t))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    outln!();
+    outln!("driver used: device memory in use on the GPU (cuMemGetInfo), CUDA context and cuBLAS workspace included, as nvidia-smi counts it.");
+    if a.routing == "uniform" {
+        outln!("Uniform routing: expect a hit rate near the cached fraction.");
+    } else {
+        outln!("The model's router: on flowgate's synthetic files it picks nearly the same experts for every token (see docs/benchmarks.md); trained models sit between that and uniform.");
+    }
+    plot(a, &prompt, &runs)?;
+    if let Some(p) = &a.plot {
+        outln!("plot: {}", p.display());
+    }
+    Ok(())
+}
+
+fn plot(a: &MoeArgs, prompt: &[u32], runs: &[VramRun]) -> Result<()> {
+    let Some(path) = &a.plot else {
+        return Ok(());
+    };
+    let sweep = crate::plot::Sweep {
+        title: super::bench_moe::plot_title(a),
+        subtitle: format!(
+            "{}, prompt {} + decode {} tokens per budget, misses copied from page-locked host RAM",
+            a.device,
+            prompt.len(),
+            a.gen
+        ),
+        budget_name: "VRAM budget".into(),
+        points: runs
+            .iter()
+            .map(|r| crate::plot::SweepPoint {
+                budget_bytes: r.budget,
+                decode_tps: r.decode_tps,
+                hit_rate: r.hit_rate,
+                llama_tps: None,
+            })
+            .collect(),
+        llama_unlimited: None,
+    };
+    crate::plot::write_sweep_png(path, &sweep)
+}
