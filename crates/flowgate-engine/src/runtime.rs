@@ -181,7 +181,9 @@ pub fn load_cuda_budget(
     } else {
         opts.io_threads
     };
-    let mut tensors = crate::weights::load_all(&file.catalog, threads, opts.progress.clone())?;
+    // Page-locked below: anonymous memory, not mappings of the page cache.
+    let mut tensors =
+        crate::weights::load_all_anonymous(&file.catalog, threads, opts.progress.clone())?;
     let pager = ExpertPager::new(&backend, &file.spec, &mut tensors, opts.cache_policy)?;
     backend.set_expert_pager(pager.clone());
     let model = Model::new(file.spec.clone(), backend, tensors)?;

@@ -150,7 +150,9 @@ pub fn load_all(
     load_selected(catalog, |_| true, threads, progress)
 }
 
-/// Like [`load_all`], for the tensors `keep` accepts (e.g. all but the paged experts).
+/// Like [`load_all`], for the tensors `keep` accepts (e.g. all but the paged experts), in
+/// anonymous memory (budgeted loads: what `--ram-budget` counts stays resident, never page
+/// cache the kernel may drop).
 pub fn load_selected(
     catalog: &TensorCatalog,
     keep: impl Fn(&TensorInfo) -> bool,
@@ -158,6 +160,33 @@ pub fn load_selected(
     progress: Option<flowgate_io::Progress>,
 ) -> Result<HashMap<String, HostTensor>> {
     let infos: Vec<&TensorInfo> = catalog.iter().filter(|t| keep(t)).collect();
+    load_views(catalog, infos, threads, progress, Some(false))
+}
+
+/// Like [`load_all`], always copying into fresh anonymous memory (never mapping the page
+/// cache): for host memory that will be page-locked (`cuMemHostRegister`), where a private
+/// file mapping would be copied page by page on registration, if accepted at all.
+pub fn load_all_anonymous(
+    catalog: &TensorCatalog,
+    threads: usize,
+    progress: Option<flowgate_io::Progress>,
+) -> Result<HashMap<String, HostTensor>> {
+    load_views(
+        catalog,
+        catalog.iter().collect(),
+        threads,
+        progress,
+        Some(false),
+    )
+}
+
+fn load_views(
+    catalog: &TensorCatalog,
+    infos: Vec<&TensorInfo>,
+    threads: usize,
+    progress: Option<flowgate_io::Progress>,
+    map_cached: Option<bool>,
+) -> Result<HashMap<String, HostTensor>> {
     let reqs: Vec<ReadRequest> = infos
         .iter()
         .map(|t| ReadRequest {
@@ -166,10 +195,12 @@ pub fn load_selected(
             len: t.nbytes as usize,
         })
         .collect();
+    let defaults = flowgate_io::LoaderOptions::default();
     let loader = flowgate_io::Loader::new(flowgate_io::LoaderOptions {
         threads,
         progress,
-        ..Default::default()
+        map_cached: map_cached.unwrap_or(defaults.map_cached),
+        ..defaults
     });
     let (views, _) = loader.load_host(&catalog.files, &reqs)?;
     let mut out = HashMap::with_capacity(infos.len());

@@ -113,9 +113,35 @@ impl AlignedBuf {
         // Populate for reading (MAP_POPULATE on a writable private mapping would fault every
         // page for writing, i.e. copy it). Where MADV_POPULATE_READ (Linux 5.14) is missing,
         // pages fault in on first use instead.
+        // Populating is page-table work (about 0.3 µs per 4 KiB page), so it is split over the
+        // cores: pieces of 32 MiB handed out in turn.
         const MADV_POPULATE_READ: libc::c_int = 22;
-        // SAFETY: advice on the mapping just made.
-        unsafe { libc::madvise(p, map_len, MADV_POPULATE_READ) };
+        const PIECE: usize = 32 << 20;
+        let threads = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(map_len.div_ceil(PIECE));
+        let base = p as usize;
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let populate = || loop {
+            let at = next.fetch_add(PIECE, std::sync::atomic::Ordering::Relaxed);
+            if at >= map_len {
+                break;
+            }
+            // SAFETY: advice on a piece of the mapping just made (inside map_len).
+            unsafe {
+                libc::madvise(
+                    (base + at) as *mut libc::c_void,
+                    PIECE.min(map_len - at),
+                    MADV_POPULATE_READ,
+                )
+            };
+        };
+        std::thread::scope(|s| {
+            for _ in 1..threads {
+                s.spawn(populate);
+            }
+            populate();
+        });
         NonNull::new(p as *mut u8).map(|ptr| AlignedBuf {
             ptr,
             len,

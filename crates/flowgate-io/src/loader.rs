@@ -108,10 +108,13 @@ pub struct LoaderOptions {
     /// ahead of the reads (`MADV_POPULATE_WRITE`).
     pub prefault: bool,
     /// [`Loader::load_host`]: extents wholly in the page cache are mapped (private,
-    /// populated for reading) instead of copied — the page cache's pages become the
-    /// destination. Off by default (4 KiB pages under decode, SIGBUS if the file is truncated,
-    /// and on the 2-core VM not faster than copying: see docs/benchmarks.md); never under
-    /// [`Strategy::Direct`].
+    /// populated for reading on all cores) instead of copied — the page cache's pages become
+    /// the destination: no zeroing of fresh memory, no copy. On by default (a warm load of
+    /// moe7b on the 2-core VM: 42–47 GB/s against 13–14 copying, decode as fast on the 4 KiB
+    /// mappings: docs/benchmarks.md); `FLOWGATE_MAP_CACHED=0` turns it off. As with
+    /// llama.cpp's mmap, a file truncated under a running model faults (SIGBUS), and the
+    /// kernel may drop clean mapped pages under memory pressure and read them again later.
+    /// Never under [`Strategy::Direct`].
     pub map_cached: bool,
 }
 
@@ -135,7 +138,7 @@ impl Default for LoaderOptions {
             progress: None,
             cuda_streams: 4,
             prefault: true,
-            map_cached: false,
+            map_cached: std::env::var("FLOWGATE_MAP_CACHED").map_or(true, |v| v != "0"),
         }
     }
 }

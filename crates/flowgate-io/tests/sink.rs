@@ -114,6 +114,8 @@ fn opts(strategy: Strategy, engine: DirectEngine) -> LoaderOptions {
         threads: 2,
         // Keep the sparse range of file 0 in an extent of its own.
         merge_gap: 64 << 10,
+        // These tests exercise the read paths; mapping cached extents has its own test.
+        map_cached: false,
         ..LoaderOptions::default()
     }
 }

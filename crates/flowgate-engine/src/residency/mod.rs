@@ -71,7 +71,7 @@ pub fn load_host(
         )?
     } else {
         acct.charge(plan.experts_bytes, "the experts")?;
-        crate::weights::load_all(&file.catalog, threads, progress)?
+        crate::weights::load_all_anonymous(&file.catalog, threads, progress)?
     };
     let cache = match (&plan.experts, paged) {
         (Some(layout), true) => Some(Arc::new(HostExpertCache::new(

@@ -10,7 +10,8 @@
 //! - (c) `buffered`: plain `read()` of each tensor in file order, one thread;
 //! - `flowgate`: [`flowgate_io::Loader`] (page-cache probe, io_uring + `O_DIRECT` for what is not
 //!   cached, `pread` threads for what is), exactly as a model load does: `cpu` is
-//!   [`Loader::load_host`] (tensors as views of arenas laid out like the file), `cuda` is
+//!   [`Loader::load_host`] (tensors as views of arenas laid out like the file; extents wholly in
+//!   the page cache are mapped, populated on all cores, not copied, unless `--copy`), `cuda` is
 //!   [`Loader::load_cuda`] (device arenas, page-locked staging, asynchronous copies on several
 //!   streams; timed until the last copy has completed). The baselines (a)–(c) always go to host
 //!   memory: they are what the machine and the usual loaders do.
@@ -80,10 +81,10 @@ pub struct LoadArgs {
     /// Do not fault the host destinations in ahead of direct reads (for comparison).
     #[arg(long)]
     pub no_prefault: bool,
-    /// Host loads: map extents already in the page cache instead of copying them (an option
-    /// of the loader, off in model loads; for comparison).
+    /// Host loads: copy extents already in the page cache into fresh memory instead of mapping
+    /// them (the loader maps them by default; for comparison).
     #[arg(long)]
-    pub map: bool,
+    pub copy: bool,
     /// Copy streams of the CUDA sink.
     #[arg(long, default_value_t = 4)]
     pub cuda_streams: usize,
@@ -347,7 +348,7 @@ pub fn load(a: LoadArgs) -> Result<()> {
                 min_align: a.min_align.clamp(512, 1 << 20),
                 cuda_streams: a.cuda_streams.max(2),
                 prefault: !a.no_prefault,
-                map_cached: a.map,
+                map_cached: !a.copy,
                 progress: Some(cb),
                 ..LoaderOptions::default()
             };
@@ -502,6 +503,7 @@ pub fn load(a: LoadArgs) -> Result<()> {
                 "direct": s.direct_bytes,
                 "cached": s.buffered_bytes,
                 "bounced_or_staged": s.copied_bytes,
+                "mapped_from_page_cache": s.mapped_bytes,
             })),
             "destinations": per_path.as_ref().map(|s| s.extents),
             "staging_bytes": per_path.as_ref().map(|s| s.staging_bytes),
