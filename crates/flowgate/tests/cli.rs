@@ -495,3 +495,37 @@ fn device_flag() {
         assert!(e.contains("use --device cpu"), "{e}");
     }
 }
+
+#[test]
+fn vram_budget_needs_a_gpu_and_a_valid_size() {
+    let fx = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/mixtral");
+    let fx = fx.to_str().unwrap();
+    let e = fails(&[
+        "logits",
+        fx,
+        "--tokens",
+        "1,2",
+        "--device",
+        "cpu",
+        "--vram-budget",
+        "1GiB",
+    ]);
+    assert!(
+        e.contains("--vram-budget needs a GPU") && e.contains("--ram-budget"),
+        "{e}"
+    );
+    let o = run(&["logits", fx, "--tokens", "1", "--vram-budget", "lots"]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{e}");
+    assert!(e.contains("--vram-budget") && e.contains("lots"), "{e}");
+    let o = run(&[
+        "bench",
+        "moe",
+        fx,
+        "--vram-budget",
+        "1GiB",
+        "--cpu-experts",
+        "some",
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+}
