@@ -21,7 +21,6 @@
 //!   Prefill routes on the host and takes the experts wave by wave as weight views of the slots.
 //! - **Statistics**: hits and misses per layer, bytes copied, evictions, and the device time
 //!   spent copying (events around each layer's copies, read when the statistics are asked for).
-//!
 //! - **Missed experts on the CPU** (Fiddler's idea; an option, `--cpu-experts auto|all`):
 //!   copying an expert over PCIe and computing it on the host's cores take comparable time,
 //!   so when a token's layer misses m experts, j of them can be computed on the CPU (from the
@@ -40,11 +39,9 @@
 //! `--ram-budget`).
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
-
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::time::Instant;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use flowgate_cuda::cudarc::driver::{sys, LaunchConfig};
 use flowgate_cuda::{Event, HostPin, PinnedBuffer, VmmArena};
@@ -117,7 +114,7 @@ pub(super) struct ExpertShape {
     pub row_bytes: usize,
     pub down_kind: usize,
     pub down_row_bytes: usize,
-    /// Bytes of gate (= up) and of down.
+    /// Bytes of gate, up and down.
     part: [usize; 3],
     /// Offsets of gate, up and down in a slot.
     off: [u64; 3],
@@ -309,12 +306,15 @@ impl ExpertPager {
                         slot_bytes: off[2] as usize + align256(part[2]),
                     }
                 };
+                if parts[1].0 != s.kind {
+                    return Err(EngineError::Invalid(format!(
+                        "expert {e} of layer {l}: gate and up differ in format"
+                    )));
+                }
                 match &shape {
                     None => shape = Some(s),
                     Some(s0) => {
-                        if (s0.kind, s0.down_kind, s0.part) != (s.kind, s.down_kind, s.part)
-                            || parts[1].0 != s.kind
-                        {
+                        if (s0.kind, s0.down_kind, s0.part) != (s.kind, s.down_kind, s.part) {
                             return Err(EngineError::Invalid(format!(
                                 "expert {e} of layer {l} differs in format from the others: \
                                  --vram-budget needs experts of one format"
