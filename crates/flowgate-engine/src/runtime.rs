@@ -65,6 +65,48 @@ pub struct Loaded<B: Backend = CpuBackend> {
     pub pager: Option<Arc<ExpertPager>>,
 }
 
+impl<B: Backend> Loaded<B> {
+    /// Logs the expert caches' statistics since the last call (then resets them): one
+    /// `tracing` event per tier that pages (`ram`: `--ram-budget`'s host cache, `vram`:
+    /// `--vram-budget`'s device cache), with the hit rate (all layers and per layer), bytes
+    /// moved, time stalled and speculative-prefetch accuracy per token over `tokens` tokens.
+    pub fn log_expert_stats(&self, tokens: usize) {
+        if let Some(c) = self.residency.as_ref().and_then(|r| r.cache.as_ref()) {
+            log_tier("ram", &c.stats(), tokens);
+            c.reset_stats();
+        }
+        if let Some(p) = &self.pager {
+            log_tier("vram", &p.stats(), tokens);
+            p.reset_stats();
+        }
+    }
+}
+
+fn log_tier(tier: &str, s: &crate::residency::CacheStats, tokens: usize) {
+    let n = tokens.max(1) as f64;
+    let per_layer: Vec<String> = s
+        .hits
+        .iter()
+        .zip(&s.misses)
+        .filter(|(h, m)| **h + **m > 0)
+        .map(|(&h, &m)| format!("{:.2}", h as f64 / (h + m) as f64))
+        .collect();
+    tracing::info!(
+        tier,
+        tokens,
+        hit_rate = s.hit_rate(),
+        hits = s.total_hits(),
+        misses = s.total_misses(),
+        bytes_per_token = s.bytes_read as f64 / n,
+        stall_ms_per_token = 1e3 * s.stall.as_secs_f64() / n,
+        evictions = s.evictions,
+        prefetch_accuracy = s.prefetch_accuracy(),
+        cpu_experts = s.cpu_computed,
+        hit_rate_per_layer = %per_layer.join(" "),
+        "expert cache statistics"
+    );
+}
+
 /// Opens and loads a model on the CPU backend.
 pub fn load(path: &Path, opts: &LoadOptions) -> Result<Loaded> {
     load_with(path, opts, CpuBackend)

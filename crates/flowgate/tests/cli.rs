@@ -529,3 +529,47 @@ fn vram_budget_needs_a_gpu_and_a_valid_size() {
     ]);
     assert_eq!(o.status.code(), Some(2));
 }
+
+/// Paging statistics reach the logs: `generate --ram-budget` with one expert slot logs the
+/// host tier's hit rate, misses and bytes per token.
+#[test]
+fn expert_cache_statistics_are_logged() {
+    let fx = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/mixtral");
+    let fx = fx.to_str().unwrap();
+    let sweep: serde_json::Value = serde_json::from_str(&ok(&[
+        "bench", "moe", fx, "--steps", "2", "--gen", "1", "--prompt", "1", "--json",
+    ]))
+    .unwrap();
+    let budget = (sweep["dense_bytes"].as_u64().unwrap()
+        + sweep["expert_slot_bytes"].as_u64().unwrap())
+    .to_string();
+    let o = run(&[
+        "--log",
+        "info",
+        "generate",
+        fx,
+        "--tokens",
+        "5,17,3",
+        "--max-tokens",
+        "4",
+        "--ignore-eos",
+        "--ram-budget",
+        &budget,
+    ]);
+    assert!(o.status.success());
+    let e = String::from_utf8_lossy(&o.stderr);
+    let line = e
+        .lines()
+        .find(|l| l.contains("expert cache statistics"))
+        .unwrap_or_else(|| panic!("no statistics logged: {e}"));
+    for field in [
+        "tier",
+        "\"ram\"",
+        "hit_rate",
+        "misses",
+        "bytes_per_token",
+        "stall_ms_per_token",
+    ] {
+        assert!(line.contains(field), "{field} missing: {line}");
+    }
+}

@@ -62,6 +62,7 @@ fn run<B: Backend>(
         &stop,
         |_| true,
     )?;
+    loaded.log_expert_stats(stats.prompt_tokens + stats.generated);
     if a.json {
         outln!("{}", serde_json::json!({ "tokens": out }));
     } else {

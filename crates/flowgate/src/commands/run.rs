@@ -111,6 +111,8 @@ impl<B: Backend> Chat<'_, B> {
         if let Some(e) = err {
             bail!("detokenising: {e}");
         }
+        self.loaded
+            .log_expert_stats(stats.prompt_tokens + stats.generated);
         outln!();
         self.cached = prompt.to_vec();
         self.cached.extend(&out);
