@@ -186,6 +186,13 @@ impl<'a> Ctx<'a> {
         self.failed.load(Ordering::Acquire)
     }
 
+    /// Counts `n` bytes as delivered before any read (and reports them, if non-zero).
+    pub fn start_at(&self, n: u64) {
+        if n > 0 {
+            self.progress(n);
+        }
+    }
+
     fn progress(&self, n: u64) {
         let t = self.delivered.fetch_add(n, Ordering::Relaxed) + n;
         if let Some(p) = self.progress {

@@ -245,7 +245,7 @@ impl Loader {
         }
         let out = {
             let sink = HostSink::new(&mut bufs);
-            self.run(&open, requests, &sink, notes)
+            self.run(&open, requests, &sink, notes, 0)
         };
         if out.poisoned {
             // The kernel may still write into these buffers: never free them.
@@ -317,7 +317,8 @@ impl Loader {
         let ext_reqs = extent_requests(&read_ext);
         let out = {
             let sink = HostSink::new(&mut arenas);
-            self.run(&open, &ext_reqs, &sink, notes)
+            // Progress counts extent bytes, as the reads do: the mapped ones first.
+            self.run(&open, &ext_reqs, &sink, notes, mapped_bytes)
         };
         if out.poisoned {
             // The kernel may still write into these buffers: never free them.
@@ -378,7 +379,7 @@ impl Loader {
         let (ext, place) = sink::extents(&open, requests, self.opts.merge_gap)?;
         let sizes: Vec<usize> = ext.iter().map(|e| e.alloc).collect();
         let cs = CudaSink::new(alloc, &sizes, self.opts.cuda_streams)?;
-        let out = self.run(&open, &extent_requests(&ext), &cs, notes);
+        let out = self.run(&open, &extent_requests(&ext), &cs, notes, 0);
         let staging = cs.staging_bytes();
         if out.poisoned {
             // The kernel may still write into the staging pool: never free it.
@@ -465,12 +466,15 @@ impl Loader {
     }
 
     /// Reads `requests` into the sink's destinations (destination `i` is request `i`).
+    /// Reads `requests` into `sink`; progress counts from `already` (bytes delivered another
+    /// way, e.g. mapped from the page cache).
     fn run(
         &self,
         open: &[OpenFile],
         requests: &[ReadRequest],
         sink: &dyn Sink,
         pre_notes: Vec<String>,
+        already: u64,
     ) -> Outcome {
         let o = &self.opts;
         let used: Vec<bool> = (0..open.len())
@@ -587,6 +591,7 @@ impl Loader {
 
         let progress = o.progress.as_deref();
         let ctx = Ctx::new(open, sink, o.fault.as_deref(), progress);
+        ctx.start_at(already);
         if let Ok(mut v) = ctx.notes.lock() {
             v.extend(pre_notes);
         }
@@ -1000,7 +1005,7 @@ mod tests {
                         staging: OnceLock::new(),
                         queued: OnceLock::new(),
                     };
-                    let out = l.run(&open, &extent_requests(&ext), &sink, notes);
+                    let out = l.run(&open, &extent_requests(&ext), &sink, notes, 0);
                     let st = out.into_result().unwrap();
                     let what = format!("{strategy:?} {engine:?} cold={cold}");
                     assert!(sink.staging().is_some(), "{what}");

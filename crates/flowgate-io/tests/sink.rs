@@ -337,8 +337,13 @@ fn mapped_cached_extents_are_byte_exact() {
         len,
     })
     .collect();
+    let seen = Arc::new(AtomicU64::new(0));
+    let s2 = seen.clone();
     let loader = Loader::new(LoaderOptions {
         map_cached: true,
+        progress: Some(Arc::new(move |n| {
+            s2.fetch_max(n, Ordering::Relaxed);
+        })),
         ..Default::default()
     });
     let (views, stats) = loader
@@ -356,4 +361,11 @@ fn mapped_cached_extents_are_byte_exact() {
             "a cached file should be mapped: {stats:?}"
         );
     }
+    // Progress counts the mapped bytes too: at least every requested byte, at most the file.
+    let total: u64 = reqs.iter().map(|r| r.len as u64).sum();
+    let n = seen.load(Ordering::Relaxed);
+    assert!(
+        n >= total && n <= data.len() as u64,
+        "progress {n} of {total}"
+    );
 }
