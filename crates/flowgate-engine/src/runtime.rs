@@ -51,6 +51,17 @@ pub struct LoadOptions {
     pub cpu_experts: Option<crate::backend::cuda::CpuExperts>,
 }
 
+impl LoadOptions {
+    /// Reader threads for weight loading: `io_threads`, or the loader's default.
+    pub fn loader_threads(&self) -> usize {
+        if self.io_threads == 0 {
+            flowgate_io::LoaderOptions::default().threads
+        } else {
+            self.io_threads
+        }
+    }
+}
+
 /// A model ready to run on backend `B` (the CPU by default), with what is needed to talk to it.
 pub struct Loaded<B: Backend = CpuBackend> {
     pub file: ModelFile,
@@ -60,12 +71,16 @@ pub struct Loaded<B: Backend = CpuBackend> {
     pub load_time: Duration,
     /// The placement and accounting of a load under `--ram-budget`.
     pub residency: Option<crate::residency::Residency>,
-    /// The placement under `--vram-budget`, and the pager when experts are paged.
-    pub device_plan: Option<crate::residency::DevicePlan>,
+    /// The device expert tier when `--vram-budget` pages experts (its plan: [`Loaded::device_plan`]).
     pub pager: Option<Arc<ExpertPager>>,
 }
 
 impl<B: Backend> Loaded<B> {
+    /// The placement under `--vram-budget`, when experts are paged.
+    pub fn device_plan(&self) -> Option<crate::residency::DevicePlan> {
+        self.pager.as_ref().and_then(|p| p.plan())
+    }
+
     /// Logs the expert caches' statistics since the last call (then resets them): one
     /// `tracing` event per tier that pages (`ram`: `--ram-budget`'s host cache, `vram`:
     /// `--vram-budget`'s device cache), with the hit rate (all layers and per layer), bytes
@@ -85,11 +100,10 @@ impl<B: Backend> Loaded<B> {
 fn log_tier(tier: &str, s: &crate::residency::CacheStats, tokens: usize) {
     let n = tokens.max(1) as f64;
     let per_layer: Vec<String> = s
-        .hits
-        .iter()
-        .zip(&s.misses)
-        .filter(|(h, m)| **h + **m > 0)
-        .map(|(&h, &m)| format!("{:.2}", h as f64 / (h + m) as f64))
+        .hit_rate_per_layer()
+        .into_iter()
+        .flatten()
+        .map(|r| format!("{r:.2}"))
         .collect();
     tracing::info!(
         tier,
@@ -218,11 +232,7 @@ pub fn load_cuda_budget(
     }
     let t0 = Instant::now();
     let (tokenizer, chat) = tokenizer_and_template(&file)?;
-    let threads = if opts.io_threads == 0 {
-        flowgate_io::LoaderOptions::default().threads
-    } else {
-        opts.io_threads
-    };
+    let threads = opts.loader_threads();
     // Page-locked below: anonymous memory, not mappings of the page cache.
     let mut tensors =
         crate::weights::load_all_anonymous(&file.catalog, threads, opts.progress.clone())?;
@@ -245,7 +255,6 @@ pub fn load_cuda_budget(
         chat,
         load_time: t0.elapsed(),
         residency: None,
-        device_plan: Some(plan),
         pager: Some(pager),
     })
 }
@@ -279,11 +288,7 @@ pub fn load_with<B: Backend>(path: &Path, opts: &LoadOptions, backend: B) -> Res
     let t0 = Instant::now();
     let file = flowgate_formats::model::open(path)?;
     let (tokenizer, chat) = tokenizer_and_template(&file)?;
-    let threads = if opts.io_threads == 0 {
-        flowgate_io::LoaderOptions::default().threads
-    } else {
-        opts.io_threads
-    };
+    let threads = opts.loader_threads();
     let (model, residency) = match opts.ram_budget {
         Some(budget) => {
             let (tensors, res) = crate::residency::load_host(
@@ -309,7 +314,6 @@ pub fn load_with<B: Backend>(path: &Path, opts: &LoadOptions, backend: B) -> Res
         chat,
         load_time: t0.elapsed(),
         residency,
-        device_plan: None,
         pager: None,
     })
 }

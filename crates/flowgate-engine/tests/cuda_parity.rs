@@ -870,7 +870,7 @@ fn vram_paging_with_one_slot_per_layer_matches_resident() {
             };
             let mut paged = runtime::load_cuda_budget(path, &opts, 0, budget)
                 .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-            let plan = paged.device_plan.clone().expect("experts are paged");
+            let plan = paged.device_plan().expect("experts are paged");
             assert_eq!(plan.n_slots, n_sparse, "{}", path.display());
             full.model.set_routing(routing);
             paged.model.set_routing(routing);

@@ -57,7 +57,7 @@ fn parse_policy(s: &str) -> std::result::Result<PolicyKind, String> {
     PolicyKind::parse(s).map_err(|e| e.to_string())
 }
 
-fn parse_device(s: &str) -> std::result::Result<DeviceSpec, String> {
+pub(crate) fn parse_device(s: &str) -> std::result::Result<DeviceSpec, String> {
     s.parse::<DeviceSpec>().map_err(|e| e.to_string())
 }
 
@@ -113,7 +113,7 @@ impl ModelArgs {
 fn explain(l: &AnyLoaded) -> String {
     let (plan, device, name) = flowgate_engine::with_loaded!(l, x => (
         x.residency.as_ref().map(|r| (r.plan.explain(), r.budget.used(), r.budget.peak())),
-        x.device_plan.as_ref().map(|p| p.explain()),
+        x.device_plan().map(|p| p.explain()),
         x.model.backend_name()
     ));
     if let Some(d) = device {

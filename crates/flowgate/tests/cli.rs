@@ -431,19 +431,23 @@ fn bench_moe_pages_experts_within_the_budget() {
     assert!(e.contains("dense model"), "{e}");
 }
 
+/// A RAM budget of `fx`'s dense part and one expert slot (as `bench moe --json` reports them):
+/// every layer pages through a single slot.
+fn one_slot_budget(fx: &str) -> String {
+    let sweep: serde_json::Value = serde_json::from_str(&ok(&[
+        "bench", "moe", fx, "--steps", "2", "--gen", "1", "--prompt", "1", "--json",
+    ]))
+    .unwrap();
+    (sweep["dense_bytes"].as_u64().unwrap() + sweep["expert_slot_bytes"].as_u64().unwrap())
+        .to_string()
+}
+
 #[test]
 fn ram_budget_pages_without_changing_logits() {
     let fx = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/mixtral");
     let fx = fx.to_str().unwrap();
     let toks = "5,17,3,99,42,7,64,1";
-    let sweep: serde_json::Value = serde_json::from_str(&ok(&[
-        "bench", "moe", fx, "--steps", "2", "--gen", "1", "--prompt", "1", "--json",
-    ]))
-    .unwrap();
-    // The dense part and one expert slot: every layer pages through a single slot.
-    let budget = (sweep["dense_bytes"].as_u64().unwrap()
-        + sweep["expert_slot_bytes"].as_u64().unwrap())
-    .to_string();
+    let budget = one_slot_budget(fx);
     for mode in ["prefill", "decode"] {
         let full = logits(fx, toks, mode);
         let o = run(&[
@@ -536,13 +540,7 @@ fn vram_budget_needs_a_gpu_and_a_valid_size() {
 fn expert_cache_statistics_are_logged() {
     let fx = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/mixtral");
     let fx = fx.to_str().unwrap();
-    let sweep: serde_json::Value = serde_json::from_str(&ok(&[
-        "bench", "moe", fx, "--steps", "2", "--gen", "1", "--prompt", "1", "--json",
-    ]))
-    .unwrap();
-    let budget = (sweep["dense_bytes"].as_u64().unwrap()
-        + sweep["expert_slot_bytes"].as_u64().unwrap())
-    .to_string();
+    let budget = one_slot_budget(fx);
     let o = run(&[
         "--log",
         "info",

@@ -214,8 +214,6 @@ pub struct DevicePlan {
     pub n_experts_total: usize,
     pub experts_bytes: u64,
     pub policy: PolicyKind,
-    /// Experts are held in page-locked host memory (the tier below VRAM).
-    pub host_bytes: u64,
 }
 
 impl DevicePlan {
@@ -256,7 +254,6 @@ impl DevicePlan {
             n_experts_total,
             experts_bytes,
             policy,
-            host_bytes: experts_bytes,
         })
     }
 
@@ -288,7 +285,7 @@ impl DevicePlan {
         );
         s += &format!(
             "  host RAM        {:>12}  every expert, page-locked, copied in on a miss\n",
-            fmt_size(self.host_bytes)
+            fmt_size(self.experts_bytes)
         );
         s
     }

@@ -218,6 +218,15 @@ impl CacheStats {
             h as f64 / (h + m) as f64
         }
     }
+    /// Hit rate of each layer (`None` for layers that asked for no expert).
+    pub fn hit_rate_per_layer(&self) -> Vec<Option<f64>> {
+        self.hits
+            .iter()
+            .zip(&self.misses)
+            .map(|(&h, &m)| (h + m > 0).then(|| h as f64 / (h + m) as f64))
+            .collect()
+    }
+
     /// Fraction of speculatively read experts that were used (0 when none were read).
     pub fn prefetch_accuracy(&self) -> f64 {
         if self.prefetched == 0 {

@@ -52,8 +52,8 @@ pub struct MoeArgs {
     #[arg(long = "cpu-experts", value_parser = crate::common::parse_cpu_experts)]
     pub cpu_experts: Vec<flowgate_engine::backend::cuda::CpuExperts>,
     /// `cpu` (RAM budgets) or `cuda` / `cuda:N` (VRAM budgets; implied by --vram-budget).
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
+    #[arg(long, default_value = "cpu", value_parser = crate::common::parse_device)]
+    pub device: flowgate_engine::backend::cuda::DeviceSpec,
     /// Budgets in the automatic sweep.
     #[arg(long, default_value_t = 6)]
     pub steps: usize,
@@ -138,7 +138,12 @@ pub fn moe(a: MoeArgs) -> Result<()> {
             a.model.display()
         );
     }
-    if !a.vram_budget.is_empty() || a.device.starts_with("cuda") {
+    if !a.vram_budget.is_empty()
+        || matches!(
+            a.device,
+            flowgate_engine::backend::cuda::DeviceSpec::Cuda(_)
+        )
+    {
         return super::bench_moe_vram::moe_vram(&a, &file);
     }
     let full = HostPlan::new(&file.spec, &file.catalog, u64::MAX, a.policy)?;
@@ -198,15 +203,9 @@ pub fn moe(a: MoeArgs) -> Result<()> {
         let (hit_rate, per_layer, bytes, stall, direct, pf, pf_acc) = match &res.cache {
             Some(c) => {
                 let st = c.stats();
-                let per_layer = st
-                    .hits
-                    .iter()
-                    .zip(&st.misses)
-                    .map(|(&h, &m)| (h + m > 0).then(|| h as f64 / (h + m) as f64))
-                    .collect();
                 (
                     st.hit_rate(),
-                    per_layer,
+                    st.hit_rate_per_layer(),
                     st.bytes_read as f64,
                     st.stall.as_secs_f64(),
                     st.bytes_direct as f64,

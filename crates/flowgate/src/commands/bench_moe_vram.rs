@@ -13,7 +13,7 @@
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use flowgate_engine::backend::cuda::CpuExperts;
+use flowgate_engine::backend::cuda::{CpuExperts, DeviceSpec};
 use flowgate_engine::models::{Logits, Routing};
 use flowgate_engine::residency::{fmt_size, ExpertLayout};
 use flowgate_engine::runtime::{self, LoadOptions};
@@ -43,21 +43,14 @@ struct VramRun {
     load_s: f64,
 }
 
-fn ordinal(device: &str) -> Result<usize> {
-    match device {
-        "cuda" | "cpu" => Ok(0),
-        d => d
-            .strip_prefix("cuda:")
-            .and_then(|n| n.parse().ok())
-            .with_context(|| format!("--device {d}: expected cuda or cuda:N")),
-    }
-}
-
 pub fn moe_vram(a: &MoeArgs, file: &ModelFile) -> Result<()> {
     if !a.ram_budget.is_empty() || a.cgroup || a.prefetch || a.cold {
         bail!("--vram-budget runs take none of --ram-budget, --cgroup, --prefetch, --cold");
     }
-    let dev = ordinal(&a.device)?;
+    let dev = match a.device {
+        DeviceSpec::Cuda(n) => n,
+        _ => 0,
+    };
     let layout = ExpertLayout::new(&file.spec, &file.catalog)?;
     let experts_bytes = layout.total_bytes;
     let total = file.catalog.total_bytes();
@@ -118,37 +111,23 @@ pub fn moe_vram(a: &MoeArgs, file: &ModelFile) -> Result<()> {
             }
             let dt = t0.elapsed().as_secs_f64();
             let n = a.gen.max(1) as f64;
-            let (slots, fraction, paged) = match &l.device_plan {
+            let (slots, fraction, paged) = match l.device_plan() {
                 Some(p) => (p.n_slots, p.fraction(), true),
                 None => (layout.n_paged(), 1.0, false),
             };
-            let (cpu_n, cpu_t) = match &l.pager {
+            let (hit_rate, per_layer, bytes, copy, cpu_n, cpu_t) = match &l.pager {
                 Some(p) => {
                     let st = p.stats();
                     (
+                        st.hit_rate(),
+                        st.hit_rate_per_layer(),
+                        st.bytes_read as f64,
+                        st.stall.as_secs_f64(),
                         st.cpu_computed as f64 / n,
                         1e3 * st.cpu_time.as_secs_f64() / n,
                     )
                 }
-                None => (0.0, 0.0),
-            };
-            let (hit_rate, per_layer, bytes, copy) = match &l.pager {
-                Some(p) => {
-                    let st = p.stats();
-                    let per_layer = st
-                        .hits
-                        .iter()
-                        .zip(&st.misses)
-                        .map(|(&h, &m)| (h + m > 0).then(|| h as f64 / (h + m) as f64))
-                        .collect();
-                    (
-                        st.hit_rate(),
-                        per_layer,
-                        st.bytes_read as f64,
-                        st.stall.as_secs_f64(),
-                    )
-                }
-                None => (1.0, vec![], 0.0, 0.0),
+                None => (1.0, vec![], 0.0, 0.0, 0.0, 0.0),
             };
             let (_, peak) = l.model.backend.memory_in_use();
             let driver_used = l

@@ -79,36 +79,10 @@ const DTYPE_NAMES: [&str; 11] = [
     "f32", "f16", "bf16", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q4_k", "q5_k", "q6_k",
 ];
 
-/// Formats by kernel index (the inverse of [`dtype_index`]).
-const DTYPES: [DType; 11] = [
-    DType::F32,
-    DType::F16,
-    DType::BF16,
-    DType::Q4_0,
-    DType::Q4_1,
-    DType::Q5_0,
-    DType::Q5_1,
-    DType::Q8_0,
-    DType::Q4K,
-    DType::Q5K,
-    DType::Q6K,
-];
-
+/// A weight format's kernel index: its place in [`DType::ALL`] (whose first 11 formats are the
+/// weight formats, in [`DTYPE_NAMES`]' order); `None` for Q8_K.
 fn dtype_index(d: DType) -> Option<usize> {
-    Some(match d {
-        DType::F32 => 0,
-        DType::F16 => 1,
-        DType::BF16 => 2,
-        DType::Q4_0 => 3,
-        DType::Q4_1 => 4,
-        DType::Q5_0 => 5,
-        DType::Q5_1 => 6,
-        DType::Q8_0 => 7,
-        DType::Q4K => 8,
-        DType::Q5K => 9,
-        DType::Q6K => 10,
-        DType::Q8K => return None,
-    })
+    DType::ALL[..DTYPE_NAMES.len()].iter().position(|&x| x == d)
 }
 
 /// The full source of one kernel family, as NVRTC compiles it.
@@ -2158,5 +2132,19 @@ impl CudaBackend {
     /// True when an operation failed since the last [`Backend::check`].
     pub fn has_error(&self) -> bool {
         self.failed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_suffixes_follow_the_format_order() {
+        for (i, name) in DTYPE_NAMES.iter().enumerate() {
+            assert_eq!(DType::ALL[i].name().to_ascii_lowercase(), *name);
+            assert_eq!(dtype_index(DType::ALL[i]), Some(i));
+        }
+        assert_eq!(dtype_index(DType::Q8K), None);
     }
 }

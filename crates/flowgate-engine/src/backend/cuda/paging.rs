@@ -46,7 +46,7 @@ use std::time::{Duration, Instant};
 use flowgate_cuda::cudarc::driver::{sys, LaunchConfig};
 use flowgate_cuda::{Event, HostPin, PinnedBuffer, VmmArena};
 use flowgate_formats::catalog::names;
-use flowgate_formats::ModelSpec;
+use flowgate_formats::{DType, ModelSpec};
 use flowgate_io::AlignedBuf;
 
 use super::{cuda_err, dtype_index, lock, Arg, CudaBackend, CudaExperts, CudaWeight, WMem};
@@ -369,18 +369,9 @@ impl ExpertPager {
         }))
     }
 
-    /// Bytes of one device slot.
-    pub fn slot_bytes(&self) -> u64 {
-        self.shape.slot_bytes as u64
-    }
-
-    /// Experts of the model and their bytes.
+    /// Experts of the model.
     pub fn n_experts_total(&self) -> usize {
         self.host.iter().filter(|h| h.is_some()).count()
-    }
-
-    pub fn experts_bytes(&self) -> u64 {
-        self.host_bytes
     }
 
     /// Maps the slots the budget leaves (after what is in use now and `reserve` bytes kept
@@ -980,7 +971,7 @@ impl CudaBackend {
                         ptr: base + s.off[i],
                         len: s.part[i],
                     },
-                    dtype: super::DTYPES[kind],
+                    dtype: DType::ALL[kind],
                     kind,
                     rows,
                     cols,
