@@ -35,7 +35,7 @@ pub use device::{resolve, resolve_with, Cuda, Device, DeviceSpec, Resolved};
 pub use error::CudaError;
 pub use kernels::{cache_key, default_cache_dir, CacheOutcome, Kernel, KernelCache, Module};
 pub use memory::{DeviceAllocator, DeviceBuffer, MemoryBudget};
-pub use pinned::{HostPin, HostRegistration, PinnedBuffer};
+pub use pinned::{HostFlag, HostPin, HostRegistration, PinnedBuffer};
 pub use stream::{Event, Stream};
 pub use vmm::{VmmArena, VmmInfo};
 

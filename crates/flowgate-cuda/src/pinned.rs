@@ -1,10 +1,11 @@
 //! Page-locked host memory, which the copy engines can read and write directly (full PCIe/NVLink
 //! bandwidth, truly asynchronous copies).
 //!
-//! [`PinnedBuffer`] allocates with `cuMemHostAlloc(PORTABLE)` (not write-combined: the I/O loader
+//! [`PinnedBuffer`] allocates with `cuMemHostAlloc(PORTABLE | DEVICEMAP)` (not write-combined: the I/O loader
 //! reads file data into it and tests read it back). [`HostRegistration`] pins an existing host
 //! buffer in place with `cuMemHostRegister`, for buffers the I/O layer already owns (e.g. its
 //! O_DIRECT-aligned pool); it borrows the buffer mutably so it cannot be freed while registered.
+//! [`HostFlag`] is a page-locked counter a stream can wait on (`cuStreamWaitValue32`).
 
 use cudarc::driver::sys;
 
@@ -38,7 +39,11 @@ impl PinnedBuffer {
         let mut p: *mut std::ffi::c_void = std::ptr::null_mut();
         // SAFETY: p is a valid out-pointer; the context is current.
         check("cuMemHostAlloc", unsafe {
-            sys::cuMemHostAlloc(&mut p, len, sys::CU_MEMHOSTALLOC_PORTABLE)
+            sys::cuMemHostAlloc(
+                &mut p,
+                len,
+                sys::CU_MEMHOSTALLOC_PORTABLE | sys::CU_MEMHOSTALLOC_DEVICEMAP,
+            )
         })?;
         if p.is_null() {
             return Err(CudaError::InvalidArgument(
@@ -247,5 +252,64 @@ impl Drop for HostPin {
             // (the caller's contract).
             let _ = unsafe { sys::cuMemHostUnregister(self.ptr.cast()) };
         }
+    }
+}
+
+/// A 32-bit counter in page-locked host memory that the host raises and a stream waits on
+/// (`cuStreamWaitValue32`): the GPU's front end polls it over the link, so a stream can wait
+/// for work done on the host's own threads without a host-function callback (whose thread has
+/// to be scheduled, and is late when every core is busy).
+#[derive(Debug)]
+pub struct HostFlag {
+    buf: PinnedBuffer,
+    dev: sys::CUdeviceptr,
+}
+
+impl HostFlag {
+    /// A flag at 0.
+    pub fn new(device: &Device) -> Result<HostFlag, CudaError> {
+        // One cache line of its own.
+        let buf = PinnedBuffer::new(device, 64)?;
+        let mut dev: sys::CUdeviceptr = 0;
+        // SAFETY: `buf` is page-locked host memory from cuMemHostAlloc; dev is an out-pointer.
+        check("cuMemHostGetDevicePointer", unsafe {
+            sys::cuMemHostGetDevicePointer_v2(&mut dev, buf.ptr.cast(), 0)
+        })?;
+        Ok(HostFlag { buf, dev })
+    }
+
+    fn atomic(&self) -> &std::sync::atomic::AtomicU32 {
+        // SAFETY: the buffer is 64 bytes, page-aligned (so aligned for u32), lives as long as
+        // `self`, and is only ever accessed through this atomic (the device reads it).
+        unsafe { std::sync::atomic::AtomicU32::from_ptr(self.buf.ptr.cast()) }
+    }
+
+    /// Sets the flag to `v`; writes made before it are visible to whatever waited for `v`.
+    pub fn set(&self, v: u32) {
+        self.atomic().store(v, std::sync::atomic::Ordering::Release);
+    }
+
+    /// The flag's value now.
+    pub fn get(&self) -> u32 {
+        self.atomic().load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Queues a wait on `stream` until the flag reaches `v` (compared cyclically, so the
+    /// counter may wrap). Fails where the device cannot wait on memory; then nothing is queued.
+    ///
+    /// # Safety
+    /// Something must set the flag to `v` or beyond, or the stream (and whoever synchronises
+    /// it) waits forever; `self` must outlive the wait.
+    pub unsafe fn wait_on(&self, stream: &Stream, v: u32) -> Result<(), CudaError> {
+        self.buf.device.bind()?;
+        // SAFETY: `dev` is the device address of the flag's page-locked word.
+        check("cuStreamWaitValue32", unsafe {
+            sys::cuStreamWaitValue32_v2(
+                stream.cu_stream(),
+                self.dev,
+                v,
+                sys::CUstreamWaitValue_flags_enum::CU_STREAM_WAIT_VALUE_GEQ as u32,
+            )
+        })
     }
 }

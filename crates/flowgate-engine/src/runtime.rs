@@ -241,7 +241,7 @@ pub fn load_cuda_budget(
     let model = Model::new(file.spec.clone(), backend, tensors)?;
     let plan = pager.provision(&model.backend, reserve, opts.expert_slots)?;
     if let Some(m) = opts.cpu_experts {
-        pager.set_cpu_experts(m);
+        pager.set_cpu_experts(m)?;
     }
     tracing::info!(
         slots = plan.n_slots,

@@ -901,7 +901,7 @@ fn vram_paging_with_one_slot_per_layer_matches_resident() {
             // CPU kernels round activations their own way (8 bits per 256 for quantised
             // weights), so this is held to the CPU-vs-CUDA bound of the Q4_K/Q8_0 checks.
             let pager = paged.pager.as_ref().unwrap();
-            pager.set_cpu_experts(CpuExperts::All);
+            pager.set_cpu_experts(CpuExperts::All).unwrap();
             pager.reset_stats();
             let (_, cd, _) = run(&paged.model, &tokens, 0);
             let st = pager.stats();
@@ -912,6 +912,32 @@ fn vram_paging_with_one_slot_per_layer_matches_resident() {
             );
             assert!(ec <= 5e-2, "{}: CPU experts {ec:.2e}", path.display());
             assert!(st.cpu_computed > 0, "no expert ran on the CPU");
+            if routing == Routing::Router {
+                // Speculative prefetch (the next layer's router on this layer's input, copies
+                // on a stream of their own into the same single slot the layer's misses then
+                // use): results stay exact; with every miss on the CPU as well, within the CPU
+                // bound.
+                pager.set_prefetch(true);
+                for (mode, bound) in [(CpuExperts::Off, 1e-6), (CpuExperts::All, 5e-2)] {
+                    pager.set_cpu_experts(mode).unwrap();
+                    pager.reset_stats();
+                    let (_, sd, _) = run(&paged.model, &tokens, 0);
+                    let st = pager.stats();
+                    let es = rel_err(&sd, &fd);
+                    eprintln!(
+                        "  prefetch on, CPU experts {}: decode {es:.1e} vs resident; {} \
+                         prefetched, {} of them used, {} hits, {} misses",
+                        mode.name(),
+                        st.prefetched,
+                        st.prefetch_used,
+                        st.total_hits(),
+                        st.total_misses()
+                    );
+                    assert!(es <= bound, "{}: prefetch {es:.2e}", path.display());
+                    assert!(st.prefetched > 0, "nothing was prefetched");
+                }
+                pager.set_prefetch(false);
+            }
             let (_, peak) = paged.model.backend.memory_in_use();
             assert!(peak <= budget, "peak {peak} over the budget {budget}");
         }

@@ -33,9 +33,9 @@ pub struct ModelArgs {
     #[arg(long, value_parser = parse_budget)]
     pub vram_budget: Option<u64>,
     /// Under --vram-budget, missed experts computed on the CPU instead of copied to the GPU:
-    /// off (default), auto (as many as finish no later than the copies, from measured
-    /// costs), all.
-    #[arg(long, default_value = "off", value_parser = parse_cpu_experts)]
+    /// auto (default: per layer, as many as finish no later than the copies, from measured
+    /// costs), off, all.
+    #[arg(long, default_value = "auto", value_parser = parse_cpu_experts)]
     pub cpu_experts: CpuExperts,
     /// Expert cache policy under --ram-budget / --vram-budget: lru or lfu (LFU with aging).
     #[arg(long, default_value = "lru", value_parser = parse_policy)]

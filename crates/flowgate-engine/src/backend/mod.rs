@@ -232,6 +232,21 @@ pub trait Backend: Send + Sync + Sized {
         ))
     }
 
+    /// Speculative prefetch hint, queued just before [`Backend::moe_decode`] of the layer
+    /// before `next`: `next`'s router applied to this layer's FFN input `h` predicts the `k`
+    /// experts the token will pick there, and a backend paging experts (CUDA under
+    /// `--vram-budget`) may start copying them in. Results must not depend on it; the default
+    /// does nothing.
+    fn moe_predict(
+        &self,
+        _next: &Self::Experts,
+        _next_router: &Self::Weight,
+        _h: &Self::Buf,
+        _k: usize,
+    ) -> Result<()> {
+        Ok(())
+    }
+
     /// Like [`Backend::moe_decode`] with the routes (expert, weight) chosen on the host
     /// (`Routing::UniformRandom` in benchmarks), for experts of [`Backend::paged_experts`].
     fn moe_decode_routed(

@@ -236,6 +236,9 @@ impl<B: Backend> MoeFfn<B> {
         // One token with the model's router and resident experts: routed on the device, no
         // logits come back to the host.
         if let (1, Routing::Router, Some(dev)) = (n, routing, &self.device) {
+            if let Some((nd, next)) = next.and_then(|m| Some((m.device.as_ref()?, m))) {
+                b.moe_predict(nd, &next.router, h, next.n_used)?;
+            }
             let mut out = b.buf_zeros(0)?;
             b.moe_decode(dev, &self.router, h, self.n_used, self.norm_topk, &mut out)?;
             self.add_shared(b, h, n, &mut out)?;

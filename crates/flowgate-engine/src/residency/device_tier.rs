@@ -113,6 +113,24 @@ impl SlotMap {
     /// hits stay where they are; each miss takes a free slot or evicts the policy's victim
     /// among the layer's experts not requested now. Counts hits and misses.
     pub fn assign(&mut self, layer: usize, experts: &[usize]) -> Result<Vec<Assigned>> {
+        self.assign_counted(layer, experts, true)
+    }
+
+    /// [`SlotMap::assign`] for experts a layer is predicted to need (speculative prefetch):
+    /// the same placement and evictions, but no hits or misses are counted (the layer counts
+    /// its own when it asks); the misses count as prefetched.
+    pub fn prefetch(&mut self, layer: usize, experts: &[usize]) -> Result<Vec<Assigned>> {
+        let out = self.assign_counted(layer, experts, false)?;
+        self.stats.prefetched += out.iter().filter(|a| !a.hit).count() as u64;
+        Ok(out)
+    }
+
+    fn assign_counted(
+        &mut self,
+        layer: usize,
+        experts: &[usize],
+        count: bool,
+    ) -> Result<Vec<Assigned>> {
         let range = self.ranges.get(layer).cloned().unwrap_or(0..0);
         if experts.len() > range.len() {
             return Err(EngineError::Invalid(format!(
@@ -134,7 +152,7 @@ impl SlotMap {
         for (&e, &k) in experts.iter().zip(&wanted) {
             self.policy.touch(k);
             if let Some(slot) = self.slot_of[k] {
-                self.stats.hits[layer] += 1;
+                self.stats.hits[layer] += u64::from(count);
                 out.push(Assigned {
                     expert: e,
                     slot,
@@ -142,7 +160,7 @@ impl SlotMap {
                 });
                 continue;
             }
-            self.stats.misses[layer] += 1;
+            self.stats.misses[layer] += u64::from(count);
             let slot = match range.clone().find(|&s| self.key_of[s].is_none()) {
                 Some(s) => s,
                 None => {
@@ -344,6 +362,27 @@ mod tests {
         m.reset_stats();
         assert_eq!(m.stats().total_misses(), 0);
         assert_eq!(m.slot_of(0, 2), Some(a[1].slot), "reset keeps residency");
+    }
+
+    #[test]
+    fn a_prefetch_places_without_counting_and_the_layer_then_hits() {
+        let mut m = SlotMap::new(&[true], 8, 3, PolicyKind::Lru).unwrap();
+        m.assign(0, &[0, 1, 2]).unwrap();
+        // Predicted {2, 5}: 2 is resident; 5 evicts the least recently used of {0, 1}.
+        let p = m.prefetch(0, &[2, 5]).unwrap();
+        assert!(p[0].hit && !p[1].hit);
+        assert_eq!(m.slot_of(0, 0), None);
+        let s = m.stats();
+        assert_eq!(
+            (s.hits[0], s.misses[0], s.prefetched, s.evictions),
+            (0, 3, 1, 1)
+        );
+        // The layer asks for {5, 1}: 5 hits in the slot the prefetch gave it.
+        let a = m.assign(0, &[5, 1]).unwrap();
+        assert_eq!((a[0].hit, a[0].slot), (true, p[1].slot));
+        assert!(a[1].hit);
+        assert_eq!((m.stats().hits[0], m.stats().misses[0]), (2, 3));
+        assert!(m.prefetch(0, &[0, 1, 2, 3]).is_err(), "more than the quota");
     }
 
     #[test]

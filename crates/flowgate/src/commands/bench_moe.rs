@@ -47,8 +47,8 @@ pub struct MoeArgs {
     /// to everything.
     #[arg(long = "vram-budget", value_parser = parse_budget)]
     pub vram_budget: Vec<u64>,
-    /// With --vram-budget: missed experts computed on the CPU instead of copied (auto, off,
-    /// all; repeatable to compare them in one run).
+    /// With --vram-budget: missed experts computed on the CPU instead of copied (auto, the
+    /// default, off, all; repeatable to compare them in one run).
     #[arg(long = "cpu-experts", value_parser = crate::common::parse_cpu_experts)]
     pub cpu_experts: Vec<flowgate_engine::backend::cuda::CpuExperts>,
     /// `cpu` (RAM budgets) or `cuda` / `cuda:N` (VRAM budgets; implied by --vram-budget).

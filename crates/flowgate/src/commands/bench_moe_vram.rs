@@ -28,8 +28,10 @@ struct VramRun {
     cpu_mode: CpuExperts,
     cpu_per_token: f64,
     cpu_ms_per_token: f64,
-    /// Measured at provisioning: µs to copy one expert; ms to compute j = 1..k on the CPU.
+    /// Seconds to copy one expert (measured at provisioning) and to compute j = 0..=k on the
+    /// CPU (measured when CPU experts are first on, then a moving average of decode).
     costs: Option<(f64, Vec<f64>)>,
+    cpu_threads: usize,
     paged: bool,
     slots: usize,
     fraction: f64,
@@ -38,14 +40,20 @@ struct VramRun {
     hit_rate_per_layer: Vec<Option<f64>>,
     bytes_per_token: f64,
     copy_ms_per_token: f64,
+    /// Experts copied speculatively per token, and the share of them the layer then used.
+    prefetched_per_token: f64,
+    prefetch_accuracy: Option<f64>,
     peak: u64,
     driver_used: u64,
     load_s: f64,
 }
 
 pub fn moe_vram(a: &MoeArgs, file: &ModelFile) -> Result<()> {
-    if !a.ram_budget.is_empty() || a.cgroup || a.prefetch || a.cold {
-        bail!("--vram-budget runs take none of --ram-budget, --cgroup, --prefetch, --cold");
+    if !a.ram_budget.is_empty() || a.cgroup || a.cold {
+        bail!("--vram-budget runs take none of --ram-budget, --cgroup, --cold");
+    }
+    if a.prefetch && a.routing == "uniform" {
+        bail!("--prefetch predicts the model's router; uniform routing draws experts at random (use --routing router)");
     }
     let dev = match a.device {
         DeviceSpec::Cuda(n) => n,
@@ -76,7 +84,7 @@ pub fn moe_vram(a: &MoeArgs, file: &ModelFile) -> Result<()> {
         .map(|_| rng.random_range(0..file.spec.vocab_size as u32))
         .collect();
     let modes = if a.cpu_experts.is_empty() {
-        vec![CpuExperts::Off]
+        vec![CpuExperts::Auto]
     } else {
         a.cpu_experts.clone()
     };
@@ -97,7 +105,8 @@ pub fn moe_vram(a: &MoeArgs, file: &ModelFile) -> Result<()> {
         }
         for &mode in &modes {
             if let Some(p) = &l.pager {
-                p.set_cpu_experts(mode);
+                p.set_cpu_experts(mode)?;
+                p.set_prefetch(a.prefetch);
             }
             let mut kv = l.model.new_cache(ctx)?;
             l.model.forward(&prompt, &mut kv, Logits::Last)?;
@@ -115,7 +124,7 @@ pub fn moe_vram(a: &MoeArgs, file: &ModelFile) -> Result<()> {
                 Some(p) => (p.n_slots, p.fraction(), true),
                 None => (layout.n_paged(), 1.0, false),
             };
-            let (hit_rate, per_layer, bytes, copy, cpu_n, cpu_t) = match &l.pager {
+            let (hit_rate, per_layer, bytes, copy, cpu_n, cpu_t, pf) = match &l.pager {
                 Some(p) => {
                     let st = p.stats();
                     (
@@ -125,9 +134,13 @@ pub fn moe_vram(a: &MoeArgs, file: &ModelFile) -> Result<()> {
                         st.stall.as_secs_f64(),
                         st.cpu_computed as f64 / n,
                         1e3 * st.cpu_time.as_secs_f64() / n,
+                        (
+                            st.prefetched as f64 / n,
+                            (st.prefetched > 0).then(|| st.prefetch_accuracy()),
+                        ),
                     )
                 }
-                None => (1.0, vec![], 0.0, 0.0, 0.0, 0.0),
+                None => (1.0, vec![], 0.0, 0.0, 0.0, 0.0, (0.0, None)),
             };
             let (_, peak) = l.model.backend.memory_in_use();
             let driver_used = l
@@ -143,6 +156,7 @@ pub fn moe_vram(a: &MoeArgs, file: &ModelFile) -> Result<()> {
                 cpu_per_token: cpu_n,
                 cpu_ms_per_token: cpu_t,
                 costs: l.pager.as_ref().and_then(|p| p.costs()),
+                cpu_threads: l.pager.as_ref().map_or(0, |p| p.cpu_threads()),
                 paged,
                 slots,
                 fraction,
@@ -151,6 +165,8 @@ pub fn moe_vram(a: &MoeArgs, file: &ModelFile) -> Result<()> {
                 hit_rate_per_layer: per_layer,
                 bytes_per_token: bytes / n,
                 copy_ms_per_token: 1e3 * copy / n,
+                prefetched_per_token: pf.0,
+                prefetch_accuracy: pf.1,
                 peak,
                 driver_used,
                 load_s,
@@ -167,7 +183,8 @@ pub fn moe_vram(a: &MoeArgs, file: &ModelFile) -> Result<()> {
     if a.json {
         let j = serde_json::json!({
             "model": file.name, "device": format!("cuda:{dev}"), "policy": a.policy.name(),
-            "routing": a.routing, "prompt_tokens": prompt.len(), "gen_tokens": a.gen,
+            "routing": a.routing, "speculative_prefetch": a.prefetch,
+            "prompt_tokens": prompt.len(), "gen_tokens": a.gen,
             "dense_bytes": dense, "experts_bytes": experts_bytes, "reserve_bytes": reserve,
             "n_experts": layout.n_paged(),
             "runs": runs.iter().map(|r| serde_json::json!({
@@ -176,6 +193,7 @@ pub fn moe_vram(a: &MoeArgs, file: &ModelFile) -> Result<()> {
                 "cpu_experts_per_token": r.cpu_per_token,
                 "cpu_ms_per_token": r.cpu_ms_per_token,
                 "expert_copy_us": r.costs.as_ref().map(|c| 1e6 * c.0),
+                "cpu_expert_threads": r.cpu_threads,
                 "cpu_experts_ms": r.costs.as_ref().map(|c| c.1.iter().map(|t| 1e3 * t).collect::<Vec<_>>()),
                 "paged": r.paged,
                 "cache_slots": r.slots,
@@ -185,6 +203,8 @@ pub fn moe_vram(a: &MoeArgs, file: &ModelFile) -> Result<()> {
                 "hit_rate_per_layer": r.hit_rate_per_layer,
                 "bytes_copied_per_token": r.bytes_per_token,
                 "copy_ms_per_token": r.copy_ms_per_token,
+                "prefetched_experts_per_token": r.prefetched_per_token,
+                "prefetch_accuracy": r.prefetch_accuracy,
                 "budget_peak_bytes": r.peak,
                 "driver_used_bytes": r.driver_used,
                 "load_s": r.load_s,
@@ -211,8 +231,13 @@ pub fn moe_vram(a: &MoeArgs, file: &ModelFile) -> Result<()> {
         a.gen
     );
     outln!();
+    let pf_head = if a.prefetch {
+        format!(" {:>9} {:>8}", "pf exp/t", "pf used")
+    } else {
+        String::new()
+    };
     outln!(
-        "{:>12} {:>5} {:>8} {:>8} {:>10} {:>9} {:>12} {:>10} {:>9} {:>10} {:>12} {:>12}",
+        "{:>12} {:>5} {:>8} {:>8} {:>10} {:>9} {:>12} {:>10} {:>9} {:>10} {:>12} {:>12}{pf_head}",
         "vram budget",
         "cpu",
         "slots",
@@ -227,8 +252,18 @@ pub fn moe_vram(a: &MoeArgs, file: &ModelFile) -> Result<()> {
         "driver used"
     );
     for r in &runs {
+        let pf = if a.prefetch {
+            format!(
+                " {:>9.1} {:>8}",
+                r.prefetched_per_token,
+                r.prefetch_accuracy
+                    .map_or("-".into(), |x| format!("{:.1}%", 100.0 * x))
+            )
+        } else {
+            String::new()
+        };
         outln!(
-            "{:>12} {:>5} {:>8} {:>7.1}% {:>10.2} {:>8.1}% {:>12} {:>8.2}ms {:>9.1} {:>8.2}ms {:>12} {:>12}",
+            "{:>12} {:>5} {:>8} {:>7.1}% {:>10.2} {:>8.1}% {:>12} {:>8.2}ms {:>9.1} {:>8.2}ms {:>12} {:>12}{pf}",
             fmt_size(r.budget),
             r.cpu_mode.name(),
             r.slots,
@@ -243,12 +278,18 @@ pub fn moe_vram(a: &MoeArgs, file: &ModelFile) -> Result<()> {
             fmt_size(r.driver_used)
         );
     }
-    if let Some((copy, cpu)) = runs.iter().find_map(|r| r.costs.clone()) {
+    // The CPU costs of the last run that measured them (runs without CPU experts have none).
+    let measured = runs
+        .iter()
+        .rev()
+        .find(|r| r.costs.as_ref().is_some_and(|c| c.1.len() > 1))
+        .or(runs.first());
+    if let Some((copy, cpu)) = measured.and_then(|r| r.costs.clone()) {
         outln!();
         outln!(
-            "measured at load: one expert copied host->device in {:.0} us; j experts on the CPU ({} threads): {}",
+            "measured: one expert copied host->device in {:.0} us; j experts of a token on the CPU ({} threads, after decode's moving average): {}",
             1e6 * copy,
-            rayon::current_num_threads(),
+            measured.map_or(0, |r| r.cpu_threads),
             cpu.iter()
                 .enumerate()
                 .skip(1)
@@ -259,6 +300,9 @@ pub fn moe_vram(a: &MoeArgs, file: &ModelFile) -> Result<()> {
     }
     outln!();
     outln!("driver used: device memory in use on the GPU (cuMemGetInfo), CUDA context and cuBLAS workspace included, as nvidia-smi counts it.");
+    if a.prefetch {
+        outln!("pf: experts copied speculatively per token (the next layer's router on this layer's input, on a copy stream of their own; counted in copied/tok, not in copy/tok), and the share of them the layer then used.");
+    }
     if a.routing == "uniform" {
         outln!("Uniform routing: expect a hit rate near the cached fraction.");
     } else {

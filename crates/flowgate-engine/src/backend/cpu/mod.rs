@@ -1,8 +1,12 @@
 //! The CPU backend: weights stay in host memory in their file dtype (quant blocks as they are),
 //! activations are `Vec<f32>`, matrix products run the SIMD kernels in [`kernels`], and the
 //! rest (norms, rope, attention) are plain loops parallelised with rayon over the current pool.
+//! [`team`] and [`experts`] serve the GPU backend: a few experts of one token computed by
+//! threads that stay awake, while the GPU does the rest.
 
+pub mod experts;
 pub mod kernels;
+pub mod team;
 
 use flowgate_formats::RopeStyle;
 use rayon::prelude::*;
@@ -16,7 +20,8 @@ use kernels::QMatrix;
 #[derive(Clone, Debug, Default)]
 pub struct CpuBackend;
 
-/// A host weight matrix.
+/// A host weight matrix (cloning shares the bytes).
+#[derive(Clone)]
 pub struct CpuWeight {
     t: HostTensor,
     rows: usize,

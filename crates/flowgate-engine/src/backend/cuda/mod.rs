@@ -1752,12 +1752,51 @@ impl Backend for CudaBackend {
                 let (c, w, hh) =
                     self.read_back(&p.pager, k, Some(ids), true, Some((h.ptr(), e.hidden)))?;
                 let routes: Vec<(usize, f32)> = c.into_iter().zip(w).collect();
-                return self.moe_split(e, Some(&routed), &routes, h, &hh, out);
+                self.moe_split(e, Some(&routed), &routes, h, &hh, out)?;
+                return self.start_prefetch(e);
             }
             Some(p) => Some(self.read_back(&p.pager, k, Some(ids), false, None)?.0),
             None => None,
         };
-        self.moe_experts(e, &routed, k, chosen.as_deref(), h, out)
+        self.moe_experts(e, &routed, k, chosen.as_deref(), h, out)?;
+        self.start_prefetch(e)
+    }
+
+    fn moe_predict(
+        &self,
+        next: &CudaExperts,
+        next_router: &CudaWeight,
+        h: &CudaBuf,
+        k: usize,
+    ) -> Result<()> {
+        let Some(p) = &next.paged else {
+            return Ok(());
+        };
+        if !p.pager.prefetch() || k == 0 || k > 64 || next_router.rows != next.n {
+            return Ok(());
+        }
+        let mut logits = self.new_buf(next.n)?;
+        self.matmul(next_router, h, 1, &mut logits);
+        let pred = self.new_buf(2 * k)?;
+        self.launch(
+            &self.kernels.router_topk,
+            LaunchConfig {
+                grid_dim: (1, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            },
+            &[
+                Arg::P(logits.ptr()),
+                Arg::I(next.n as i32),
+                Arg::I(k as i32),
+                Arg::I(0),
+                Arg::P(pred.ptr()),
+                Arg::P(pred.ptr() + 4 * k as u64),
+            ],
+        );
+        // Read back with this layer's routes (the same synchronisation).
+        p.pager.set_predicted(p.layer, k, pred);
+        self.check()
     }
 
     fn moe_decode_routed(

@@ -21,37 +21,55 @@
 //!   Prefill routes on the host and takes the experts wave by wave as weight views of the slots.
 //! - **Statistics**: hits and misses per layer, bytes copied, evictions, and the device time
 //!   spent copying (events around each layer's copies, read when the statistics are asked for).
-//! - **Missed experts on the CPU** (Fiddler's idea; an option, `--cpu-experts auto|all`):
-//!   copying an expert over PCIe and computing it on the host's cores take comparable time,
-//!   so when a token's layer misses m experts, j of them can be computed on the CPU (from the
-//!   same host copies, with the CPU backend's kernels) while the other m − j are copied and
-//!   computed on the GPU. `auto` picks j minimising max(T_cpu(j), (m − j)·t_copy), with t_copy
-//!   and T_cpu(1..k) measured when the cache is provisioned, T_cpu then following the times
-//!   measured in decode (a moving average). The CPU share runs on the compute pool while the
-//!   host goes on queueing; the stream waits for it at a host-function gate
-//!   (`cuLaunchHostFunc`), copies its weighted sum in and adds it to the GPU's. Results then
-//!   differ from all-GPU ones by the CPU kernels' own rounding (8-bit activations per 256
-//!   instead of per 32). Off by default: on the H100 box a cold expert took the CPU about
-//!   twice its calibrated time in decode, and the split did not beat copying
-//!   (docs/benchmarks.md).
+//! - **Missed experts on the CPU** (Fiddler's idea; `--cpu-experts auto|all|off`, the CLI's
+//!   default `auto`): copying an expert over PCIe and computing it on the host's cores take
+//!   comparable time, so when a token's layer misses m experts, j of them are computed on the
+//!   CPU (from the same page-locked host copies, with the CPU backend's kernels) while the
+//!   other m − j are copied and computed on the GPU. `auto` picks j minimising
+//!   max(T_cpu(j), (m − j)·t_copy), with t_copy measured when the cache is provisioned and
+//!   T_cpu(1..k) when CPU experts are first switched on, then following the times measured in
+//!   decode (a moving average). The CPU share runs on a [`Team`] of spinning workers (one
+//!   [`ExpertSum`] job per layer: gate and up rows, then down rows summed over the experts)
+//!   while this thread goes on queueing; the last worker writes the sum into page-locked
+//!   memory and raises a [`HostFlag`] to the share's sequence number, on which the stream
+//!   waits (`cuStreamWaitValue32`: the GPU polls it, no host thread has to wake), then the
+//!   stream copies the sum in and adds it to the GPU's. Where the device cannot wait on host
+//!   memory (or with `FLOWGATE_CPU_GATE=host`, to compare) the stream waits at a
+//!   host-function gate instead (`cuLaunchHostFunc`), whose thread has to be scheduled while
+//!   every core is busy: on the H100 box that gate cost the whole gain (37.6 tok/s against
+//!   48.0 with the flag, moe30b at 3 GiB). Results differ from all-GPU ones by the CPU
+//!   kernels' own rounding (8-bit activations per 256 instead of per 32).
 //!
-//! Not built yet: speculative prefetch on a copy stream, and the SSD tier below host RAM (with
-//! `--ram-budget`).
+//! - **Speculative prefetch** (Mixtral-offloading's idea; off by default, `bench moe
+//!   --prefetch`): before a sparse layer's router runs, the next sparse layer's router is
+//!   applied to the same input on the device ([`super::Backend::moe_predict`]); its top-k
+//!   comes back with this layer's routes (no extra synchronisation). Once this layer's work
+//!   is queued, the predicted experts that are not resident get slots in the next layer
+//!   ([`SlotMap::prefetch`]: no hits or misses counted) and are copied on a stream of their
+//!   own, which first waits for the work queued so far (this layer's own copies go first on
+//!   the link, and nothing queued may still read an evicted slot). The next layer's `page_in`
+//!   makes the compute stream wait for those copies before its own; the experts it asks for
+//!   that were prefetched count as used (prefetch accuracy). A prediction of the model's
+//!   router only: uniform benchmark routing draws experts at random.
+//!
+//! Not built yet: the SSD tier below host RAM (with `--ram-budget`).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use flowgate_cuda::cudarc::driver::{sys, LaunchConfig};
-use flowgate_cuda::{Event, HostPin, PinnedBuffer, VmmArena};
+use flowgate_cuda::{Event, HostFlag, HostPin, PinnedBuffer, VmmArena};
 use flowgate_formats::catalog::names;
 use flowgate_formats::{DType, ModelSpec};
 use flowgate_io::AlignedBuf;
 
 use super::{cuda_err, dtype_index, lock, Arg, CudaBackend, CudaExperts, CudaWeight, WMem};
+use crate::backend::cpu::experts::ExpertSum;
+use crate::backend::cpu::team::Team;
 use crate::backend::cpu::{CpuBackend, CpuWeight};
-use crate::backend::{Backend, SwiGluJob};
+use crate::backend::Backend;
 use crate::error::{EngineError, Result};
 use crate::residency::host_tier::CacheStats;
 use crate::residency::{DevicePlan, PolicyKind, SlotMap};
@@ -59,6 +77,9 @@ use crate::weights::HostTensor;
 
 /// Table entries and routes one `moe_page` launch can write (`PAGE_MAX` in moe.cu).
 const PAGE_MAX: usize = 64;
+/// Where the token's hidden vector lands in the read-back buffer (after k ids and weights,
+/// then a prediction's k ids).
+const HIDDEN_BACK: usize = 12 * PAGE_MAX;
 /// Target bytes of one mapped chunk of slots.
 const CHUNK_TARGET: usize = 64 << 20;
 
@@ -190,10 +211,44 @@ pub struct ExpertPager {
     /// The CPU share's weighted sum (`hidden` floats, page-locked), and a CPU failure not
     /// reported yet.
     cpu_out: Mutex<PinnedBuffer>,
+    /// Raised to a share's sequence number once its sum is in `cpu_out`; the stream waits on
+    /// it ([`HostFlag`]), or at a host-function gate where the device cannot wait on memory.
+    cpu_flag: HostFlag,
+    cpu_seq: AtomicU32,
+    host_gate: AtomicBool,
     failure: Mutex<Option<String>>,
+    /// The threads that compute the CPU share (started when CPU experts are first on).
+    team: OnceLock<Team>,
+    /// Speculative prefetch (off by default): the next layer's predicted experts are copied
+    /// in on a stream of their own ([`CudaBackend::start_prefetch`]).
+    prefetch_on: AtomicBool,
+    copy_stream: OnceLock<flowgate_cuda::Stream>,
+    /// The prediction queued on the device, read back with the next routes: (layer, k, ids
+    /// then weights).
+    predicted: Mutex<Option<(usize, usize, super::CudaBuf)>>,
+    /// The prediction read back: (layer, experts).
+    guess: Mutex<Option<(usize, Vec<usize>)>>,
+    /// Per layer: the prefetch in flight for it.
+    inflight: Mutex<Vec<Option<Inflight>>>,
     // Dropped in this order: unpin, then release the arenas.
     _pins: Vec<HostPin>,
     _arenas: Vec<Arc<AlignedBuf>>,
+}
+
+/// A prefetch in flight for one layer: copies on the copy stream, then `done`.
+struct Inflight {
+    done: Event,
+    /// (expert, slot address) of each expert copied.
+    table: Vec<(usize, u64)>,
+}
+
+impl Drop for ExpertPager {
+    fn drop(&mut self) {
+        // Prefetch copies read the pinned host memory unpinned right after this.
+        if let Some(s) = self.copy_stream.get() {
+            let _ = s.synchronize();
+        }
+    }
 }
 
 /// One paged layer's link to its pager (inside [`CudaExperts`]).
@@ -344,7 +399,7 @@ impl ExpertPager {
         }
         // ids and weights (k each), then the token's hidden vector.
         let ids_back =
-            PinnedBuffer::new(&backend.device, 8 * PAGE_MAX + 4 * spec.hidden).map_err(cuda_err)?;
+            PinnedBuffer::new(&backend.device, HIDDEN_BACK + 4 * spec.hidden).map_err(cuda_err)?;
         Ok(Arc::new(ExpertPager {
             n_experts: n,
             sparse,
@@ -363,7 +418,18 @@ impl ExpertPager {
             cpu_out: Mutex::new(
                 PinnedBuffer::new(&backend.device, 4 * spec.hidden).map_err(cuda_err)?,
             ),
+            cpu_flag: HostFlag::new(&backend.device).map_err(cuda_err)?,
+            cpu_seq: AtomicU32::new(0),
+            host_gate: AtomicBool::new(
+                std::env::var_os("FLOWGATE_CPU_GATE").is_some_and(|v| v == "host"),
+            ),
             failure: Mutex::new(None),
+            team: OnceLock::new(),
+            prefetch_on: AtomicBool::new(false),
+            copy_stream: OnceLock::new(),
+            predicted: Mutex::new(None),
+            guess: Mutex::new(None),
+            inflight: Mutex::new((0..spec.n_layers).map(|_| None).collect()),
             _pins: pins,
             _arenas: arenas,
         }))
@@ -429,25 +495,23 @@ impl ExpertPager {
             per_chunk,
             plan: plan.clone(),
         });
-        let cost = self.calibrate(backend)?;
-        tracing::info!(
-            copy_us = 1e6 * cost.0,
-            cpu_us = ?cost.1.iter().map(|t| (1e6 * t) as u64).collect::<Vec<_>>(),
-            "expert copy vs CPU compute, measured"
-        );
-        *lock(&self.cost) = Some(cost);
+        let copy = self.calibrate_copy(backend)?;
+        tracing::info!(copy_us = 1e6 * copy, "expert copy host->device, measured");
+        *lock(&self.cost) = Some((copy, vec![0.0]));
+        if self.cpu_experts() != CpuExperts::Off {
+            self.calibrate_cpu()?;
+        }
         Ok(plan)
     }
 
-    /// Measures the two ways to serve a miss: copying one expert into a slot (median of 5,
-    /// device events), and computing j = 1..=k experts of a token on the CPU (best of 3).
-    fn calibrate(&self, b: &CudaBackend) -> Result<(f64, Vec<f64>)> {
+    /// Measures one way to serve a miss: copying one expert into a slot (median of 5, device
+    /// events).
+    fn calibrate_copy(&self, b: &CudaBackend) -> Result<f64> {
         let key = self
             .host
             .iter()
             .position(|h| h.is_some())
             .ok_or_else(|| EngineError::Invalid("no expert to calibrate with".into()))?;
-        let layer = key / self.n_experts;
         let host = self.host[key].unwrap_or_default();
         let base = {
             let g = lock(&self.slots);
@@ -465,7 +529,7 @@ impl ExpertPager {
             // SAFETY: slot 0 is mapped and holds slot_bytes; nothing is resident yet (the map
             // is empty), so the bytes written are never read as an expert; the source is
             // page-locked memory of the pager.
-            if let Err(r) = unsafe { b.copy_expert(base, &host, &s) } {
+            if let Err(r) = unsafe { b.copy_expert(&b.stream, base, &host, &s) } {
                 return Err(EngineError::Invalid(format!("calibration copy: {r:?}")));
             }
             z.record(&b.stream).map_err(cuda_err)?;
@@ -473,56 +537,105 @@ impl ExpertPager {
             copies.push(a.elapsed_ms(&z).map_err(cuda_err)? as f64 / 1e3);
         }
         copies.sort_by(f64::total_cmp);
-        let copy = copies[copies.len() / 2];
-        let x: Vec<f32> = (0..s.hidden)
+        Ok(copies[copies.len() / 2])
+    }
+
+    /// The CPU team, started on first use.
+    fn team(&self) -> Result<&Team> {
+        if let Some(t) = self.team.get() {
+            return Ok(t);
+        }
+        let t = Team::new(Team::default_threads(), Duration::from_millis(5))
+            .map_err(|e| EngineError::Invalid(format!("starting the CPU expert threads: {e}")))?;
+        Ok(self.team.get_or_init(|| t))
+    }
+
+    /// Threads computing the CPU share (0 before CPU experts were first on).
+    pub fn cpu_threads(&self) -> usize {
+        self.team.get().map_or(0, Team::threads)
+    }
+
+    /// Weights of expert `expert` of `layer` for the CPU.
+    fn cpu_weights(&self, layer: usize, expert: usize) -> Result<[CpuWeight; 3]> {
+        let key = layer * self.n_experts + expert;
+        self.cpu
+            .get(key)
+            .and_then(|w| w.clone())
+            .ok_or_else(|| EngineError::Invalid(format!("no host expert {key}")))
+    }
+
+    /// Runs `experts` of `layer` on the CPU team for the token `x` and waits for the sum.
+    fn cpu_sum_blocking(
+        &self,
+        layer: usize,
+        experts: &[(usize, f32)],
+        x: &[f32],
+    ) -> Result<Vec<f32>> {
+        let ws = experts
+            .iter()
+            .map(|&(e, w)| Ok((self.cpu_weights(layer, e)?, w)))
+            .collect::<Result<Vec<_>>>()?;
+        let slot = Arc::new((Mutex::new(None), std::sync::Condvar::new()));
+        let s2 = slot.clone();
+        let done: crate::backend::cpu::experts::Done = Box::new(move |r| {
+            *lock(&s2.0) = Some(r);
+            s2.1.notify_all();
+        });
+        self.team()?.submit(Arc::new(ExpertSum::new(ws, x, done)));
+        let mut g = lock(&slot.0);
+        loop {
+            if let Some(r) = g.take() {
+                return r.map_err(EngineError::Invalid);
+            }
+            g = slot.1.wait(g).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// Measures the other way: computing j = 1..=k experts of a token on the CPU team (best
+    /// of 3, every timed run on experts not touched before, as misses are cold in the host's
+    /// caches), and stores it in the cost model.
+    fn calibrate_cpu(&self) -> Result<()> {
+        if lock(&self.cost).as_ref().is_some_and(|c| c.1.len() > 1) {
+            return Ok(());
+        }
+        let hidden = self.shape.hidden;
+        let x: Vec<f32> = (0..hidden)
             .map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0)
             .collect();
-        // Misses are cold in the host's caches: every timed run uses experts not touched
-        // before (walking through the experts of all sparse layers).
-        let keys: Vec<usize> = (0..self.cpu.len())
-            .filter(|&k| self.cpu[k].is_some())
-            .collect();
-        let mut next = keys
-            .iter()
-            .position(|&k| k / self.n_experts == layer)
-            .unwrap_or(0);
-        // Untimed first: wakes the compute pool.
-        if let Some([g, u, d]) = self.cpu[keys[next]].as_ref() {
-            let job = SwiGluJob {
-                gate: g,
-                up: u,
-                down: d,
-                x: &x,
-                n: 1,
-            };
-            std::hint::black_box(CpuBackend.swiglu_many(&[job])?);
-        }
-        next += 1;
+        // Each run takes one layer's experts (as decode does), walking through the layers
+        // first so that every timed run reads experts not touched before.
+        let layers: Vec<usize> = (0..self.sparse.len()).filter(|&l| self.sparse[l]).collect();
+        let n = self.n_experts;
+        let mut run = 0usize;
+        let mut pick = |j: usize| -> (usize, Vec<(usize, f32)>) {
+            let l = layers[run % layers.len()];
+            let start = (run / layers.len()) * self.n_used.max(1);
+            run += 1;
+            (l, (0..j).map(|i| ((start + i) % n, 0.5)).collect())
+        };
+        // Untimed first: starts the team.
+        let (l, e) = pick(1);
+        self.cpu_sum_blocking(l, &e, &x)?;
         let mut cpu = vec![0.0];
-        for j in 1..=self.n_used.min(self.n_experts) {
+        for j in 1..=self.n_used.min(n) {
             let mut best = f64::INFINITY;
             for _ in 0..3 {
-                let ws: Vec<&[CpuWeight; 3]> = (0..j)
-                    .filter_map(|i| self.cpu[keys[(next + i) % keys.len()]].as_ref())
-                    .collect();
-                next += j;
+                let (l, e) = pick(j);
                 let t0 = Instant::now();
-                let jobs: Vec<SwiGluJob<'_, CpuBackend>> = ws
-                    .iter()
-                    .map(|[g, u, d]| SwiGluJob {
-                        gate: g,
-                        up: u,
-                        down: d,
-                        x: &x,
-                        n: 1,
-                    })
-                    .collect();
-                std::hint::black_box(CpuBackend.swiglu_many(&jobs)?);
+                std::hint::black_box(self.cpu_sum_blocking(l, &e, &x)?);
                 best = best.min(t0.elapsed().as_secs_f64());
             }
             cpu.push(best);
         }
-        Ok((copy, cpu))
+        tracing::info!(
+            threads = self.cpu_threads(),
+            cpu_us = ?cpu.iter().map(|t| (1e6 * t) as u64).collect::<Vec<_>>(),
+            "j experts of a token on the CPU, measured"
+        );
+        if let Some(c) = lock(&self.cost).as_mut() {
+            c.1 = cpu;
+        }
+        Ok(())
     }
 
     /// The failure of a CPU share of experts since the last call, if any.
@@ -531,8 +644,14 @@ impl ExpertPager {
     }
 
     /// Whether decode computes missed experts on the CPU ([`CpuExperts::Off`] by default).
-    pub fn set_cpu_experts(&self, mode: CpuExperts) {
+    /// Sets where missed experts run; the first mode other than `Off` starts the CPU team and
+    /// measures it (once the slots are provisioned).
+    pub fn set_cpu_experts(&self, mode: CpuExperts) -> Result<()> {
         self.cpu_mode.store(mode as u8, Ordering::Relaxed);
+        if mode != CpuExperts::Off && lock(&self.cost).is_some() {
+            self.calibrate_cpu()?;
+        }
+        Ok(())
     }
 
     pub fn cpu_experts(&self) -> CpuExperts {
@@ -541,6 +660,23 @@ impl ExpertPager {
             2 => CpuExperts::All,
             _ => CpuExperts::Auto,
         }
+    }
+
+    /// Speculative prefetch of the next layer's predicted experts (decode with the model's
+    /// router); off by default: a wrong guess costs link time and evicts an expert that might
+    /// have hit.
+    pub fn set_prefetch(&self, on: bool) {
+        self.prefetch_on.store(on, Ordering::Relaxed);
+    }
+
+    pub fn prefetch(&self) -> bool {
+        self.prefetch_on.load(Ordering::Relaxed)
+    }
+
+    /// A prediction for `layer` queued on the device (`k` ids then weights in `buf`), read
+    /// back with the next routes.
+    pub(super) fn set_predicted(&self, layer: usize, k: usize, buf: super::CudaBuf) {
+        *lock(&self.predicted) = Some((layer, k, buf));
     }
 
     /// The measured costs: seconds per expert copy, and seconds for j CPU experts (j = 0..=k).
@@ -653,15 +789,22 @@ impl CudaBackend {
         let mut back = lock(&pager.ids_back);
         let dst = back.as_mut_slice();
         let hidden = h.map_or(0, |x| x.1);
-        if k > PAGE_MAX || 8 * PAGE_MAX + 4 * hidden > dst.len() {
+        if k > PAGE_MAX || HIDDEN_BACK + 4 * hidden > dst.len() {
             return Err(EngineError::Invalid(format!("read back of {k} routes")));
         }
         self.device.bind().map_err(cuda_err)?;
         let base = dst.as_mut_ptr();
         let route_bytes = if with_weights { 8 * k } else { 4 * k };
+        // A prediction queued since the last read-back comes back with it.
+        let predicted = lock(&pager.predicted).take();
         let parts = [
             (ids, 0usize, route_bytes),
-            (h.map(|x| x.0), 8 * PAGE_MAX, 4 * hidden),
+            (
+                predicted.as_ref().map(|p| p.2.ptr()),
+                8 * PAGE_MAX,
+                4 * predicted.as_ref().map_or(0, |p| p.1),
+            ),
+            (h.map(|x| x.0), HIDDEN_BACK, 4 * hidden),
         ];
         for (src, at, len) in parts {
             let Some(src) = src else { continue };
@@ -702,13 +845,22 @@ impl CudaBackend {
         } else {
             Vec::new()
         };
-        Ok((v, w, f32s(8 * PAGE_MAX, hidden)))
+        if let Some((layer, k, _)) = predicted {
+            let guess: Vec<usize> = dst[8 * PAGE_MAX..8 * PAGE_MAX + 4 * k]
+                .chunks_exact(4)
+                .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]) as usize)
+                .filter(|&e| e < pager.n_experts)
+                .collect();
+            *lock(&pager.guess) = Some((layer, guess));
+        }
+        Ok((v, w, f32s(HIDDEN_BACK, hidden)))
     }
 
     /// Whether paged decode may compute missed experts on the CPU.
     pub(super) fn cpu_experts_on(&self, e: &CudaExperts) -> bool {
         e.paged.as_ref().is_some_and(|p| {
-            p.pager.cpu_experts() != CpuExperts::Off && lock(&p.pager.cost).is_some()
+            p.pager.cpu_experts() != CpuExperts::Off
+                && lock(&p.pager.cost).as_ref().is_some_and(|c| c.1.len() > 1)
         })
     }
 
@@ -747,6 +899,20 @@ impl CudaBackend {
             .collect();
         // The GPU's part first: it runs while the host computes.
         if gpu.is_empty() {
+            // A prefetch for this layer ends here all the same (none of it was used).
+            let table = match lock(&pager.slots).as_mut() {
+                Some(sl) => self.settle_prefetch(pager, p.layer, &[], &mut sl.map)?,
+                None => Vec::new(),
+            };
+            if !table.is_empty() {
+                let mut upd = MoePage::empty();
+                for (x, base) in table {
+                    upd.e[upd.n as usize] = x as i32;
+                    upd.a[upd.n as usize] = base;
+                    upd.n += 1;
+                }
+                self.launch_page(e, &upd, 0, 0);
+            }
             if !self.ensure(out, e.hidden) {
                 return self.check();
             }
@@ -766,27 +932,48 @@ impl CudaBackend {
         if j == 0 {
             return Ok(());
         }
-        // The CPU's part runs on the compute pool while this thread goes on queueing; the
-        // stream waits for it at a host-function gate, then copies its sum in and adds it.
+        // The CPU's part runs on the team while this thread goes on queueing; the stream
+        // waits until the share's sequence number is in the flag (the device polls it), then
+        // copies the sum in and adds it.
         let job = Arc::new(CpuJob::default());
-        let work = CpuWork {
-            pager: pager.clone(),
-            layer: p.layer,
-            experts: on_cpu.iter().map(|&i| routes[i]).collect(),
-            x: h_host.to_vec(),
-            hidden: e.hidden,
-            job: job.clone(),
-        };
-        rayon::spawn(move || work.run());
-        let gate = Arc::into_raw(job.clone()) as *mut std::ffi::c_void;
-        // SAFETY: `gate` is an Arc<CpuJob> reference handed to the callback, which takes it
-        // back (Arc::from_raw) exactly once; the callback makes no CUDA call.
-        let r = unsafe { sys::cuLaunchHostFunc(self.stream.cu_stream(), Some(wait_for_cpu), gate) };
-        if r != sys::CUresult::CUDA_SUCCESS {
-            // SAFETY: the callback was not queued: take the reference back here.
-            drop(unsafe { Arc::from_raw(gate as *const CpuJob) });
-            job.wait();
-            return Err(EngineError::Invalid(format!("cuLaunchHostFunc: {r:?}")));
+        let seq = pager
+            .cpu_seq
+            .fetch_add(1, Ordering::Relaxed)
+            .wrapping_add(1);
+        let experts: Vec<(usize, f32)> = on_cpu.iter().map(|&i| routes[i]).collect();
+        let ws = experts
+            .iter()
+            .map(|&(x, w)| Ok((pager.cpu_weights(p.layer, x)?, w)))
+            .collect::<Result<Vec<_>>>()?;
+        let done = cpu_share_done(pager.clone(), p.layer, experts.len(), seq, job.clone());
+        pager
+            .team()?
+            .submit(Arc::new(ExpertSum::new(ws, h_host, done)));
+        let mut gated = false;
+        if !pager.host_gate.load(Ordering::Relaxed) {
+            // SAFETY: the job just submitted always raises the flag to `seq` when it ends
+            // (its completion sets it even when a chunk failed, see `cpu_share_done`), and
+            // the flag lives in the pager, which the job holds.
+            match unsafe { pager.cpu_flag.wait_on(&self.stream, seq) } {
+                Ok(()) => gated = true,
+                Err(err) => {
+                    tracing::warn!(%err, "the device cannot wait on host memory; CPU experts use a host-function gate");
+                    pager.host_gate.store(true, Ordering::Relaxed);
+                }
+            }
+        }
+        if !gated {
+            let gate = Arc::into_raw(job.clone()) as *mut std::ffi::c_void;
+            // SAFETY: `gate` is an Arc<CpuJob> reference handed to the callback, which takes
+            // it back (Arc::from_raw) exactly once; the callback makes no CUDA call.
+            let r =
+                unsafe { sys::cuLaunchHostFunc(self.stream.cu_stream(), Some(wait_for_cpu), gate) };
+            if r != sys::CUresult::CUDA_SUCCESS {
+                // SAFETY: the callback was not queued: take the reference back here.
+                drop(unsafe { Arc::from_raw(gate as *const CpuJob) });
+                job.wait();
+                return Err(EngineError::Invalid(format!("cuLaunchHostFunc: {r:?}")));
+            }
         }
         let cpu_part = self.new_buf(e.hidden)?;
         {
@@ -810,6 +997,117 @@ impl CudaBackend {
         self.check()
     }
 
+    /// Ends `layer`'s prefetch in flight, if any, before the layer's own work is queued: the
+    /// stream waits for its copies, the prefetched experts the layer asks for now (`experts`)
+    /// count as used, and the table entries to write are returned (expert, slot address),
+    /// at most `PAGE_MAX - 8` (what a prefetch copies).
+    fn settle_prefetch(
+        &self,
+        pager: &ExpertPager,
+        layer: usize,
+        experts: &[usize],
+        map: &mut SlotMap,
+    ) -> Result<Vec<(usize, u64)>> {
+        let Some(f) = lock(&pager.inflight).get_mut(layer).and_then(Option::take) else {
+            return Ok(Vec::new());
+        };
+        self.stream.wait(&f.done).map_err(cuda_err)?;
+        let used = f.table.iter().filter(|(x, _)| experts.contains(x)).count();
+        map.stats_mut().prefetch_used += used as u64;
+        Ok(f.table)
+    }
+
+    /// Makes later work on the compute stream wait for what `other` has queued (best effort:
+    /// on the way out of a failed copy).
+    fn join_stream(&self, other: &flowgate_cuda::Stream) {
+        if let Ok(end) = Event::new(&self.device) {
+            if end.record(other).is_ok() {
+                let _ = self.stream.wait(&end);
+            }
+        }
+    }
+
+    /// The pager's copy stream (speculative prefetches), created on first use.
+    fn copy_stream<'a>(&self, pager: &'a ExpertPager) -> Result<&'a flowgate_cuda::Stream> {
+        if let Some(s) = pager.copy_stream.get() {
+            return Ok(s);
+        }
+        let s = flowgate_cuda::Stream::new(&self.device).map_err(cuda_err)?;
+        Ok(pager.copy_stream.get_or_init(|| s))
+    }
+
+    /// Speculative prefetch, after a layer's work is queued: the experts the next sparse
+    /// layer's router predicted (read back with this layer's routes) that are not resident are
+    /// given slots in that layer now and copied on the copy stream, which first waits for the
+    /// work queued so far (this layer's own copies go first on the link). The next layer's
+    /// [`CudaBackend::page_in`] waits for them; its hits then include the good guesses.
+    pub(super) fn start_prefetch(&self, e: &CudaExperts) -> Result<()> {
+        let Some(p) = &e.paged else {
+            return Ok(());
+        };
+        let pager = &p.pager;
+        let Some((layer, guess)) = lock(&pager.guess).take() else {
+            return Ok(());
+        };
+        if lock(&pager.inflight).get(layer).is_none_or(|f| f.is_some()) {
+            return Ok(());
+        }
+        let mut guard = lock(&pager.slots);
+        let slots = guard
+            .as_mut()
+            .ok_or_else(|| EngineError::Invalid("expert slots were not provisioned".into()))?;
+        let mut want: Vec<usize> = Vec::new();
+        for x in guess {
+            if !want.contains(&x) && want.len() < slots.map.quota(layer).min(PAGE_MAX - 8) {
+                want.push(x);
+            }
+        }
+        if want.iter().all(|&x| slots.map.slot_of(layer, x).is_some()) {
+            return Ok(());
+        }
+        let stream = self.copy_stream(pager)?;
+        let start = Event::new(&self.device).map_err(cuda_err)?;
+        start.record(&self.stream).map_err(cuda_err)?;
+        stream.wait(&start).map_err(cuda_err)?;
+        let assigned = slots.map.prefetch(layer, &want)?;
+        let s = pager.shape;
+        let mut table = Vec::new();
+        let mut copied = 0u64;
+        for a in assigned.iter().filter(|a| !a.hit) {
+            let key = layer * pager.n_experts + a.expert;
+            let host = pager.host[key]
+                .ok_or_else(|| EngineError::Invalid(format!("no host copy of expert {key}")))?;
+            let base = slots
+                .arena
+                .slot_ptr(a.slot / slots.per_chunk)
+                .map_err(cuda_err)?
+                + ((a.slot % slots.per_chunk) * s.slot_bytes) as u64;
+            // SAFETY: the slot lies in a mapped chunk; the copy stream waits (event above) for
+            // all work queued on the compute stream so far, and the compute stream waits for
+            // this copy before the layer's next use of its slots (`settle_prefetch`); the
+            // source is page-locked memory the pager keeps (its drop waits for the stream).
+            match unsafe { self.copy_expert(stream, base, &host, &s) } {
+                Ok(n) => copied += n,
+                Err(r) => {
+                    slots.map.invalidate(a.slot);
+                    self.join_stream(stream);
+                    return Err(EngineError::Invalid(format!(
+                        "prefetching expert {} of layer {layer}: {r:?}",
+                        a.expert
+                    )));
+                }
+            }
+            table.push((a.expert, base));
+        }
+        slots.map.stats_mut().bytes_read += copied;
+        let done = Event::new(&self.device).map_err(cuda_err)?;
+        done.record(stream).map_err(cuda_err)?;
+        if let Some(f) = lock(&pager.inflight).get_mut(layer) {
+            *f = Some(Inflight { done, table });
+        }
+        Ok(())
+    }
+
     /// Makes `experts` of `p`'s layer resident (at most its quota): copies the misses into
     /// their slots and points the layer's table at them, all queued on the stream.
     pub(super) fn page_in(&self, e: &CudaExperts, p: &PagedLayer, experts: &[usize]) -> Result<()> {
@@ -818,9 +1116,15 @@ impl CudaBackend {
         let slots = guard
             .as_mut()
             .ok_or_else(|| EngineError::Invalid("expert slots were not provisioned".into()))?;
+        let mut upd = MoePage::empty();
+        // A prefetch for this layer: its copies (and the evictions it made) come first.
+        for (x, base) in self.settle_prefetch(pager, p.layer, experts, &mut slots.map)? {
+            upd.e[upd.n as usize] = x as i32;
+            upd.a[upd.n as usize] = base;
+            upd.n += 1;
+        }
         let assigned = slots.map.assign(p.layer, experts)?;
         let s = pager.shape;
-        let mut upd = MoePage::empty();
         let mut copied = 0u64;
         let mut events: Option<(Event, Event)> = None;
         for a in assigned.iter().filter(|a| !a.hit) {
@@ -844,7 +1148,7 @@ impl CudaBackend {
             // SAFETY: the slot lies in a mapped chunk and holds slot_bytes; the source is
             // page-locked host memory that lives as long as the pager (and so past the copy,
             // which the stream orders before any later use of the slot).
-            match unsafe { self.copy_expert(base, &host, &s) } {
+            match unsafe { self.copy_expert(&self.stream, base, &host, &s) } {
                 Ok(n) => copied += n,
                 Err(r) => {
                     slots.map.invalidate(a.slot);
@@ -885,10 +1189,12 @@ impl CudaBackend {
     /// the bytes queued.
     ///
     /// # Safety
-    /// `base` must be a mapped slot of at least `s.slot_bytes` bytes, and `host` the
-    /// page-locked addresses of the expert's parts, alive until the copies have run.
+    /// `base` must be a mapped slot of at least `s.slot_bytes` bytes that no work queued on
+    /// another stream reads or writes until the copies have run, and `host` the page-locked
+    /// addresses of the expert's parts, alive until then.
     unsafe fn copy_expert(
         &self,
+        stream: &flowgate_cuda::Stream,
         base: u64,
         host: &[u64; 3],
         s: &ExpertShape,
@@ -901,7 +1207,7 @@ impl CudaBackend {
                     base + off,
                     src as *const std::ffi::c_void,
                     len,
-                    self.stream.cu_stream(),
+                    stream.cu_stream(),
                 )
             };
             if r != sys::CUresult::CUDA_SUCCESS {
@@ -1015,49 +1321,35 @@ unsafe extern "C" fn wait_for_cpu(data: *mut std::ffi::c_void) {
     job.wait();
 }
 
-/// Missed experts of one token computed on the CPU: writes Σ w·expert(x) into the pager's
-/// page-locked `cpu_out`, then opens the gate. A failure writes zeros and is reported by the
-/// next [`ExpertPager::take_failure`] (the forward pass's check).
-struct CpuWork {
+/// What the CPU team does with a share's sum (the weighted sum of `j` experts of `layer`):
+/// writes it into the pager's page-locked `cpu_out` (zeros and a failure to report on error),
+/// opens the stream's gate, then records the statistics and the time taken in the cost model.
+fn cpu_share_done(
     pager: Arc<ExpertPager>,
     layer: usize,
-    experts: Vec<(usize, f32)>,
-    x: Vec<f32>,
-    hidden: usize,
+    j: usize,
+    seq: u32,
     job: Arc<CpuJob>,
-}
-
-impl CpuWork {
-    fn run(self) {
-        let t0 = Instant::now();
-        let pager = &self.pager;
-        let result = (|| -> Result<Vec<f32>> {
-            let jobs = self
-                .experts
-                .iter()
-                .map(|&(e, _)| {
-                    let key = self.layer * pager.n_experts + e;
-                    let [g, u, d] = pager.cpu[key]
-                        .as_ref()
-                        .ok_or_else(|| EngineError::Invalid(format!("no host expert {key}")))?;
-                    Ok(SwiGluJob {
-                        gate: g,
-                        up: u,
-                        down: d,
-                        x: &self.x,
-                        n: 1,
-                    })
-                })
-                .collect::<Result<Vec<SwiGluJob<'_, CpuBackend>>>>()?;
-            let ys = CpuBackend.swiglu_many(&jobs)?;
-            let mut acc = vec![0f32; self.hidden];
-            for (&(_, w), y) in self.experts.iter().zip(&ys) {
-                for (a, v) in acc.iter_mut().zip(y) {
-                    *a += w * v;
-                }
+) -> crate::backend::cpu::experts::Done {
+    /// Opens both gates once: when the sum is written, or when dropped before that (a panic,
+    /// a job dropped unfinished), so that the stream can never be left waiting.
+    struct Open(Arc<ExpertPager>, u32, Arc<CpuJob>, AtomicBool);
+    impl Open {
+        fn open(&self) {
+            if !self.3.swap(true, Ordering::AcqRel) {
+                self.0.cpu_flag.set(self.1);
+                self.2.finish();
             }
-            Ok(acc)
-        })();
+        }
+    }
+    impl Drop for Open {
+        fn drop(&mut self) {
+            self.open();
+        }
+    }
+    let t0 = Instant::now();
+    let open = Open(pager.clone(), seq, job, AtomicBool::new(false));
+    Box::new(move |result| {
         {
             let mut out = lock(&pager.cpu_out);
             let dst = out.as_mut_slice();
@@ -1069,27 +1361,25 @@ impl CpuWork {
                 }
                 Err(e) => {
                     dst.fill(0);
-                    *lock(&pager.failure) = Some(e.to_string());
+                    *lock(&pager.failure) = Some(e.clone());
                 }
             }
         }
         let took = t0.elapsed();
-        self.job.finish();
-        let j = self.experts.len();
+        open.open();
         if let Some(s) = lock(&pager.slots).as_mut() {
             let st = s.map.stats_mut();
-            st.misses[self.layer] += j as u64;
+            st.misses[layer] += j as u64;
             st.cpu_computed += j as u64;
             st.cpu_time += took;
         }
-        // The cost model follows what the CPU really takes (cold weights, waking the pool's
-        // threads), starting from the calibration.
+        // The cost model follows what the CPU really takes in decode (cold weights), starting
+        // from the calibration; one outlier moves it at most 2×.
         if let Some((_, cpu)) = lock(&pager.cost).as_mut() {
             if let Some(t) = cpu.get_mut(j) {
-                // One slow outlier (the pool's threads waking from sleep) moves it at most 2×.
                 let took = took.as_secs_f64().clamp(0.5 * *t, 2.0 * *t);
                 *t = 0.8 * *t + 0.2 * took;
             }
         }
-    }
+    })
 }

@@ -400,6 +400,48 @@ pub fn matmul_acts_isa(isa: Isa, w: &QMatrix, acts: &Activations, y: &mut [f32])
     }
 }
 
+/// One token's activations quantised for one weight dtype, owned (for work that outlives the
+/// vector it came from, e.g. a job handed to other threads).
+#[derive(Clone, Debug)]
+pub enum OwnedAct {
+    F32(Vec<f32>),
+    Q8(Vec<BlockQ8>),
+    Q8K(Vec<BlockQ8K>),
+}
+
+impl OwnedAct {
+    /// `x` in the format `dtype` weights read (`x.len()` a multiple of that format's block).
+    pub fn new(dtype: DType, x: &[f32]) -> OwnedAct {
+        match act_format(dtype) {
+            ActFormat::F32 => OwnedAct::F32(x.to_vec()),
+            ActFormat::Q8 => OwnedAct::Q8(quantize_tokens(x, x.len(), 32, quantize_q8)),
+            ActFormat::Q8K => OwnedAct::Q8K(quantize_tokens(x, x.len(), 256, quantize_q8k)),
+        }
+    }
+
+    pub fn src(&self) -> ActSrc<'_> {
+        match self {
+            OwnedAct::F32(x) => ActSrc::F32(x),
+            OwnedAct::Q8(x) => ActSrc::Q8(x),
+            OwnedAct::Q8K(x) => ActSrc::Q8K(x),
+        }
+    }
+}
+
+/// `out[r] = row_r · x` for the rows of `w` in `rows` and one token `x` (in `w`'s activation
+/// format), on the calling thread.
+///
+/// # Panics
+/// If the range is out of bounds or `out.len()` differs from its length.
+pub fn rows_dot(w: &QMatrix, rows: Range<usize>, x: &ActSrc, out: &mut [f32]) {
+    assert_eq!(out.len(), rows.len(), "rows_dot: one output per row");
+    if rows.is_empty() {
+        return;
+    }
+    let m = w.rows_slice(rows);
+    rows_times_tokens(simd_level(), w.dtype, m.data, m.row_bytes(), x, 1, out);
+}
+
 /// One or more tokens' activations in the form a dtype consumes (token-major).
 #[derive(Clone, Copy, Debug)]
 pub enum ActSrc<'a> {
