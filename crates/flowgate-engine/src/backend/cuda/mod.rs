@@ -1726,27 +1726,8 @@ impl Backend for CudaBackend {
                 e.n, router.rows, h.len, e.hidden
             )));
         }
-        let mut logits = self.new_buf(e.n)?;
-        self.matmul(router, h, 1, &mut logits);
-        // ids (k ints) then weights (k floats).
-        let routed = self.new_buf(2 * k)?;
-        let (ids, wts) = (routed.ptr(), routed.ptr() + 4 * k as u64);
-        self.launch(
-            &self.kernels.router_topk,
-            LaunchConfig {
-                grid_dim: (1, 1, 1),
-                block_dim: (256, 1, 1),
-                shared_mem_bytes: 0,
-            },
-            &[
-                Arg::P(logits.ptr()),
-                Arg::I(e.n as i32),
-                Arg::I(k as i32),
-                Arg::I(renormalise as i32),
-                Arg::P(ids),
-                Arg::P(wts),
-            ],
-        );
+        let routed = self.route_topk(router, h, e.n, k, renormalise)?;
+        let ids = routed.ptr();
         let chosen = match &e.paged {
             Some(p) if self.cpu_experts_on(e) => {
                 let (c, w, hh) =
@@ -1775,25 +1756,7 @@ impl Backend for CudaBackend {
         if !p.pager.prefetch() || k == 0 || k > 64 || next_router.rows != next.n {
             return Ok(());
         }
-        let mut logits = self.new_buf(next.n)?;
-        self.matmul(next_router, h, 1, &mut logits);
-        let pred = self.new_buf(2 * k)?;
-        self.launch(
-            &self.kernels.router_topk,
-            LaunchConfig {
-                grid_dim: (1, 1, 1),
-                block_dim: (256, 1, 1),
-                shared_mem_bytes: 0,
-            },
-            &[
-                Arg::P(logits.ptr()),
-                Arg::I(next.n as i32),
-                Arg::I(k as i32),
-                Arg::I(0),
-                Arg::P(pred.ptr()),
-                Arg::P(pred.ptr() + 4 * k as u64),
-            ],
-        );
+        let pred = self.route_topk(next_router, h, next.n, k, false)?;
         // Read back with this layer's routes (the same synchronisation).
         p.pager.set_predicted(p.layer, k, pred);
         self.check()
@@ -1850,6 +1813,38 @@ impl Backend for CudaBackend {
 }
 
 impl CudaBackend {
+    /// Router logits (`router · h`, `n` experts), softmax and top-`k` on the device: a new
+    /// buffer of the k ids (ints) then their weights (floats).
+    fn route_topk(
+        &self,
+        router: &CudaWeight,
+        h: &CudaBuf,
+        n: usize,
+        k: usize,
+        renormalise: bool,
+    ) -> Result<CudaBuf> {
+        let mut logits = self.new_buf(n)?;
+        self.matmul(router, h, 1, &mut logits);
+        let routed = self.new_buf(2 * k)?;
+        self.launch(
+            &self.kernels.router_topk,
+            LaunchConfig {
+                grid_dim: (1, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            },
+            &[
+                Arg::P(logits.ptr()),
+                Arg::I(n as i32),
+                Arg::I(k as i32),
+                Arg::I(renormalise as i32),
+                Arg::P(routed.ptr()),
+                Arg::P(routed.ptr() + 4 * k as u64),
+            ],
+        );
+        Ok(routed)
+    }
+
     /// The chosen experts' products and their weighted sum: `routed` holds k ids then k
     /// weights on the device; `chosen` the same ids on the host (needed for paged experts,
     /// which run in waves of at most the layer's quota, each paged in first).

@@ -111,6 +111,15 @@ impl MoePage {
         }
     }
 
+    /// Adds a table entry: `expert` now lives at `addr`. True once the table is full.
+    fn push(&mut self, expert: usize, addr: u64) -> bool {
+        let n = self.n as usize;
+        self.e[n] = expert as i32;
+        self.a[n] = addr;
+        self.n += 1;
+        self.n as usize == PAGE_MAX
+    }
+
     /// Routes chosen on the host, to be written to the device.
     pub(super) fn routes(routes: &[(usize, f32)]) -> Option<MoePage> {
         if routes.len() > PAGE_MAX {
@@ -182,6 +191,17 @@ struct Slots {
     arena: VmmArena,
     per_chunk: usize,
     plan: DevicePlan,
+}
+
+impl Slots {
+    /// The device address of slot `slot` (slots of `slot_bytes`, `per_chunk` to a chunk).
+    fn addr(&self, slot: usize, slot_bytes: usize) -> Result<u64> {
+        let chunk = self
+            .arena
+            .slot_ptr(slot / self.per_chunk)
+            .map_err(cuda_err)?;
+        Ok(chunk + ((slot % self.per_chunk) * slot_bytes) as u64)
+    }
 }
 
 /// The expert tier of one model on one device.
@@ -555,6 +575,16 @@ impl ExpertPager {
         self.team.get().map_or(0, Team::threads)
     }
 
+    /// Page-locked host addresses of expert `expert` of `layer` (gate, up, down).
+    fn host_of(&self, layer: usize, expert: usize) -> Result<[u64; 3]> {
+        let key = layer * self.n_experts + expert;
+        self.host
+            .get(key)
+            .copied()
+            .flatten()
+            .ok_or_else(|| EngineError::Invalid(format!("no host copy of expert {key}")))
+    }
+
     /// Weights of expert `expert` of `layer` for the CPU.
     fn cpu_weights(&self, layer: usize, expert: usize) -> Result<[CpuWeight; 3]> {
         let key = layer * self.n_experts + expert;
@@ -907,9 +937,7 @@ impl CudaBackend {
             if !table.is_empty() {
                 let mut upd = MoePage::empty();
                 for (x, base) in table {
-                    upd.e[upd.n as usize] = x as i32;
-                    upd.a[upd.n as usize] = base;
-                    upd.n += 1;
+                    upd.push(x, base);
                 }
                 self.launch_page(e, &upd, 0, 0);
             }
@@ -1074,14 +1102,8 @@ impl CudaBackend {
         let mut table = Vec::new();
         let mut copied = 0u64;
         for a in assigned.iter().filter(|a| !a.hit) {
-            let key = layer * pager.n_experts + a.expert;
-            let host = pager.host[key]
-                .ok_or_else(|| EngineError::Invalid(format!("no host copy of expert {key}")))?;
-            let base = slots
-                .arena
-                .slot_ptr(a.slot / slots.per_chunk)
-                .map_err(cuda_err)?
-                + ((a.slot % slots.per_chunk) * s.slot_bytes) as u64;
+            let host = pager.host_of(layer, a.expert)?;
+            let base = slots.addr(a.slot, s.slot_bytes)?;
             // SAFETY: the slot lies in a mapped chunk; the copy stream waits (event above) for
             // all work queued on the compute stream so far, and the compute stream waits for
             // this copy before the layer's next use of its slots (`settle_prefetch`); the
@@ -1119,23 +1141,15 @@ impl CudaBackend {
         let mut upd = MoePage::empty();
         // A prefetch for this layer: its copies (and the evictions it made) come first.
         for (x, base) in self.settle_prefetch(pager, p.layer, experts, &mut slots.map)? {
-            upd.e[upd.n as usize] = x as i32;
-            upd.a[upd.n as usize] = base;
-            upd.n += 1;
+            upd.push(x, base);
         }
         let assigned = slots.map.assign(p.layer, experts)?;
         let s = pager.shape;
         let mut copied = 0u64;
         let mut events: Option<(Event, Event)> = None;
         for a in assigned.iter().filter(|a| !a.hit) {
-            let key = p.layer * pager.n_experts + a.expert;
-            let host = pager.host[key]
-                .ok_or_else(|| EngineError::Invalid(format!("no host copy of expert {key}")))?;
-            let base = slots
-                .arena
-                .slot_ptr(a.slot / slots.per_chunk)
-                .map_err(cuda_err)?
-                + ((a.slot % slots.per_chunk) * s.slot_bytes) as u64;
+            let host = pager.host_of(p.layer, a.expert)?;
+            let base = slots.addr(a.slot, s.slot_bytes)?;
             if events.is_none() {
                 let ev = (
                     Event::new(&self.device).map_err(cuda_err)?,
@@ -1158,11 +1172,7 @@ impl CudaBackend {
                     )));
                 }
             }
-            let n = upd.n as usize;
-            upd.e[n] = a.expert as i32;
-            upd.a[n] = base;
-            upd.n += 1;
-            if upd.n as usize == PAGE_MAX {
+            if upd.push(a.expert, base) {
                 // A prefill wave can miss more experts than one launch's table takes.
                 self.launch_page(e, &upd, 0, 0);
                 upd.n = 0;
@@ -1266,11 +1276,7 @@ impl CudaBackend {
             let slot = slots.map.slot_of(p.layer, x).ok_or_else(|| {
                 EngineError::Invalid(format!("expert {x} of layer {} is not resident", p.layer))
             })?;
-            let base = slots
-                .arena
-                .slot_ptr(slot / slots.per_chunk)
-                .map_err(cuda_err)?
-                + ((slot % slots.per_chunk) * s.slot_bytes) as u64;
+            let base = slots.addr(slot, s.slot_bytes)?;
             let view =
                 |i: usize, kind: usize, rows: usize, cols: usize, row_bytes: usize| CudaWeight {
                     mem: WMem::View {
