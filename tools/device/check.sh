@@ -11,7 +11,8 @@
 #   strip --strip-debug -o .devbin/cuda/fg_cuda_gpu target/release/deps/gpu-<hash>
 #   strip --strip-debug -o .devbin/cuda/fg_cuda_parity target/release/deps/cuda_parity-<hash>
 # Device: run `tools/device/check.sh [tests] [dense8b] [moe30b] [vram]` (default: the first
-#   three; `vram` runs `bench moe --vram-budget` on moe30b, 3 and 8 GiB, both routings, and a
+#   three; `vram` runs `bench moe --vram-budget` on moe30b, 3 and 8 GiB, both routings
+#   (VRAM_BUDGETS, CPU_EXPERTS, ROUTINGS, RAM, COLD change that), and with SWEEP=1 a
 #   uniform-routing sweep with its plot; PROFILE=1
 #   adds a per-kernel decode profile, KEEP=1 keeps the synthetic models in /tmp) with
 #   carry [".devbin/cuda"]; logs land in $OUT.
@@ -62,13 +63,18 @@ for step in $steps; do
       for b in ${VRAM_BUDGETS:-3GiB 8GiB}; do budgets="$budgets --vram-budget $b"; done
       cpux=""
       for m in ${CPU_EXPERTS:-off auto}; do cpux="$cpux --cpu-experts $m"; done
+      # RAM=SIZE: a RAM cache of that size over the file under the device cache (three
+      # tiers); COLD=1 drops the file from the page cache after each prefill.
+      [ -n "${RAM:-}" ] && cpux="$cpux --ram-budget $RAM"
+      [ -n "${COLD:-}" ] && cpux="$cpux --cold"
       for routing in ${ROUTINGS:-router uniform}; do
         $BIN/flowgate bench moe /tmp/moe30b.gguf $budgets $cpux \
           --routing $routing --prompt 64 --gen 64 --policy ${POLICY:-lru} 2>&1 | tee "$OUT/vram_$routing.txt" || rc=1
       done
       # The CLI path: bench decode under a VRAM budget, with the placement explained.
-      $BIN/flowgate bench decode /tmp/moe30b.gguf --device cuda --vram-budget 8GiB --explain-placement \
-        --reps 1 2>&1 | tail -n 14 | tee "$OUT/vram_bench_decode.txt" || rc=1
+      $BIN/flowgate bench decode /tmp/moe30b.gguf --device cuda --vram-budget 8GiB \
+        ${RAM:+--ram-budget $RAM} --explain-placement \
+        --reps 1 2>&1 | tail -n 16 | tee "$OUT/vram_bench_decode.txt" || rc=1
       if [ -n "${SWEEP:-}" ]; then
         $BIN/flowgate bench moe /tmp/moe30b.gguf --device cuda --steps 6 --routing uniform \
           --prompt 64 --gen 64 --plot "$OUT/bench_moe_moe30b.png" --json > "$OUT/vram_sweep.json" 2>&1 || rc=1

@@ -205,13 +205,6 @@ pub fn load_cuda_budget(
     ordinal: usize,
     budget: u64,
 ) -> Result<Loaded<CudaBackend>> {
-    if opts.ram_budget.is_some() {
-        return Err(EngineError::Invalid(
-            "--vram-budget with --ram-budget (experts paged from the SSD into host RAM and on \
-             into VRAM) is not built yet: give one of them"
-                .into(),
-        ));
-    }
     let device = flowgate_cuda::Device::open(ordinal)
         .map_err(|e| EngineError::Invalid(format!("CUDA: {e}")))?;
     let backend = CudaBackend::with_budget(device, budget)?;
@@ -232,13 +225,13 @@ pub fn load_cuda_budget(
     }
     let t0 = Instant::now();
     let (tokenizer, chat) = tokenizer_and_template(&file)?;
-    let threads = opts.loader_threads();
-    // Page-locked below: anonymous memory, not mappings of the page cache.
-    let mut tensors =
-        crate::weights::load_all_anonymous(&file.catalog, threads, opts.progress.clone())?;
-    let pager = ExpertPager::new(&backend, &file.spec, &mut tensors, opts.cache_policy)?;
-    backend.set_expert_pager(pager.clone());
-    let model = Model::new(file.spec.clone(), backend, tensors)?;
+    let (model, pager, residency) = match opts.ram_budget {
+        None => {
+            let (model, pager) = load_experts_pinned(&file, opts, backend, None)?;
+            (model, pager, None)
+        }
+        Some(ram) => load_three_tiers(&file, opts, backend, ram)?,
+    };
     let plan = pager.provision(&model.backend, reserve, opts.expert_slots)?;
     if let Some(m) = opts.cpu_experts {
         pager.set_cpu_experts(m)?;
@@ -254,9 +247,119 @@ pub fn load_cuda_budget(
         tokenizer,
         chat,
         load_time: t0.elapsed(),
-        residency: None,
+        residency,
         pager: Some(pager),
     })
+}
+
+/// The dense weights onto the device and every expert into page-locked host RAM (charged to
+/// `ram`, the `--ram-budget` accounting, when given).
+fn load_experts_pinned(
+    file: &ModelFile,
+    opts: &LoadOptions,
+    backend: CudaBackend,
+    ram: Option<&crate::residency::Budget>,
+) -> Result<(Model<CudaBackend>, Arc<ExpertPager>)> {
+    if let Some(b) = ram {
+        b.charge(
+            file.catalog.total_bytes(),
+            "the weights (experts stay in RAM)",
+        )?;
+    }
+    // Page-locked below: anonymous memory, not mappings of the page cache.
+    let mut tensors = crate::weights::load_all_anonymous(
+        &file.catalog,
+        opts.loader_threads(),
+        opts.progress.clone(),
+    )?;
+    let pager = ExpertPager::new(&backend, &file.spec, &mut tensors, opts.cache_policy)?;
+    backend.set_expert_pager(pager.clone());
+    let model = Model::new(file.spec.clone(), backend, tensors)?;
+    if let Some(b) = ram {
+        // The dense weights' host copies are gone, now on the device.
+        let experts = pager.experts_bytes();
+        b.release(file.catalog.total_bytes().saturating_sub(experts));
+    }
+    Ok((model, pager))
+}
+
+/// `--vram-budget` with `--ram-budget`: three tiers. The dense weights pass through host RAM
+/// (charged to the RAM budget while they do) onto the device; then what the RAM budget
+/// leaves becomes a RAM cache of experts over the model file ([`crate::residency::HostExpertCache`],
+/// its slots page-locked), under the device cache of slots. A RAM budget that holds every
+/// expert keeps them all in page-locked RAM instead (no reads from the file after loading).
+fn load_three_tiers(
+    file: &ModelFile,
+    opts: &LoadOptions,
+    backend: CudaBackend,
+    ram: u64,
+) -> Result<(
+    Model<CudaBackend>,
+    Arc<ExpertPager>,
+    Option<crate::residency::Residency>,
+)> {
+    use crate::residency::{Budget, ExpertLayout, HostExpertCache, HostPlan};
+    let budget = Arc::new(Budget::new("RAM", ram));
+    let layout = ExpertLayout::new(&file.spec, &file.catalog)?;
+    let dense = file.catalog.total_bytes() - layout.total_bytes;
+    // What stays in RAM once loaded: experts only (the dense weights are on the device).
+    let mut plan = HostPlan {
+        budget: ram,
+        dense_bytes: 0,
+        n_dense_tensors: 0,
+        experts_bytes: layout.total_bytes,
+        experts: Some(layout.clone()),
+        resident_all: dense + layout.total_bytes <= ram,
+        n_slots: 0,
+        policy: opts.cache_policy,
+    };
+    if plan.resident_all {
+        let (model, pager) = load_experts_pinned(file, opts, backend, Some(&budget))?;
+        let res = crate::residency::Residency {
+            plan,
+            budget,
+            cache: None,
+        };
+        return Ok((model, pager, Some(res)));
+    }
+    budget.charge(dense, "the dense weights on their way to the device")?;
+    let tensors = crate::weights::load_selected(
+        &file.catalog,
+        |t| !ExpertLayout::is_expert_tensor(&t.name),
+        opts.loader_threads(),
+        opts.progress.clone(),
+    )?;
+    let pager = ExpertPager::over_file(&backend, &file.spec, &layout, opts.cache_policy)?;
+    backend.set_expert_pager(pager.clone());
+    let model = Model::new(file.spec.clone(), backend, tensors)?;
+    budget.release(dense);
+    let n_slots = ((budget.available() / layout.slot_bytes) as usize).min(layout.n_paged());
+    if n_slots < pager.min_ram_slots() {
+        return Err(EngineError::Invalid(format!(
+            "--ram-budget {} holds {n_slots} expert slots of {}; under --vram-budget the RAM \
+             cache needs at least {} ({} in all)",
+            crate::residency::fmt_size(ram),
+            crate::residency::fmt_size(layout.slot_bytes),
+            pager.min_ram_slots(),
+            crate::residency::fmt_size(pager.min_ram_slots() as u64 * layout.slot_bytes)
+        )));
+    }
+    let cache = Arc::new(HostExpertCache::new(
+        layout,
+        file.catalog.files.clone(),
+        n_slots,
+        opts.cache_policy,
+        budget.clone(),
+        opts.io_threads,
+    )?);
+    pager.attach_cache(&model.backend, cache.clone())?;
+    plan.n_slots = n_slots;
+    let res = crate::residency::Residency {
+        plan,
+        budget,
+        cache: Some(cache),
+    };
+    Ok((model, pager, Some(res)))
 }
 
 type TokenizerAndTemplate = (Option<Tokenizer>, Option<ChatTemplate>);

@@ -945,3 +945,144 @@ fn vram_paging_with_one_slot_per_layer_matches_resident() {
     }
     assert!(checked >= 4, "only {checked} MoE models checked");
 }
+
+/// Three tiers (`--vram-budget` with `--ram-budget`): a device cache of one slot per sparse
+/// layer over a RAM cache of the fewest slots allowed (3k) over the model file. Paging through
+/// both stays invisible: logits equal those with everything resident (exactly as far as f32
+/// allows) with misses copied, with speculative prefetch, and within the CPU bound with every
+/// miss computed on the CPU from the RAM cache; both tiers miss, and neither budget is passed.
+/// A RAM budget too small for the RAM cache is one clear error.
+#[test]
+fn vram_over_ram_over_file_matches_resident() {
+    if cuda().is_none() {
+        return;
+    }
+    let mut paths: Vec<PathBuf> = ["mixtral", "olmoe", "qwen2_moe", "qwen3_moe"]
+        .iter()
+        .map(|n| fixtures().join(n))
+        .collect();
+    paths.push(fixtures().join("gguf/qwen3_moe-q8_0.gguf"));
+    if let Ok(list) = std::env::var("FLOWGATE_Q4K_MODELS") {
+        paths.extend(list.split(',').filter(|p| !p.is_empty()).map(PathBuf::from));
+    }
+    let budget = 1u64 << 30;
+    let mut checked = 0;
+    for path in paths.iter().filter(|p| p.exists()) {
+        let f = flowgate_formats::model::open(path).unwrap();
+        let Some(moe) = f.spec.moe.clone() else {
+            continue;
+        };
+        let layout = flowgate_engine::residency::ExpertLayout::new(&f.spec, &f.catalog).unwrap();
+        let n_sparse = (0..f.spec.n_layers)
+            .filter(|&l| f.spec.is_sparse_layer(l))
+            .count();
+        let min_slots = 3 * moe.n_experts_used;
+        if layout.n_paged() <= min_slots {
+            eprintln!("{}: too few experts to page through RAM", path.display());
+            continue;
+        }
+        let dense = f.catalog.total_bytes() - layout.total_bytes;
+        let ram = dense.max(min_slots as u64 * layout.slot_bytes);
+        let opts = LoadOptions {
+            vram_budget: Some(budget),
+            ram_budget: Some(ram),
+            expert_slots: Some(n_sparse),
+            ctx: 64,
+            cpu_experts: Some(CpuExperts::Off),
+            ..Default::default()
+        };
+        let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+        let tokens: Vec<u32> = (0..24)
+            .map(|_| rng.random_range(0..f.spec.vocab_size as u32))
+            .collect();
+        let mut full = load_cuda(path).unwrap();
+        let mut paged = runtime::load_cuda_budget(path, &opts, 0, budget)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let plan = paged.device_plan().expect("experts are paged");
+        let rc = plan
+            .ram_cache
+            .clone()
+            .expect("a RAM cache under the device cache");
+        assert!(
+            rc.n_slots >= min_slots && rc.n_slots <= layout.n_paged(),
+            "{}: {} RAM slots",
+            path.display(),
+            rc.n_slots
+        );
+        // Small fixtures: the RAM left once the dense part is on the device may hold every
+        // expert; the RAM tier then misses only until each expert was read once.
+        let ram_evicts = rc.n_slots < layout.n_paged();
+        let pager = paged.pager.clone().unwrap();
+        let cache = pager.ram_cache().cloned().unwrap();
+        let uniform = Routing::UniformRandom { seed: 3 };
+        // (what, routing, CPU experts, prefetch, decode bound); prefill never runs experts on
+        // the CPU and is held to 1e-6 throughout.
+        let cases: [(&str, Routing, CpuExperts, bool, f64); 4] = [
+            ("copies", uniform, CpuExperts::Off, false, 1e-6),
+            ("CPU experts", uniform, CpuExperts::All, false, 5e-2),
+            ("copies", Routing::Router, CpuExperts::Off, false, 1e-6),
+            ("prefetch", Routing::Router, CpuExperts::Off, true, 1e-6),
+        ];
+        for (what, routing, cpu, prefetch, bound) in cases {
+            full.model.set_routing(routing);
+            paged.model.set_routing(routing);
+            let (fp, fd, _) = run(&full.model, &tokens, 0);
+            pager.set_cpu_experts(cpu).unwrap();
+            pager.set_prefetch(prefetch);
+            pager.reset_stats();
+            cache.reset_stats();
+            let (pp, pd, _) = run(&paged.model, &tokens, 0);
+            let (ep, ed) = (rel_err(&pp, &fp), rel_err(&pd, &fd));
+            let (vs, rs) = (pager.stats(), cache.stats());
+            eprintln!(
+                "{} ({what}, {routing:?}): VRAM 1 slot/layer over RAM {} slots over the file vs resident: \
+                 prefill {ep:.1e}, decode {ed:.1e}; VRAM {} hits {} misses, RAM {} hits {} \
+                 misses, {} bytes read from the file, {} prefetched",
+                path.display(),
+                rc.n_slots,
+                vs.total_hits(),
+                vs.total_misses(),
+                rs.total_hits(),
+                rs.total_misses(),
+                rs.bytes_read,
+                vs.prefetched
+            );
+            assert!(
+                ep <= 1e-6 && ed <= bound,
+                "{} {what}: {ep:.2e} / {ed:.2e}",
+                path.display()
+            );
+            assert!(vs.total_misses() > 0, "VRAM never missed");
+            if ram_evicts || what == "copies" && routing == uniform {
+                assert!(rs.total_misses() > 0, "RAM never missed");
+                assert!(rs.bytes_read > 0, "nothing was read from the file");
+            }
+            if cpu == CpuExperts::All {
+                assert!(vs.cpu_computed > 0, "no expert ran on the CPU");
+            }
+        }
+        pager.set_prefetch(false);
+        let (_, peak) = paged.model.backend.memory_in_use();
+        assert!(peak <= budget, "VRAM peak {peak} over the budget {budget}");
+        let acct = &paged.residency.as_ref().unwrap().budget;
+        assert!(
+            acct.peak() <= ram,
+            "RAM peak {} over the budget {ram}",
+            acct.peak()
+        );
+        // One slot fewer than the RAM cache needs: refused, saying why.
+        let small = LoadOptions {
+            ram_budget: Some(dense.max((min_slots as u64 - 1) * layout.slot_bytes)),
+            ..opts.clone()
+        };
+        if dense <= (min_slots as u64 - 1) * layout.slot_bytes {
+            let e = runtime::load_cuda_budget(path, &small, 0, budget)
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(e.contains("--ram-budget") && !e.contains('\n'), "{e}");
+        }
+        checked += 1;
+    }
+    assert!(checked >= 3, "only {checked} MoE models checked");
+}

@@ -163,3 +163,57 @@ fn budgets_are_checked_before_loading() {
         .to_string();
     assert!(e.contains("raise --ram-budget"), "{e}");
 }
+
+/// What the VRAM tier needs from the RAM cache under it: the memory of every slot listed in a
+/// few regions (to page-lock it), the same before and after reads; a lease that owns its pins
+/// (it can go to another thread, as a CPU share's does), whose views lie in those regions, and
+/// that keeps its experts' slots busy until dropped.
+#[test]
+fn leases_own_their_pins_and_slots_are_listed() {
+    let path = fixtures().join("qwen3_moe");
+    let file = flowgate_formats::model::open(&path).unwrap();
+    let plan = HostPlan::new(&file.spec, &file.catalog, u64::MAX, PolicyKind::Lru).unwrap();
+    let slot = plan.experts.as_ref().unwrap().slot_bytes;
+    let budget = plan.dense_bytes + 6 * slot;
+    let (_, res) = residency::load_host(&file, budget, PolicyKind::Lru, 2, None).unwrap();
+    let cache = res.cache.clone().expect("paged");
+    assert_eq!(cache.capacity(), 6);
+    let regions = cache.memory_regions();
+    let total: usize = regions.iter().map(|r| r.1).sum();
+    assert!(
+        total as u64 >= 6 * slot,
+        "{total} bytes for 6 slots of {slot}"
+    );
+    let inside = |p: usize| {
+        regions
+            .iter()
+            .any(|r| p >= r.0 as usize && p < r.0 as usize + r.1)
+    };
+    let layer = (0..file.spec.n_layers)
+        .find(|&l| file.spec.is_sparse_layer(l))
+        .unwrap();
+    let lease = cache.acquire(layer, &[0, 3]).unwrap();
+    assert_eq!((lease.len(), cache.busy_slots()), (2, 2));
+    for t in lease.tensors.iter().flatten() {
+        let p = t.bytes().as_ptr() as usize;
+        assert!(
+            inside(p) && inside(p + t.bytes().len() - 1),
+            "{} outside",
+            t.name
+        );
+    }
+    let sum = std::thread::spawn(move || {
+        let s: u64 = lease.tensors[0][0].bytes().iter().map(|&b| b as u64).sum();
+        drop(lease);
+        s
+    })
+    .join()
+    .unwrap();
+    assert!(sum > 0, "the expert's bytes were read");
+    assert_eq!(cache.busy_slots(), 0, "the lease's pins went with it");
+    // Fill every slot (and evict): the slots stay where they were.
+    for e in 0..8 {
+        drop(cache.acquire(layer, &[e]).unwrap());
+    }
+    assert_eq!(cache.memory_regions(), regions);
+}

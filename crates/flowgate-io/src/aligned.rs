@@ -23,6 +23,9 @@ pub struct AlignedBuf {
     ptr: NonNull<u8>,
     len: usize,
     mapped: bool,
+    /// A piece of a larger buffer ([`AlignedBuf::split`]): the whole, which frees the memory
+    /// once its last piece is dropped, and is never read or written through this handle.
+    whole: Option<std::sync::Arc<AlignedBuf>>,
 }
 
 // SAFETY: AlignedBuf owns its allocation exclusively, like Vec<u8>.
@@ -39,6 +42,7 @@ impl AlignedBuf {
                 ptr: NonNull::new(BUF_ALIGN as *mut u8)?,
                 len: 0,
                 mapped: false,
+                whole: None,
             });
         }
         if len >= MMAP_MIN {
@@ -51,6 +55,7 @@ impl AlignedBuf {
             ptr,
             len,
             mapped: false,
+            whole: None,
         })
     }
 
@@ -78,6 +83,7 @@ impl AlignedBuf {
             ptr,
             len,
             mapped: true,
+            whole: None,
         })
     }
 
@@ -146,6 +152,7 @@ impl AlignedBuf {
             ptr,
             len,
             mapped: true,
+            whole: None,
         })
     }
 
@@ -167,6 +174,32 @@ impl AlignedBuf {
         unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
     }
 
+    /// Cuts the buffer into `n` disjoint pieces of `piece` bytes each (a multiple of
+    /// [`BUF_ALIGN`]; `n · piece` at most the length), each an owned [`AlignedBuf`] that can
+    /// be written on its own: many equal buffers out of one allocation (one mapping, huge pages
+    /// where they are on, one region to page-lock). The memory is freed with the last piece.
+    /// `None` if the pieces do not fit or are not aligned.
+    pub fn split(self, piece: usize, n: usize) -> Option<Vec<AlignedBuf>> {
+        if piece == 0 || !piece.is_multiple_of(BUF_ALIGN) || piece.checked_mul(n)? > self.len {
+            return None;
+        }
+        let base = self.ptr.as_ptr();
+        let whole = std::sync::Arc::new(self);
+        (0..n)
+            .map(|i| {
+                // SAFETY: i · piece + piece ≤ len (checked above), so the pointer stays inside
+                // the allocation, which `whole` keeps alive.
+                let p = unsafe { base.add(i * piece) };
+                NonNull::new(p).map(|ptr| AlignedBuf {
+                    ptr,
+                    len: piece,
+                    mapped: false,
+                    whole: Some(whole.clone()),
+                })
+            })
+            .collect()
+    }
+
     /// Raw pointer to the first byte (for I/O engines writing disjoint parts from several
     /// threads).
     pub(crate) fn raw(&mut self) -> *mut u8 {
@@ -176,7 +209,8 @@ impl AlignedBuf {
 
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
-        if self.len == 0 {
+        if self.len == 0 || self.whole.is_some() {
+            // A piece: the whole frees the memory (when its last piece lets go of it).
             return;
         }
         if self.mapped {
@@ -230,5 +264,37 @@ mod tests {
         }
         assert!(AlignedBuf::zeroed(0).unwrap().is_empty());
         assert!(AlignedBuf::zeroed(usize::MAX - 10).is_none());
+    }
+
+    #[test]
+    fn pieces_are_disjoint_owned_and_outlive_each_other() {
+        for (piece, n) in [(BUF_ALIGN, 3), (3 * BUF_ALIGN, 700)] {
+            let whole = AlignedBuf::zeroed(piece * n + 5).unwrap();
+            let base = whole.as_ptr() as usize;
+            let mut pieces = whole.split(piece, n).unwrap();
+            for (i, p) in pieces.iter_mut().enumerate() {
+                assert_eq!(p.as_ptr() as usize, base + i * piece);
+                assert_eq!(p.len(), piece);
+                assert!(p.iter().all(|&x| x == 0));
+                p.fill(i as u8);
+            }
+            // Pieces go to other threads and are dropped in any order; the memory stays valid
+            // for the ones left.
+            let last = pieces.pop().unwrap();
+            let handles: Vec<_> = pieces
+                .into_iter()
+                .enumerate()
+                .map(|(i, p)| std::thread::spawn(move || p.iter().all(|&x| x == i as u8)))
+                .collect();
+            assert!(handles.into_iter().all(|h| h.join().unwrap()));
+            assert!(last.iter().all(|&x| x == (n - 1) as u8));
+        }
+        let b = AlignedBuf::zeroed(4 * BUF_ALIGN).unwrap();
+        assert!(b.split(BUF_ALIGN + 1, 2).is_none(), "unaligned pieces");
+        let b = AlignedBuf::zeroed(4 * BUF_ALIGN).unwrap();
+        assert!(
+            b.split(BUF_ALIGN, 5).is_none(),
+            "more than the buffer holds"
+        );
     }
 }

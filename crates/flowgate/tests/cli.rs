@@ -532,6 +532,23 @@ fn vram_budget_needs_a_gpu_and_a_valid_size() {
         "some",
     ]);
     assert_eq!(o.status.code(), Some(2));
+    // Three tiers take one RAM budget under the VRAM sweep, and --cold only with it; both
+    // refused before anything is loaded (no GPU needed to say so).
+    for (args, want) in [
+        (
+            vec!["--ram-budget", "1GiB", "--ram-budget", "2GiB"],
+            "one --ram-budget at most",
+        ),
+        (
+            vec!["--cold"],
+            "--cold under --vram-budget needs a --ram-budget",
+        ),
+    ] {
+        let mut cmd = vec!["bench", "moe", fx, "--vram-budget", "1GiB"];
+        cmd.extend(args);
+        let e = fails(&cmd);
+        assert!(e.contains(want), "{e}");
+    }
 }
 
 /// Paging statistics reach the logs: `generate --ram-budget` with one expert slot logs the

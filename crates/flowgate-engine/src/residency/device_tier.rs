@@ -232,6 +232,17 @@ pub struct DevicePlan {
     pub n_experts_total: usize,
     pub experts_bytes: u64,
     pub policy: PolicyKind,
+    /// The host tier under the device cache when it is a RAM cache over the model file
+    /// (`--ram-budget`); `None`: every expert in page-locked RAM.
+    pub ram_cache: Option<RamCachePlan>,
+}
+
+/// A RAM cache of experts under the device cache.
+#[derive(Clone, Debug)]
+pub struct RamCachePlan {
+    pub ram_budget: u64,
+    pub n_slots: usize,
+    pub slot_bytes: u64,
 }
 
 impl DevicePlan {
@@ -272,6 +283,7 @@ impl DevicePlan {
             n_experts_total,
             experts_bytes,
             policy,
+            ram_cache: None,
         })
     }
 
@@ -301,10 +313,31 @@ impl DevicePlan {
             self.n_experts_total,
             self.policy.name()
         );
-        s += &format!(
-            "  host RAM        {:>12}  every expert, page-locked, copied in on a miss\n",
-            fmt_size(self.experts_bytes)
-        );
+        match &self.ram_cache {
+            None => {
+                s += &format!(
+                    "  host RAM        {:>12}  every expert, page-locked, copied in on a miss\n",
+                    fmt_size(self.experts_bytes)
+                );
+            }
+            Some(r) => {
+                s += &format!(
+                    "  RAM cache       {:>12}  {} slots of {} ({:.1}% of {} experts) under \
+                     --ram-budget {}, page-locked, copied in on a miss in VRAM, policy {}\n",
+                    fmt_size(r.n_slots as u64 * r.slot_bytes),
+                    r.n_slots,
+                    fmt_size(r.slot_bytes),
+                    100.0 * r.n_slots as f64 / self.n_experts_total.max(1) as f64,
+                    self.n_experts_total,
+                    fmt_size(r.ram_budget),
+                    self.policy.name()
+                );
+                s += &format!(
+                    "  on disk         {:>12}  experts read from the model file on a miss in RAM\n",
+                    fmt_size(self.experts_bytes)
+                );
+            }
+        }
         s
     }
 }

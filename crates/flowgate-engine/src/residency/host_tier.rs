@@ -50,6 +50,8 @@ const PROJS: [ExpertProj; 3] = [ExpertProj::Gate, ExpertProj::Up, ExpertProj::Do
 const PAGE: u64 = 4096;
 /// Matrices start at least this aligned in a slot (cache lines, SIMD loads, f32 access).
 const MIN_PHASE_ALIGN: u64 = 64;
+/// Slots are allocated in chunks of about this many bytes.
+const CHUNK: usize = 64 << 20;
 
 /// Where one matrix of an expert sits in its slot.
 #[derive(Clone, Debug)]
@@ -124,6 +126,12 @@ impl ExpertLayout {
 
     pub fn n_keys(&self) -> usize {
         self.parts.len()
+    }
+
+    /// Where expert `expert` of `layer` is stored (gate, up, down); `None` in a dense layer.
+    pub fn infos(&self, layer: usize, expert: usize) -> Option<[&TensorInfo; 3]> {
+        let p = self.parts.get(self.key(layer, expert).ok()?)?.as_ref()?;
+        Some([&p[0].info, &p[1].info, &p[2].info])
     }
 
     /// Number of experts stored (sparse layers × experts).
@@ -274,6 +282,8 @@ struct Shared {
 /// A RAM cache of experts over the model file. See the module docs.
 pub struct HostExpertCache {
     shared: Arc<Shared>,
+    /// The memory the slots are cut from: (address, length) of each chunk.
+    regions: Vec<(usize, usize)>,
     budget: Arc<Budget>,
     n_slots: usize,
     jobs: Option<mpsc::Sender<Job>>,
@@ -376,21 +386,31 @@ impl HostExpertCache {
             .ok_or_else(|| EngineError::Invalid("expert cache size overflows".into()))?;
         // One charge for all slots, made before anything is allocated.
         budget.charge(bytes, "the expert cache")?;
+        // Slots are cut from chunks of about CHUNK bytes: one mapping each (huge pages where
+        // the kernel has them on), few regions to page-lock.
+        let slot_bytes = layout.slot_bytes as usize;
+        let per_chunk = (CHUNK / slot_bytes).clamp(1, n_slots);
         let mut slots = Vec::with_capacity(n_slots);
-        for _ in 0..n_slots {
-            let Some(buf) = AlignedBuf::zeroed(layout.slot_bytes as usize) else {
+        let mut regions = Vec::new();
+        while slots.len() < n_slots {
+            let n = per_chunk.min(n_slots - slots.len());
+            let pieces = AlignedBuf::zeroed(n * slot_bytes).and_then(|c| {
+                regions.push((c.as_slice().as_ptr() as usize, c.len()));
+                c.split(slot_bytes, n)
+            });
+            let Some(pieces) = pieces else {
                 budget.release(bytes);
                 return Err(EngineError::Invalid(
-                    "allocating an expert cache slot failed".into(),
+                    "allocating the expert cache's slots failed".into(),
                 ));
             };
-            slots.push(Slot {
+            slots.extend(pieces.into_iter().map(|buf| Slot {
                 buf: Some(Arc::new(buf)),
                 key: None,
                 pins: 0,
                 loading: false,
                 speculative: false,
-            });
+            }));
         }
         let n_keys = layout.n_keys();
         let sparse: Vec<usize> = (0..layout.n_layers)
@@ -439,6 +459,7 @@ impl HostExpertCache {
             })?;
         Ok(HostExpertCache {
             shared,
+            regions,
             budget,
             n_slots,
             jobs: Some(tx),
@@ -650,11 +671,11 @@ impl HostExpertCache {
 
     /// Makes `experts` of `layer` resident and pins them until the returned lease is dropped,
     /// waiting for reads in flight. At most [`capacity`](Self::capacity) experts per call.
-    pub fn acquire(&self, layer: usize, experts: &[usize]) -> Result<Lease<'_>> {
+    pub fn acquire(&self, layer: usize, experts: &[usize]) -> Result<Lease> {
         self.acquire_inner(layer, experts, false)
     }
 
-    fn acquire_inner(&self, layer: usize, experts: &[usize], counted: bool) -> Result<Lease<'_>> {
+    fn acquire_inner(&self, layer: usize, experts: &[usize], counted: bool) -> Result<Lease> {
         if experts.len() > self.n_slots {
             return Err(EngineError::Invalid(format!(
                 "{} experts requested at once, the cache holds {}",
@@ -765,7 +786,7 @@ impl HostExpertCache {
         }
         // The lease exists before `tensors` is checked, so an error still unpins (its Drop).
         let mut lease = Lease {
-            cache: self,
+            shared: self.shared.clone(),
             slots,
             tensors: Vec::new(),
         };
@@ -776,7 +797,7 @@ impl HostExpertCache {
 
     /// [`acquire`](Self::acquire) for experts whose hits and misses a [`prefetch`](Self::prefetch)
     /// call of the same wave already counted.
-    pub fn acquire_counted(&self, layer: usize, experts: &[usize]) -> Result<Lease<'_>> {
+    pub fn acquire_counted(&self, layer: usize, experts: &[usize]) -> Result<Lease> {
         self.acquire_inner(layer, experts, true)
     }
 
@@ -816,8 +837,27 @@ impl HostExpertCache {
         Ok([v(0)?, v(1)?, v(2)?])
     }
 
+    /// Start address and length of the memory every slot lies in, in a few regions, for
+    /// callers that page-lock it (the VRAM tier copies from the slots by DMA). It is allocated
+    /// once, with the cache, and lives as long as the cache's state (leases included); a slot
+    /// never moves (being read, it lends its buffer to the reader and gets the same one back).
+    pub fn memory_regions(&self) -> Vec<(*const u8, usize)> {
+        self.regions
+            .iter()
+            .map(|&(p, n)| (p as *const u8, n))
+            .collect()
+    }
+
+    /// Slots held by leases or being read now.
+    pub fn busy_slots(&self) -> usize {
+        let g = self.shared.lock();
+        g.slots.iter().filter(|s| s.pins > 0 || s.loading).count()
+    }
+}
+
+impl Shared {
     fn release(&self, slots: &[usize]) {
-        let mut g = self.shared.lock();
+        let mut g = self.lock();
         for &s in slots {
             if let Some(sl) = g.slots.get_mut(s) {
                 sl.pins = sl.pins.saturating_sub(1);
@@ -838,18 +878,31 @@ impl Drop for HostExpertCache {
     }
 }
 
-/// Experts made resident and pinned by [`HostExpertCache::acquire`]; unpinned on drop.
-pub struct Lease<'a> {
-    cache: &'a HostExpertCache,
+/// Experts made resident and pinned by [`HostExpertCache::acquire`]; unpinned on drop. A
+/// lease owns a reference to the cache's state, so it may outlive the borrow that made it
+/// (the VRAM tier holds one until its copies have run).
+pub struct Lease {
+    shared: Arc<Shared>,
     slots: Vec<usize>,
     /// Per requested expert, in order: gate, up, down.
     pub tensors: Vec<[HostTensor; 3]>,
 }
 
-impl Drop for Lease<'_> {
+impl Lease {
+    /// Experts held.
+    pub fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+}
+
+impl Drop for Lease {
     fn drop(&mut self) {
         // Views first: a slot is refilled only when nothing references it.
         self.tensors.clear();
-        self.cache.release(&self.slots);
+        self.shared.release(&self.slots);
     }
 }

@@ -27,7 +27,7 @@ use std::sync::Arc;
 use flowgate_formats::model::ModelFile;
 
 pub use budget::{fmt_size, parse_size, Budget};
-pub use device_tier::{Assigned, DevicePlan, SlotMap};
+pub use device_tier::{Assigned, DevicePlan, RamCachePlan, SlotMap};
 pub use host_tier::{CacheStats, ExpertLayout, HostExpertCache, Lease};
 pub use plan::HostPlan;
 pub use policy::{Policy, PolicyKind};

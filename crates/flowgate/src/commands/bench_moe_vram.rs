@@ -9,6 +9,12 @@
 //! decode tok/s, hit rate (per layer in `--json`), bytes copied host→device per token, device
 //! time spent copying per token, the budget's peak use as flowgate's allocator accounts it,
 //! and the device memory the driver reports in use (context included, as nvidia-smi shows).
+//!
+//! With one `--ram-budget` as well, the experts are not all held in RAM: a RAM cache of what
+//! that budget leaves sits under the device cache and misses in it are read from the model
+//! file (three tiers); its hit rate, bytes read from the file per token and time waited for
+//! them are reported too (`--cold` drops the file from the page cache first, so the reads
+//! come from the disk).
 
 use std::time::Instant;
 
@@ -23,8 +29,34 @@ use rand::{Rng, SeedableRng};
 
 use super::bench_moe::MoeArgs;
 
+/// The RAM tier's figures for one run (`--ram-budget` under `--vram-budget`).
+struct RamTier {
+    slots: usize,
+    hit_rate: f64,
+    hit_rate_per_layer: Vec<Option<f64>>,
+    bytes_read_per_token: f64,
+    direct_bytes_per_token: f64,
+    stall_ms_per_token: f64,
+    peak: u64,
+}
+
+impl RamTier {
+    fn json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "slots": self.slots,
+            "hit_rate": self.hit_rate,
+            "hit_rate_per_layer": self.hit_rate_per_layer,
+            "bytes_read_per_token": self.bytes_read_per_token,
+            "direct_bytes_per_token": self.direct_bytes_per_token,
+            "stall_ms_per_token": self.stall_ms_per_token,
+            "budget_peak_bytes": self.peak,
+        })
+    }
+}
+
 struct VramRun {
     budget: u64,
+    ram: Option<RamTier>,
     cpu_mode: CpuExperts,
     cpu_per_token: f64,
     cpu_ms_per_token: f64,
@@ -49,8 +81,12 @@ struct VramRun {
 }
 
 pub fn moe_vram(a: &MoeArgs, file: &ModelFile) -> Result<()> {
-    if !a.ram_budget.is_empty() || a.cgroup || a.cold {
-        bail!("--vram-budget runs take none of --ram-budget, --cgroup, --cold");
+    if a.ram_budget.len() > 1 || a.cgroup {
+        bail!("--vram-budget runs take one --ram-budget at most (the RAM tier under the sweep), and no --cgroup");
+    }
+    let ram_budget = a.ram_budget.first().copied();
+    if a.cold && ram_budget.is_none() {
+        bail!("--cold under --vram-budget needs a --ram-budget (without one every expert is read once, at load)");
     }
     if a.prefetch && a.routing == "uniform" {
         bail!("--prefetch predicts the model's router; uniform routing draws experts at random (use --routing router)");
@@ -92,6 +128,7 @@ pub fn moe_vram(a: &MoeArgs, file: &ModelFile) -> Result<()> {
     for &budget in &budgets {
         let opts = LoadOptions {
             vram_budget: Some(budget),
+            ram_budget,
             cache_policy: a.policy,
             ctx,
             ..Default::default()
@@ -110,8 +147,18 @@ pub fn moe_vram(a: &MoeArgs, file: &ModelFile) -> Result<()> {
             }
             let mut kv = l.model.new_cache(ctx)?;
             l.model.forward(&prompt, &mut kv, Logits::Last)?;
+            let ram_cache = l.pager.as_ref().and_then(|p| p.ram_cache().cloned());
             if let Some(p) = &l.pager {
                 p.reset_stats();
+            }
+            if let Some(c) = &ram_cache {
+                if a.cold {
+                    for f in &file.catalog.files {
+                        flowgate_io::probe::evict(f)
+                            .with_context(|| "--cold: dropping the model from the page cache")?;
+                    }
+                }
+                c.reset_stats();
             }
             let t0 = Instant::now();
             for &tok in &inputs {
@@ -142,6 +189,18 @@ pub fn moe_vram(a: &MoeArgs, file: &ModelFile) -> Result<()> {
                 }
                 None => (1.0, vec![], 0.0, 0.0, 0.0, 0.0, (0.0, None)),
             };
+            let ram = ram_cache.as_ref().map(|c| {
+                let st = c.stats();
+                RamTier {
+                    slots: c.capacity(),
+                    hit_rate: st.hit_rate(),
+                    hit_rate_per_layer: st.hit_rate_per_layer(),
+                    bytes_read_per_token: st.bytes_read as f64 / n,
+                    direct_bytes_per_token: st.bytes_direct as f64 / n,
+                    stall_ms_per_token: 1e3 * st.stall.as_secs_f64() / n,
+                    peak: c.budget().peak(),
+                }
+            });
             let (_, peak) = l.model.backend.memory_in_use();
             let driver_used = l
                 .model
@@ -152,6 +211,7 @@ pub fn moe_vram(a: &MoeArgs, file: &ModelFile) -> Result<()> {
                 .unwrap_or(0);
             runs.push(VramRun {
                 budget,
+                ram,
                 cpu_mode: mode,
                 cpu_per_token: cpu_n,
                 cpu_ms_per_token: cpu_t,
@@ -185,6 +245,7 @@ pub fn moe_vram(a: &MoeArgs, file: &ModelFile) -> Result<()> {
             "model": file.name, "device": format!("cuda:{dev}"), "policy": a.policy.name(),
             "routing": a.routing, "speculative_prefetch": a.prefetch,
             "prompt_tokens": prompt.len(), "gen_tokens": a.gen,
+            "ram_budget_bytes": ram_budget, "cold": a.cold,
             "dense_bytes": dense, "experts_bytes": experts_bytes, "reserve_bytes": reserve,
             "n_experts": layout.n_paged(),
             "runs": runs.iter().map(|r| serde_json::json!({
@@ -208,6 +269,7 @@ pub fn moe_vram(a: &MoeArgs, file: &ModelFile) -> Result<()> {
                 "budget_peak_bytes": r.peak,
                 "driver_used_bytes": r.driver_used,
                 "load_s": r.load_s,
+                "ram_cache": r.ram.as_ref().map(RamTier::json),
             })).collect::<Vec<_>>(),
         });
         outln!("{}", serde_json::to_string_pretty(&j)?);
@@ -224,18 +286,25 @@ pub fn moe_vram(a: &MoeArgs, file: &ModelFile) -> Result<()> {
         fmt_size(reserve)
     );
     outln!(
-        "cuda:{dev}, policy {}, routing {}, prompt {} + decode {} tokens per budget; misses copied from page-locked host RAM",
+        "cuda:{dev}, policy {}, routing {}, prompt {} + decode {} tokens per budget; {}",
         a.policy.name(),
         a.routing,
         prompt.len(),
-        a.gen
+        a.gen,
+        source(a, ram_budget)
     );
     outln!();
-    let pf_head = if a.prefetch {
+    let mut pf_head = if a.prefetch {
         format!(" {:>9} {:>8}", "pf exp/t", "pf used")
     } else {
         String::new()
     };
+    if ram_budget.is_some() {
+        pf_head += &format!(
+            " {:>9} {:>8} {:>10} {:>9}",
+            "ram slots", "ram hit", "ssd/tok", "ssd wait"
+        );
+    }
     outln!(
         "{:>12} {:>5} {:>8} {:>8} {:>10} {:>9} {:>12} {:>10} {:>9} {:>10} {:>12} {:>12}{pf_head}",
         "vram budget",
@@ -252,7 +321,7 @@ pub fn moe_vram(a: &MoeArgs, file: &ModelFile) -> Result<()> {
         "driver used"
     );
     for r in &runs {
-        let pf = if a.prefetch {
+        let mut pf = if a.prefetch {
             format!(
                 " {:>9.1} {:>8}",
                 r.prefetched_per_token,
@@ -262,6 +331,17 @@ pub fn moe_vram(a: &MoeArgs, file: &ModelFile) -> Result<()> {
         } else {
             String::new()
         };
+        if let Some(t) = &r.ram {
+            pf += &format!(
+                " {:>9} {:>7.1}% {:>10} {:>7.2}ms",
+                t.slots,
+                100.0 * t.hit_rate,
+                fmt_size(t.bytes_read_per_token as u64),
+                t.stall_ms_per_token
+            );
+        } else if ram_budget.is_some() {
+            pf += &format!(" {:>9} {:>8} {:>10} {:>9}", "all", "-", "-", "-");
+        }
         outln!(
             "{:>12} {:>5} {:>8} {:>7.1}% {:>10.2} {:>8.1}% {:>12} {:>8.2}ms {:>9.1} {:>8.2}ms {:>12} {:>12}{pf}",
             fmt_size(r.budget),
@@ -300,6 +380,9 @@ pub fn moe_vram(a: &MoeArgs, file: &ModelFile) -> Result<()> {
     }
     outln!();
     outln!("driver used: device memory in use on the GPU (cuMemGetInfo), CUDA context and cuBLAS workspace included, as nvidia-smi counts it.");
+    if ram_budget.is_some() {
+        outln!("ram: the RAM cache under the device cache (--ram-budget; 'all': the budget holds every expert, page-locked): its slots, hit rate (one lookup per miss in VRAM), bytes read from the model file per token and time decode waited for them.");
+    }
     if a.prefetch {
         outln!("pf: experts copied speculatively per token (the next layer's router on this layer's input, on a copy stream of their own; counted in copied/tok, not in copy/tok), and the share of them the layer then used.");
     }
@@ -322,10 +405,11 @@ fn plot(a: &MoeArgs, prompt: &[u32], runs: &[VramRun]) -> Result<()> {
     let sweep = crate::plot::Sweep {
         title: super::bench_moe::plot_title(a),
         subtitle: format!(
-            "{}, prompt {} + decode {} tokens per budget, misses copied from page-locked host RAM",
+            "{}, prompt {} + decode {} tokens per budget, {}",
             a.device,
             prompt.len(),
-            a.gen
+            a.gen,
+            source(a, a.ram_budget.first().copied())
         ),
         budget_name: "VRAM budget".into(),
         points: runs
@@ -340,4 +424,16 @@ fn plot(a: &MoeArgs, prompt: &[u32], runs: &[VramRun]) -> Result<()> {
         llama_unlimited: None,
     };
     crate::plot::write_sweep_png(path, &sweep)
+}
+
+/// Where misses in VRAM come from, in words.
+fn source(a: &MoeArgs, ram_budget: Option<u64>) -> String {
+    match ram_budget {
+        None => "misses copied from page-locked host RAM".into(),
+        Some(b) => format!(
+            "misses copied from a page-locked RAM cache (--ram-budget {}) over the model file{}",
+            fmt_size(b),
+            if a.cold { ", read cold" } else { "" }
+        ),
+    }
 }

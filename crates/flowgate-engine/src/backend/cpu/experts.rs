@@ -43,6 +43,8 @@ pub struct ExpertSum {
     /// The weighted sum (`hidden`), f32 bits.
     y: Vec<AtomicU32>,
     failure: Mutex<Option<String>>,
+    /// Declared after `experts`, so dropped after them: what the completion captures (a
+    /// lease on the memory the weights view) outlives the weights.
     done: Done,
 }
 

@@ -55,6 +55,7 @@ use crate::weights::HostTensor;
 pub use flowgate_cuda::{Cuda, DeviceSpec, Resolved};
 
 mod paging;
+mod pinned_tier;
 pub use paging::{CpuExperts, ExpertPager, PagedLayer};
 
 const COMMON_CUH: &str = include_str!("kernels/common.cuh");

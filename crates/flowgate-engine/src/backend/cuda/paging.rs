@@ -6,9 +6,13 @@
 //!   is mapped when the cache is provisioned, so a slot's address never changes and the
 //!   allocator's budget is charged once, up front (paging never allocates). A slot holds one
 //!   expert's gate, up and down matrices in their file format, each 256-byte aligned.
-//! - **Host tier.** The expert tensors stay in the loader's arenas, which are page-locked in
-//!   place with `cuMemHostRegister` ([`HostPin`]): a miss is three asynchronous host→device
-//!   copies straight from them at the link's full speed, no staging.
+//! - **Host tier** ([`PinnedTier`]). With `--vram-budget` alone the expert tensors stay in the
+//!   loader's arenas, which are page-locked in place with `cuMemHostRegister` ([`HostPin`]): a
+//!   miss is three asynchronous host→device copies straight from them at the link's full
+//!   speed, no staging. With `--ram-budget` as well, the host tier is itself a cache: a
+//!   [`HostExpertCache`] of RAM slots (page-locked once) over the model file, so a miss in
+//!   VRAM that also misses in RAM is first read from the SSD by the direct loader, then copied;
+//!   the RAM slots a copy reads stay pinned until an event after it has completed.
 //! - **Bookkeeping** is [`SlotMap`] (per-layer quotas, LRU or LFU-with-aging eviction); each
 //!   paged layer keeps its own device table of expert addresses, which the expert-indexed
 //!   mat-vecs of `moe_decode` read. When a miss lands in a slot, one `moe_page` launch points
@@ -51,8 +55,6 @@
 //!   makes the compute stream wait for those copies before its own; the experts it asks for
 //!   that were prefetched count as used (prefetch accuracy). A prediction of the model's
 //!   router only: uniform benchmark routing draws experts at random.
-//!
-//! Not built yet: the SSD tier below host RAM (with `--ram-budget`).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, Ordering};
@@ -65,6 +67,7 @@ use flowgate_formats::catalog::names;
 use flowgate_formats::{DType, ModelSpec};
 use flowgate_io::AlignedBuf;
 
+use super::pinned_tier::{PinnedTier, Resident};
 use super::{cuda_err, dtype_index, lock, Arg, CudaBackend, CudaExperts, CudaWeight, WMem};
 use crate::backend::cpu::experts::ExpertSum;
 use crate::backend::cpu::team::Team;
@@ -72,7 +75,9 @@ use crate::backend::cpu::{CpuBackend, CpuWeight};
 use crate::backend::Backend;
 use crate::error::{EngineError, Result};
 use crate::residency::host_tier::CacheStats;
-use crate::residency::{DevicePlan, PolicyKind, SlotMap};
+use crate::residency::{
+    Assigned, DevicePlan, HostExpertCache, Lease, PolicyKind, RamCachePlan, SlotMap,
+};
 use crate::weights::HostTensor;
 
 /// Table entries and routes one `moe_page` launch can write (`PAGE_MAX` in moe.cu).
@@ -80,6 +85,10 @@ const PAGE_MAX: usize = 64;
 /// Where the token's hidden vector lands in the read-back buffer (after k ids and weights,
 /// then a prediction's k ids).
 const HIDDEN_BACK: usize = 12 * PAGE_MAX;
+/// A RAM cache under the VRAM tier holds at least this many times `k` experts: a layer's
+/// copies, the CPU share of the layer before (its job may end a moment after the stream has
+/// gone on) and its own.
+pub const RAM_SLOTS_PER_K: usize = 3;
 /// Target bytes of one mapped chunk of slots.
 const CHUNK_TARGET: usize = 64 << 20;
 
@@ -209,8 +218,11 @@ pub struct ExpertPager {
     n_experts: usize,
     sparse: Vec<bool>,
     pub(super) shape: ExpertShape,
-    /// Per key (`layer * n_experts + expert`): host addresses of gate, up, down.
-    host: Vec<Option<[u64; 3]>>,
+    /// Where misses are copied from: page-locked RAM holding every expert, or a RAM cache
+    /// over the file (attached once the dense weights are on the device).
+    host: OnceLock<PinnedTier>,
+    /// Experts of the model, and their bytes.
+    n_total: usize,
     host_bytes: u64,
     slots: Mutex<Option<Slots>>,
     /// Routed ids read back to the host (page-locked, so the copy is a DMA).
@@ -220,8 +232,6 @@ pub struct ExpertPager {
     /// Device time spent copying, read from the events so far.
     copy_time: Mutex<Duration>,
     policy: PolicyKind,
-    /// The experts as CPU-backend weights (views of the same host memory), per key.
-    cpu: Vec<Option<[CpuWeight; 3]>>,
     /// Experts a token uses (`k`).
     n_used: usize,
     cpu_mode: AtomicU8,
@@ -250,9 +260,6 @@ pub struct ExpertPager {
     guess: Mutex<Option<(usize, Vec<usize>)>>,
     /// Per layer: the prefetch in flight for it.
     inflight: Mutex<Vec<Option<Inflight>>>,
-    // Dropped in this order: unpin, then release the arenas.
-    _pins: Vec<HostPin>,
-    _arenas: Vec<Arc<AlignedBuf>>,
 }
 
 /// A prefetch in flight for one layer: copies on the copy stream, then `done`.
@@ -304,6 +311,71 @@ fn align256(n: usize) -> usize {
     n.div_ceil(256) * 256
 }
 
+impl ExpertShape {
+    /// The slot layout of an expert stored as `dtypes` (gate, up, down) of `bytes` each, for
+    /// `ffn × hidden` gate and up and a `hidden × ffn` down.
+    fn new(
+        name: &str,
+        dtypes: [DType; 3],
+        bytes: [usize; 3],
+        ffn: usize,
+        hidden: usize,
+    ) -> Result<ExpertShape> {
+        let format = |i: usize| -> Result<(usize, usize)> {
+            let cols = if i < 2 { hidden } else { ffn };
+            let kind = dtype_index(dtypes[i]).ok_or_else(|| EngineError::Weight {
+                tensor: name.to_string(),
+                msg: format!("dtype {} is not a weight format", dtypes[i]),
+            })?;
+            let row_bytes = dtypes[i]
+                .row_bytes(cols as u64)
+                .map_err(|e| EngineError::Invalid(e.to_string()))?
+                as usize;
+            Ok((kind, row_bytes))
+        };
+        let (g, u, d) = (format(0)?, format(1)?, format(2)?);
+        if u.0 != g.0 {
+            return Err(EngineError::Invalid(format!(
+                "{name}: gate and up differ in format"
+            )));
+        }
+        let off = [
+            0,
+            align256(bytes[0]) as u64,
+            (align256(bytes[0]) + align256(bytes[1])) as u64,
+        ];
+        Ok(ExpertShape {
+            kind: g.0,
+            ffn,
+            hidden,
+            row_bytes: g.1,
+            down_kind: d.0,
+            down_row_bytes: d.1,
+            part: bytes,
+            off,
+            slot_bytes: off[2] as usize + align256(bytes[2]),
+        })
+    }
+
+    /// Checks that `other` (expert `e` of layer `l`) is stored as the first expert was.
+    fn same_as(&self, other: &ExpertShape, l: usize, e: usize) -> Result<()> {
+        if (self.kind, self.down_kind, self.part) != (other.kind, other.down_kind, other.part) {
+            return Err(EngineError::Invalid(format!(
+                "expert {e} of layer {l} differs in format from the others: \
+                 --vram-budget needs experts of one format"
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// The MoE part of `spec`, or why paging does not apply.
+fn moe_of(spec: &ModelSpec) -> Result<&flowgate_formats::MoeSpec> {
+    spec.moe
+        .as_ref()
+        .ok_or_else(|| EngineError::Invalid("--vram-budget paging needs an MoE model".into()))
+}
+
 impl ExpertPager {
     /// Takes every expert tensor out of `tensors` (they stay in host memory, page-locked in
     /// place) and prepares the tier; slots come with [`ExpertPager::provision`], once the
@@ -314,23 +386,16 @@ impl ExpertPager {
         tensors: &mut HashMap<String, HostTensor>,
         policy: PolicyKind,
     ) -> Result<Arc<ExpertPager>> {
-        let m = spec.moe.as_ref().ok_or_else(|| {
-            EngineError::Invalid("--vram-budget paging needs an MoE model".into())
-        })?;
+        let m = moe_of(spec)?;
         let n = m.n_experts;
-        let sparse: Vec<bool> = (0..spec.n_layers)
-            .map(|l| spec.is_sparse_layer(l))
-            .collect();
         let mut host = vec![None; spec.n_layers * n];
         let mut cpu: Vec<Option<[CpuWeight; 3]>> = (0..spec.n_layers * n).map(|_| None).collect();
         let mut arenas: Vec<Arc<AlignedBuf>> = Vec::new();
         let mut shape: Option<ExpertShape> = None;
-        let mut host_bytes = 0u64;
-        for (l, _) in sparse.iter().enumerate().filter(|(_, s)| **s) {
+        let (mut host_bytes, mut n_total) = (0u64, 0usize);
+        for l in (0..spec.n_layers).filter(|&l| spec.is_sparse_layer(l)) {
             for e in 0..n {
-                let mut addr = [0u64; 3];
-                let mut parts = Vec::with_capacity(3);
-                let mut cpu_parts: Vec<HostTensor> = Vec::with_capacity(3);
+                let mut parts: Vec<HostTensor> = Vec::with_capacity(3);
                 for (i, stem) in ["ffn_gate", "ffn_up", "ffn_down"].into_iter().enumerate() {
                     let t = expert_view(tensors, l, stem, e)?;
                     let want = if i < 2 {
@@ -344,61 +409,28 @@ impl ExpertPager {
                             msg: format!("shape {:?}, expected {want:?}", t.shape),
                         });
                     }
-                    let kind = dtype_index(t.dtype).ok_or_else(|| EngineError::Weight {
-                        tensor: t.name.clone(),
-                        msg: format!("dtype {} is not a weight format", t.dtype),
-                    })?;
-                    let row_bytes = t
-                        .dtype
-                        .row_bytes(want[1] as u64)
-                        .map_err(|e| EngineError::Invalid(e.to_string()))?
-                        as usize;
-                    addr[i] = t.bytes().as_ptr() as u64;
-                    cpu_parts.push(t.clone());
-                    host_bytes += t.bytes().len() as u64;
                     let buf = t.storage();
                     if !arenas.iter().any(|a| Arc::ptr_eq(a, buf)) {
                         arenas.push(buf.clone());
                     }
-                    parts.push((kind, row_bytes, t.bytes().len()));
+                    parts.push(t);
                 }
-                let s = {
-                    let part = [parts[0].2, parts[1].2, parts[2].2];
-                    let off = [
-                        0,
-                        align256(part[0]) as u64,
-                        (align256(part[0]) + align256(part[1])) as u64,
-                    ];
-                    ExpertShape {
-                        kind: parts[0].0,
-                        ffn: m.expert_ffn,
-                        hidden: spec.hidden,
-                        row_bytes: parts[0].1,
-                        down_kind: parts[2].0,
-                        down_row_bytes: parts[2].1,
-                        part,
-                        off,
-                        slot_bytes: off[2] as usize + align256(part[2]),
-                    }
-                };
-                if parts[1].0 != s.kind {
-                    return Err(EngineError::Invalid(format!(
-                        "expert {e} of layer {l}: gate and up differ in format"
-                    )));
-                }
+                let [g, u, d] = [&parts[0], &parts[1], &parts[2]];
+                let s = ExpertShape::new(
+                    &g.name,
+                    [g.dtype, u.dtype, d.dtype],
+                    [g.bytes().len(), u.bytes().len(), d.bytes().len()],
+                    m.expert_ffn,
+                    spec.hidden,
+                )?;
                 match &shape {
                     None => shape = Some(s),
-                    Some(s0) => {
-                        if (s0.kind, s0.down_kind, s0.part) != (s.kind, s.down_kind, s.part) {
-                            return Err(EngineError::Invalid(format!(
-                                "expert {e} of layer {l} differs in format from the others: \
-                                 --vram-budget needs experts of one format"
-                            )));
-                        }
-                    }
+                    Some(s0) => s0.same_as(&s, l, e)?,
                 }
-                host[l * n + e] = Some(addr);
-                let mut it = cpu_parts.into_iter().map(|t| CpuBackend.weight(t));
+                host[l * n + e] = Some([0, 1, 2].map(|i| parts[i].bytes().as_ptr() as u64));
+                host_bytes += s.part.iter().sum::<usize>() as u64;
+                n_total += 1;
+                let mut it = parts.into_iter().map(|t| CpuBackend.weight(t));
                 let (Some(g), Some(u), Some(d)) = (it.next(), it.next(), it.next()) else {
                     return Err(EngineError::Invalid("expert without three matrices".into()));
                 };
@@ -411,27 +443,127 @@ impl ExpertPager {
         tensors.retain(|name, _| !crate::residency::ExpertLayout::is_expert_tensor(name));
         let mut pins = Vec::with_capacity(arenas.len());
         for a in &arenas {
-            // SAFETY: the arena is kept alive (and never moves: it is a mapping) by `_arenas`,
-            // which is dropped after `_pins`.
+            // SAFETY: the arena is kept alive (and never moves: it is a mapping) by the tier's
+            // `arenas`, which is dropped after its `pins`.
             let pin = unsafe { HostPin::new(&backend.device, a.as_ptr().cast_mut(), a.len()) }
                 .map_err(cuda_err)?;
             pins.push(pin);
         }
+        let tier = PinnedTier::Resident(Resident::new(host, cpu, pins, arenas));
+        Self::build(
+            backend,
+            spec,
+            shape,
+            Some(tier),
+            n_total,
+            host_bytes,
+            policy,
+        )
+    }
+
+    /// The tier over a RAM cache of experts (`--ram-budget` under `--vram-budget`): misses in
+    /// VRAM are copied from the cache's slots (page-locked here), misses in RAM are read
+    /// from the model file first.
+    ///
+    /// The cache comes later, with [`ExpertPager::attach_cache`]: the model is built first
+    /// (its dense weights pass through host RAM on their way to the device, under the same
+    /// RAM budget the cache then takes).
+    pub fn over_file(
+        backend: &CudaBackend,
+        spec: &ModelSpec,
+        layout: &crate::residency::ExpertLayout,
+        policy: PolicyKind,
+    ) -> Result<Arc<ExpertPager>> {
+        let m = moe_of(spec)?;
+        let mut shape: Option<ExpertShape> = None;
+        let (mut host_bytes, mut n_total) = (0u64, 0usize);
+        for l in (0..spec.n_layers).filter(|&l| spec.is_sparse_layer(l)) {
+            for e in 0..m.n_experts {
+                let [g, u, d] = layout.infos(l, e).ok_or_else(|| {
+                    EngineError::Invalid(format!("no expert {e} of layer {l} in the file"))
+                })?;
+                let s = ExpertShape::new(
+                    &g.name,
+                    [g.dtype, u.dtype, d.dtype],
+                    [g.nbytes as usize, u.nbytes as usize, d.nbytes as usize],
+                    m.expert_ffn,
+                    spec.hidden,
+                )?;
+                match &shape {
+                    None => shape = Some(s),
+                    Some(s0) => s0.same_as(&s, l, e)?,
+                }
+                host_bytes += s.part.iter().sum::<usize>() as u64;
+                n_total += 1;
+            }
+        }
+        let shape =
+            shape.ok_or_else(|| EngineError::Invalid("the model has no sparse layer".into()))?;
+        Self::build(backend, spec, shape, None, n_total, host_bytes, policy)
+    }
+
+    /// Bytes of all experts of the model.
+    pub fn experts_bytes(&self) -> u64 {
+        self.host_bytes
+    }
+
+    /// Slots a RAM cache under this tier needs at least.
+    pub fn min_ram_slots(&self) -> usize {
+        RAM_SLOTS_PER_K * self.n_used.max(1)
+    }
+
+    /// Attaches the RAM cache of a pager made with [`ExpertPager::over_file`], page-locking
+    /// its slots.
+    pub fn attach_cache(&self, backend: &CudaBackend, cache: Arc<HostExpertCache>) -> Result<()> {
+        if cache.capacity() < self.min_ram_slots() {
+            return Err(EngineError::Invalid(format!(
+                "--ram-budget leaves room for {} experts in RAM; paging them on into VRAM needs \
+                 at least {} ({RAM_SLOTS_PER_K} tokens' worth of one layer)",
+                cache.capacity(),
+                self.min_ram_slots()
+            )));
+        }
+        let tier = PinnedTier::cached(&backend.device, cache)?;
+        self.host
+            .set(tier)
+            .map_err(|_| EngineError::Invalid("the pager has its host tier already".into()))
+    }
+
+    /// The host tier.
+    fn host(&self) -> Result<&PinnedTier> {
+        self.host
+            .get()
+            .ok_or_else(|| EngineError::Invalid("the expert pager has no host tier yet".into()))
+    }
+
+    fn build(
+        backend: &CudaBackend,
+        spec: &ModelSpec,
+        shape: ExpertShape,
+        host: Option<PinnedTier>,
+        n_total: usize,
+        host_bytes: u64,
+        policy: PolicyKind,
+    ) -> Result<Arc<ExpertPager>> {
+        let m = moe_of(spec)?;
+        let sparse: Vec<bool> = (0..spec.n_layers)
+            .map(|l| spec.is_sparse_layer(l))
+            .collect();
         // ids and weights (k each), then the token's hidden vector.
         let ids_back =
             PinnedBuffer::new(&backend.device, HIDDEN_BACK + 4 * spec.hidden).map_err(cuda_err)?;
         Ok(Arc::new(ExpertPager {
-            n_experts: n,
+            n_experts: m.n_experts,
             sparse,
             shape,
-            host,
+            host: host.map_or_else(OnceLock::new, OnceLock::from),
+            n_total,
             host_bytes,
             slots: Mutex::new(None),
             ids_back: Mutex::new(ids_back),
             copy_events: Mutex::new(Vec::new()),
             copy_time: Mutex::new(Duration::ZERO),
             policy,
-            cpu,
             n_used: m.n_experts_used.min(PAGE_MAX),
             cpu_mode: AtomicU8::new(CpuExperts::Off as u8),
             cost: Mutex::new(None),
@@ -450,14 +582,17 @@ impl ExpertPager {
             predicted: Mutex::new(None),
             guess: Mutex::new(None),
             inflight: Mutex::new((0..spec.n_layers).map(|_| None).collect()),
-            _pins: pins,
-            _arenas: arenas,
         }))
+    }
+
+    /// The RAM cache under the VRAM tier (`--ram-budget`), when there is one.
+    pub fn ram_cache(&self) -> Option<&Arc<HostExpertCache>> {
+        self.host.get().and_then(PinnedTier::cache)
     }
 
     /// Experts of the model.
     pub fn n_experts_total(&self) -> usize {
-        self.host.iter().filter(|h| h.is_some()).count()
+        self.n_total
     }
 
     /// Maps the slots the budget leaves (after what is in use now and `reserve` bytes kept
@@ -507,6 +642,11 @@ impl ExpertPager {
         let map = SlotMap::new(&self.sparse, self.n_experts, n_slots, self.policy)?;
         let plan = DevicePlan {
             n_slots: map.n_slots(),
+            ram_cache: self.ram_cache().map(|c| RamCachePlan {
+                ram_budget: c.budget().limit(),
+                n_slots: c.capacity(),
+                slot_bytes: c.layout().slot_bytes,
+            }),
             ..plan
         };
         *lock(&self.slots) = Some(Slots {
@@ -527,12 +667,13 @@ impl ExpertPager {
     /// Measures one way to serve a miss: copying one expert into a slot (median of 5, device
     /// events).
     fn calibrate_copy(&self, b: &CudaBackend) -> Result<f64> {
-        let key = self
-            .host
+        let layer = self
+            .sparse
             .iter()
-            .position(|h| h.is_some())
+            .position(|&s| s)
             .ok_or_else(|| EngineError::Invalid("no expert to calibrate with".into()))?;
-        let host = self.host[key].unwrap_or_default();
+        let fetched = self.host()?.fetch(layer, &[0], self.n_experts, false)?;
+        let host = fetched.addrs[0];
         let base = {
             let g = lock(&self.slots);
             let s = g
@@ -556,6 +697,8 @@ impl ExpertPager {
             z.synchronize().map_err(cuda_err)?;
             copies.push(a.elapsed_ms(&z).map_err(cuda_err)? as f64 / 1e3);
         }
+        // Every copy has run (synchronised above): the expert may go.
+        drop(fetched);
         copies.sort_by(f64::total_cmp);
         Ok(copies[copies.len() / 2])
     }
@@ -575,25 +718,6 @@ impl ExpertPager {
         self.team.get().map_or(0, Team::threads)
     }
 
-    /// Page-locked host addresses of expert `expert` of `layer` (gate, up, down).
-    fn host_of(&self, layer: usize, expert: usize) -> Result<[u64; 3]> {
-        let key = layer * self.n_experts + expert;
-        self.host
-            .get(key)
-            .copied()
-            .flatten()
-            .ok_or_else(|| EngineError::Invalid(format!("no host copy of expert {key}")))
-    }
-
-    /// Weights of expert `expert` of `layer` for the CPU.
-    fn cpu_weights(&self, layer: usize, expert: usize) -> Result<[CpuWeight; 3]> {
-        let key = layer * self.n_experts + expert;
-        self.cpu
-            .get(key)
-            .and_then(|w| w.clone())
-            .ok_or_else(|| EngineError::Invalid(format!("no host expert {key}")))
-    }
-
     /// Runs `experts` of `layer` on the CPU team for the token `x` and waits for the sum.
     fn cpu_sum_blocking(
         &self,
@@ -601,13 +725,20 @@ impl ExpertPager {
         experts: &[(usize, f32)],
         x: &[f32],
     ) -> Result<Vec<f32>> {
-        let ws = experts
-            .iter()
-            .map(|&(e, w)| Ok((self.cpu_weights(layer, e)?, w)))
-            .collect::<Result<Vec<_>>>()?;
+        let ids: Vec<usize> = experts.iter().map(|e| e.0).collect();
+        let w = self.host()?.cpu_weights(layer, &ids, self.n_experts)?;
+        let ws = w
+            .weights
+            .into_iter()
+            .zip(experts)
+            .map(|(w, e)| (w, e.1))
+            .collect();
         let slot = Arc::new((Mutex::new(None), std::sync::Condvar::new()));
         let s2 = slot.clone();
+        // The lease goes with the job's completion, which the job drops after its weights.
+        let lease = w.lease;
         let done: crate::backend::cpu::experts::Done = Box::new(move |r| {
+            let _held = &lease;
             *lock(&s2.0) = Some(r);
             s2.1.notify_all();
         });
@@ -651,6 +782,11 @@ impl ExpertPager {
             let mut best = f64::INFINITY;
             for _ in 0..3 {
                 let (l, e) = pick(j);
+                // Under a RAM cache, read them from the file first: the time is the CPU's.
+                if self.ram_cache().is_some() {
+                    let ids: Vec<usize> = e.iter().map(|x| x.0).collect();
+                    drop(self.host()?.cpu_weights(l, &ids, n)?);
+                }
                 let t0 = Instant::now();
                 std::hint::black_box(self.cpu_sum_blocking(l, &e, &x)?);
                 best = best.min(t0.elapsed().as_secs_f64());
@@ -969,11 +1105,22 @@ impl CudaBackend {
             .fetch_add(1, Ordering::Relaxed)
             .wrapping_add(1);
         let experts: Vec<(usize, f32)> = on_cpu.iter().map(|&i| routes[i]).collect();
-        let ws = experts
-            .iter()
-            .map(|&(x, w)| Ok((pager.cpu_weights(p.layer, x)?, w)))
-            .collect::<Result<Vec<_>>>()?;
-        let done = cpu_share_done(pager.clone(), p.layer, experts.len(), seq, job.clone());
+        let ids: Vec<usize> = experts.iter().map(|x| x.0).collect();
+        let w = pager.host()?.cpu_weights(p.layer, &ids, pager.n_experts)?;
+        let ws = w
+            .weights
+            .into_iter()
+            .zip(&experts)
+            .map(|(w, x)| (w, x.1))
+            .collect();
+        let done = cpu_share_done(
+            pager.clone(),
+            p.layer,
+            experts.len(),
+            seq,
+            job.clone(),
+            w.lease,
+        );
         pager
             .team()?
             .submit(Arc::new(ExpertSum::new(ws, h_host, done)));
@@ -1090,28 +1237,58 @@ impl CudaBackend {
                 want.push(x);
             }
         }
-        if want.iter().all(|&x| slots.map.slot_of(layer, x).is_some()) {
+        let missing: Vec<usize> = want
+            .iter()
+            .copied()
+            .filter(|&x| slots.map.slot_of(layer, x).is_none())
+            .collect();
+        if missing.is_empty() {
             return Ok(());
+        }
+        if let Some(cache) = pager.ram_cache() {
+            // Under a RAM cache only experts already in RAM are copied on; the others are
+            // read from the file into RAM now (a speculative read of the RAM tier).
+            let in_ram = cache.prefetch(layer, &missing, true)?;
+            want.retain(|x| !missing.contains(x) || in_ram.contains(x));
+            if want.iter().all(|&x| slots.map.slot_of(layer, x).is_some()) {
+                return Ok(());
+            }
         }
         let stream = self.copy_stream(pager)?;
         let start = Event::new(&self.device).map_err(cuda_err)?;
         start.record(&self.stream).map_err(cuda_err)?;
         stream.wait(&start).map_err(cuda_err)?;
         let assigned = slots.map.prefetch(layer, &want)?;
+        let misses: Vec<&Assigned> = assigned.iter().filter(|a| !a.hit).collect();
         let s = pager.shape;
         let mut table = Vec::new();
         let mut copied = 0u64;
-        for a in assigned.iter().filter(|a| !a.hit) {
-            let host = pager.host_of(layer, a.expert)?;
+        let ids: Vec<usize> = misses.iter().map(|a| a.expert).collect();
+        // Counted: the RAM tier's prefetch above made its own count.
+        let fetched = match pager.host()?.fetch(layer, &ids, pager.n_experts, true) {
+            Ok(f) => f,
+            Err(err) => {
+                for a in &misses {
+                    slots.map.invalidate(a.slot);
+                }
+                self.join_stream(stream);
+                return Err(err);
+            }
+        };
+        for (i, (a, host)) in misses.iter().zip(&fetched.addrs).enumerate() {
             let base = slots.addr(a.slot, s.slot_bytes)?;
             // SAFETY: the slot lies in a mapped chunk; the copy stream waits (event above) for
             // all work queued on the compute stream so far, and the compute stream waits for
             // this copy before the layer's next use of its slots (`settle_prefetch`); the
-            // source is page-locked memory the pager keeps (its drop waits for the stream).
-            match unsafe { self.copy_expert(stream, base, &host, &s) } {
+            // source is page-locked memory held past the copy (the pager's drop waits for the
+            // stream; a RAM cache's experts are held below until an event after the copies).
+            match unsafe { self.copy_expert(stream, base, host, &s) } {
                 Ok(n) => copied += n,
                 Err(r) => {
-                    slots.map.invalidate(a.slot);
+                    for a in &misses[i..] {
+                        slots.map.invalidate(a.slot);
+                    }
+                    let _ = pager.host()?.hold(fetched.lease, &self.device, stream);
                     self.join_stream(stream);
                     return Err(EngineError::Invalid(format!(
                         "prefetching expert {} of layer {layer}: {r:?}",
@@ -1121,6 +1298,7 @@ impl CudaBackend {
             }
             table.push((a.expert, base));
         }
+        pager.host()?.hold(fetched.lease, &self.device, stream)?;
         slots.map.stats_mut().bytes_read += copied;
         let done = Event::new(&self.device).map_err(cuda_err)?;
         done.record(stream).map_err(cuda_err)?;
@@ -1144,39 +1322,63 @@ impl CudaBackend {
             upd.push(x, base);
         }
         let assigned = slots.map.assign(p.layer, experts)?;
+        let misses: Vec<&Assigned> = assigned.iter().filter(|a| !a.hit).collect();
         let s = pager.shape;
         let mut copied = 0u64;
         let mut events: Option<(Event, Event)> = None;
-        for a in assigned.iter().filter(|a| !a.hit) {
-            let host = pager.host_of(p.layer, a.expert)?;
-            let base = slots.addr(a.slot, s.slot_bytes)?;
-            if events.is_none() {
-                let ev = (
-                    Event::new(&self.device).map_err(cuda_err)?,
-                    Event::new(&self.device).map_err(cuda_err)?,
-                );
-                ev.0.record(&self.stream).map_err(cuda_err)?;
-                events = Some(ev);
-            }
-            let _timer = self.profile_span("expert copy host->device");
-            // SAFETY: the slot lies in a mapped chunk and holds slot_bytes; the source is
-            // page-locked host memory that lives as long as the pager (and so past the copy,
-            // which the stream orders before any later use of the slot).
-            match unsafe { self.copy_expert(&self.stream, base, &host, &s) } {
-                Ok(n) => copied += n,
-                Err(r) => {
-                    slots.map.invalidate(a.slot);
-                    return Err(EngineError::Invalid(format!(
-                        "copying expert {} of layer {}: {r:?}",
-                        a.expert, p.layer
-                    )));
+        let host = pager.host()?;
+        host.reap();
+        let batch = host.batch(pager.n_used);
+        for (c, chunk) in misses.chunks(batch).enumerate() {
+            let ids: Vec<usize> = chunk.iter().map(|a| a.expert).collect();
+            // Under a RAM cache this may read from the file (the RAM tier counts the wait).
+            let fetched = match host.fetch(p.layer, &ids, pager.n_experts, false) {
+                Ok(f) => f,
+                Err(err) => {
+                    for a in &misses[c * batch..] {
+                        slots.map.invalidate(a.slot);
+                    }
+                    // The entries of the experts copied so far still go in.
+                    self.launch_page(e, &upd, 0, 0);
+                    return Err(err);
+                }
+            };
+            for (i, (a, src)) in chunk.iter().zip(&fetched.addrs).enumerate() {
+                let base = slots.addr(a.slot, s.slot_bytes)?;
+                if events.is_none() {
+                    let ev = (
+                        Event::new(&self.device).map_err(cuda_err)?,
+                        Event::new(&self.device).map_err(cuda_err)?,
+                    );
+                    ev.0.record(&self.stream).map_err(cuda_err)?;
+                    events = Some(ev);
+                }
+                let _timer = self.profile_span("expert copy host->device");
+                // SAFETY: the slot lies in a mapped chunk and holds slot_bytes; the source is
+                // page-locked host memory that stays there past the copy (all experts live as
+                // long as the pager; a RAM cache's are held below until an event after the
+                // copy), and the stream orders the copy before any later use of the slot.
+                match unsafe { self.copy_expert(&self.stream, base, src, &s) } {
+                    Ok(n) => copied += n,
+                    Err(r) => {
+                        for a in &misses[c * batch + i..] {
+                            slots.map.invalidate(a.slot);
+                        }
+                        let _ = host.hold(fetched.lease, &self.device, &self.stream);
+                        self.launch_page(e, &upd, 0, 0);
+                        return Err(EngineError::Invalid(format!(
+                            "copying expert {} of layer {}: {r:?}",
+                            a.expert, p.layer
+                        )));
+                    }
+                }
+                if upd.push(a.expert, base) {
+                    // A prefill wave can miss more experts than one launch's table takes.
+                    self.launch_page(e, &upd, 0, 0);
+                    upd.n = 0;
                 }
             }
-            if upd.push(a.expert, base) {
-                // A prefill wave can miss more experts than one launch's table takes.
-                self.launch_page(e, &upd, 0, 0);
-                upd.n = 0;
-            }
+            host.hold(fetched.lease, &self.device, &self.stream)?;
         }
         slots.map.stats_mut().bytes_read += copied;
         drop(guard);
@@ -1330,12 +1532,15 @@ unsafe extern "C" fn wait_for_cpu(data: *mut std::ffi::c_void) {
 /// What the CPU team does with a share's sum (the weighted sum of `j` experts of `layer`):
 /// writes it into the pager's page-locked `cpu_out` (zeros and a failure to report on error),
 /// opens the stream's gate, then records the statistics and the time taken in the cost model.
+/// `lease` (the RAM cache's pins on the experts, if any) ends with the job's completion, which
+/// the job drops after its weights.
 fn cpu_share_done(
     pager: Arc<ExpertPager>,
     layer: usize,
     j: usize,
     seq: u32,
     job: Arc<CpuJob>,
+    lease: Option<Lease>,
 ) -> crate::backend::cpu::experts::Done {
     /// Opens both gates once: when the sum is written, or when dropped before that (a panic,
     /// a job dropped unfinished), so that the stream can never be left waiting.
@@ -1356,6 +1561,7 @@ fn cpu_share_done(
     let t0 = Instant::now();
     let open = Open(pager.clone(), seq, job, AtomicBool::new(false));
     Box::new(move |result| {
+        let _held = &lease;
         {
             let mut out = lock(&pager.cpu_out);
             let dst = out.as_mut_slice();
