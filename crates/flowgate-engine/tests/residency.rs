@@ -217,3 +217,38 @@ fn leases_own_their_pins_and_slots_are_listed() {
     }
     assert_eq!(cache.memory_regions(), regions);
 }
+
+/// The RAM tier under VRAM keeps to what VRAM does not hold: an expert demoted (copied up)
+/// is the next to go, one kept below (evicted from VRAM) the last.
+#[test]
+fn demoted_experts_go_first_and_kept_ones_last() {
+    let path = fixtures().join("qwen3_moe");
+    let file = flowgate_formats::model::open(&path).unwrap();
+    let plan = HostPlan::new(&file.spec, &file.catalog, u64::MAX, PolicyKind::Lru).unwrap();
+    let slot = plan.experts.as_ref().unwrap().slot_bytes;
+    let layer = (0..file.spec.n_layers)
+        .find(|&l| file.spec.is_sparse_layer(l))
+        .unwrap();
+    for policy in [PolicyKind::Lru, PolicyKind::LfuAging] {
+        // Four slots in all, filled by `layer`: a miss then evicts one of its own.
+        let budget = plan.dense_bytes + 4 * slot;
+        let (_, res) = residency::load_host(&file, budget, policy, 2, None).unwrap();
+        let cache = res.cache.clone().unwrap();
+        for e in [0, 1, 2, 3] {
+            drop(cache.acquire(layer, &[e]).unwrap());
+        }
+        assert_eq!(cache.resident(layer), vec![0, 1, 2, 3], "{policy:?}");
+        // 3 went up to VRAM, 0 (the oldest) came back down.
+        cache.demote(layer, &[3]);
+        cache.kept_below(layer, &[0]);
+        drop(cache.acquire(layer, &[4]).unwrap());
+        let r = cache.resident(layer);
+        assert!(!r.contains(&3) && r.contains(&4), "{policy:?}: {r:?}");
+        drop(cache.acquire(layer, &[5]).unwrap());
+        let r = cache.resident(layer);
+        assert!(r.contains(&0), "{policy:?}: kept below, still here: {r:?}");
+        // Neither call counted a hit or a miss.
+        let st = cache.stats();
+        assert_eq!((st.total_hits(), st.total_misses()), (0, 6), "{policy:?}");
+    }
+}

@@ -22,6 +22,8 @@ pub struct Assigned {
     pub slot: usize,
     /// It was resident already; otherwise it must be copied into `slot` before use.
     pub hit: bool,
+    /// The expert of the same layer this miss evicted from `slot`, if any.
+    pub evicted: Option<usize>,
 }
 
 /// Expert → slot bookkeeping of a device expert cache with per-layer quotas.
@@ -157,10 +159,12 @@ impl SlotMap {
                     expert: e,
                     slot,
                     hit: true,
+                    evicted: None,
                 });
                 continue;
             }
             self.stats.misses[layer] += u64::from(count);
+            let mut evicted = None;
             let slot = match range.clone().find(|&s| self.key_of[s].is_none()) {
                 Some(s) => s,
                 None => {
@@ -176,6 +180,7 @@ impl SlotMap {
                         EngineError::Invalid("policy chose an expert that is not resident".into())
                     })?;
                     self.stats.evictions += 1;
+                    evicted = Some(victim % self.n_experts);
                     s
                 }
             };
@@ -185,6 +190,7 @@ impl SlotMap {
                 expert: e,
                 slot,
                 hit: false,
+                evicted,
             });
         }
         Ok(out)
@@ -378,10 +384,16 @@ mod tests {
             Assigned {
                 expert: 2,
                 slot: a[1].slot,
-                hit: true
+                hit: true,
+                evicted: None,
             }
         );
         assert!(!b[1].hit);
+        assert_eq!(b[1].evicted, Some(1), "the miss says whom it evicted");
+        assert!(
+            a.iter().all(|x| x.evicted.is_none()),
+            "free slots evict nobody"
+        );
         assert_eq!(b[1].slot, a[0].slot);
         assert_eq!(m.slot_of(0, 1), None);
         assert_eq!(m.slot_of(0, 4), Some(a[0].slot));

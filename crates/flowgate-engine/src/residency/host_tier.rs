@@ -848,6 +848,31 @@ impl HostExpertCache {
             .collect()
     }
 
+    /// `experts` of `layer` went up to the tier above (VRAM): their slots go first when room
+    /// is needed, unless they are asked for again. With [`HostExpertCache::kept_below`] this
+    /// keeps the RAM tier from holding what VRAM holds (see `backend::cuda::pinned_tier`).
+    pub fn demote(&self, layer: usize, experts: &[usize]) {
+        let mut g = self.shared.lock();
+        for &e in experts {
+            if let Ok(k) = self.shared.layout.key(layer, e) {
+                g.policy.demote(k);
+            }
+        }
+    }
+
+    /// `experts` of `layer` left the tier above: those still here become the most recently
+    /// used (no hit or miss is counted).
+    pub fn kept_below(&self, layer: usize, experts: &[usize]) {
+        let mut g = self.shared.lock();
+        for &e in experts {
+            if let Ok(k) = self.shared.layout.key(layer, e) {
+                if g.slot_of[k].is_some() {
+                    g.policy.touch(k);
+                }
+            }
+        }
+    }
+
     /// Slots held by leases or being read now.
     pub fn busy_slots(&self) -> usize {
         let g = self.shared.lock();

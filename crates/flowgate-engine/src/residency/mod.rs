@@ -8,7 +8,9 @@
 //!   flowgate-io's loader) into fixed RAM slots, pinned while a layer uses them.
 //! - [`device_tier`] — the VRAM tier's bookkeeping: [`SlotMap`] (expert → device slot, per-layer
 //!   quotas, eviction) and [`DevicePlan`] (how a `--vram-budget` is divided). The slots and the
-//!   copies are the backend's (`backend::cuda::paging`).
+//!   copies are the backend's (`backend::cuda::paging`). With both budgets there are three
+//!   tiers: the device cache over a [`HostExpertCache`] (its slots page-locked,
+//!   `backend::cuda::pinned_tier`) over the model file.
 //!
 //! [`load_host`] puts it together for the CPU backend: it loads the dense tensors and, if the
 //! budget cannot hold every expert, builds the cache the MoE layers page through

@@ -60,6 +60,9 @@ pub trait Policy: Send {
     fn touch(&mut self, key: usize);
     /// The key to evict among `candidates` (resident and not in use), or `None` if empty.
     fn victim(&mut self, candidates: &[usize]) -> Option<usize>;
+    /// `key` is held by the tier above now (copied up to VRAM): the next victim unless it is
+    /// touched again. Keeps a RAM tier from holding what VRAM holds.
+    fn demote(&mut self, key: usize);
 }
 
 /// Least recently used.
@@ -94,6 +97,12 @@ impl Policy for Lru {
             .iter()
             .copied()
             .min_by_key(|&k| (self.last.get(k).copied().unwrap_or(0), k))
+    }
+
+    fn demote(&mut self, key: usize) {
+        if let Some(t) = self.last.get_mut(key) {
+            *t = 0;
+        }
     }
 }
 
@@ -147,11 +156,36 @@ impl Policy for LfuAging {
             .copied()
             .min_by(|&a, &b| f(a).total_cmp(&f(b)).then(t(b).cmp(&t(a))).then(a.cmp(&b)))
     }
+
+    fn demote(&mut self, key: usize) {
+        // No uses, and first among equals (ties go to the most recent).
+        if let (Some(f), Some(t)) = (self.freq.get_mut(key), self.last.get_mut(key)) {
+            *f = 0.0;
+            *t = u64::MAX;
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_demoted_key_goes_first_until_touched_again() {
+        for mut p in [PolicyKind::Lru.build(8), PolicyKind::LfuAging.build(8)] {
+            for k in [1, 2, 3, 1, 2, 3, 4] {
+                p.touch(k);
+            }
+            let name = p.kind().name();
+            let v = p.victim(&[1, 2, 3, 4]).unwrap();
+            assert_ne!(v, 3, "{name}");
+            p.demote(3);
+            assert_eq!(p.victim(&[1, 2, 3, 4]), Some(3), "{name}");
+            p.touch(3);
+            p.touch(3);
+            assert_eq!(p.victim(&[1, 2, 3, 4]), Some(v), "{name}: touched again");
+        }
+    }
 
     /// Runs an access stream through a cache of `cap` keys managed by `p`; returns the hits.
     fn simulate(p: &mut dyn Policy, cap: usize, stream: &[usize]) -> usize {

@@ -1264,6 +1264,8 @@ impl CudaBackend {
         let mut table = Vec::new();
         let mut copied = 0u64;
         let ids: Vec<usize> = misses.iter().map(|a| a.expert).collect();
+        let evicted: Vec<usize> = misses.iter().filter_map(|a| a.evicted).collect();
+        pager.host()?.evicted(layer, &evicted);
         // Counted: the RAM tier's prefetch above made its own count.
         let fetched = match pager.host()?.fetch(layer, &ids, pager.n_experts, true) {
             Ok(f) => f,
@@ -1328,6 +1330,8 @@ impl CudaBackend {
         let mut events: Option<(Event, Event)> = None;
         let host = pager.host()?;
         host.reap();
+        let evicted: Vec<usize> = misses.iter().filter_map(|a| a.evicted).collect();
+        host.evicted(p.layer, &evicted);
         let batch = host.batch(pager.n_used);
         for (c, chunk) in misses.chunks(batch).enumerate() {
             let ids: Vec<usize> = chunk.iter().map(|a| a.expert).collect();
