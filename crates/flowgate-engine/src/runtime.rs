@@ -49,6 +49,9 @@ pub struct LoadOptions {
     pub expert_slots: Option<usize>,
     /// Under `--vram-budget`: which missed experts decode computes on the CPU.
     pub cpu_experts: Option<crate::backend::cuda::CpuExperts>,
+    /// Speculative prefetch of paged experts (`--expert-prefetch`): the VRAM tier's when
+    /// experts are paged into VRAM, else the RAM cache's.
+    pub expert_prefetch: bool,
 }
 
 impl LoadOptions {
@@ -114,6 +117,7 @@ fn log_tier(tier: &str, s: &crate::residency::CacheStats, tokens: usize) {
         bytes_per_token = s.bytes_read as f64 / n,
         stall_ms_per_token = 1e3 * s.stall.as_secs_f64() / n,
         evictions = s.evictions,
+        prefetched = s.prefetched,
         prefetch_accuracy = s.prefetch_accuracy(),
         cpu_experts = s.cpu_computed,
         hit_rate_per_layer = %per_layer.join(" "),
@@ -236,6 +240,7 @@ pub fn load_cuda_budget(
     if let Some(m) = opts.cpu_experts {
         pager.set_cpu_experts(m)?;
     }
+    pager.set_prefetch(opts.expert_prefetch);
     tracing::info!(
         slots = plan.n_slots,
         dense_bytes = plan.dense_bytes,
@@ -401,6 +406,9 @@ pub fn load_with<B: Backend>(path: &Path, opts: &LoadOptions, backend: B) -> Res
                 opts.io_threads,
                 opts.progress.clone(),
             )?;
+            if let Some(c) = &res.cache {
+                c.set_speculative(opts.expert_prefetch);
+            }
             let model =
                 Model::with_expert_cache(file.spec.clone(), backend, tensors, res.cache.clone())?;
             (model, Some(res))

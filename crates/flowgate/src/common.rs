@@ -37,6 +37,12 @@ pub struct ModelArgs {
     /// costs), off, all.
     #[arg(long, default_value = "auto", value_parser = parse_cpu_experts)]
     pub cpu_experts: CpuExperts,
+    /// Speculative prefetch of paged experts: the next sparse layer's router applied to this
+    /// layer's input predicts its experts, which are brought in ahead (under --vram-budget
+    /// copied into VRAM on a copy stream, under --ram-budget read into the RAM cache). Pays
+    /// with trained routers; a wrong guess costs link or disk time and evicts an expert.
+    #[arg(long)]
+    pub expert_prefetch: bool,
     /// Expert cache policy under --ram-budget / --vram-budget: lru or lfu (LFU with aging).
     #[arg(long, default_value = "lru", value_parser = parse_policy)]
     pub cache_policy: PolicyKind,
@@ -71,6 +77,7 @@ impl ModelArgs {
             ram_budget: self.ram_budget,
             vram_budget: self.vram_budget,
             cpu_experts: Some(self.cpu_experts),
+            expert_prefetch: self.expert_prefetch,
             ctx: self.ctx,
             cache_policy: self.cache_policy,
             ..Default::default()

@@ -44,8 +44,8 @@
 //!   48.0 with the flag, moe30b at 3 GiB). Results differ from all-GPU ones by the CPU
 //!   kernels' own rounding (8-bit activations per 256 instead of per 32).
 //!
-//! - **Speculative prefetch** (Mixtral-offloading's idea; off by default, `bench moe
-//!   --prefetch`): before a sparse layer's router runs, the next sparse layer's router is
+//! - **Speculative prefetch** (Mixtral-offloading's idea; off by default, `--expert-prefetch`
+//!   on the commands that run a model, `bench moe --prefetch`): before a sparse layer's router runs, the next sparse layer's router is
 //!   applied to the same input on the device ([`super::Backend::moe_predict`]); its top-k
 //!   comes back with this layer's routes (no extra synchronisation). Once this layer's work
 //!   is queued, the predicted experts that are not resident get slots in the next layer
