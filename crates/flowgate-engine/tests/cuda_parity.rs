@@ -825,6 +825,20 @@ fn flowgate_cuda_count() -> usize {
     }
 }
 
+/// The MoE fixtures (HF directories), the GGUF fixtures `gguf` (paths under the fixtures), and
+/// the Q4_K files of FLOWGATE_Q4K_MODELS (those that are MoE count).
+fn moe_models(gguf: &[&str]) -> Vec<PathBuf> {
+    let mut paths: Vec<PathBuf> = ["mixtral", "olmoe", "qwen2_moe", "qwen3_moe"]
+        .iter()
+        .chain(gguf)
+        .map(|n| fixtures().join(n))
+        .collect();
+    if let Ok(list) = std::env::var("FLOWGATE_Q4K_MODELS") {
+        paths.extend(list.split(',').filter(|p| !p.is_empty()).map(PathBuf::from));
+    }
+    paths
+}
+
 /// `--vram-budget` paging is invisible to results: with a device expert cache of one slot per
 /// sparse layer (every token's experts run in waves of one, each a miss copied from host RAM
 /// over an evicted one), prefill and decode logits and the greedy continuation equal those with
@@ -836,15 +850,7 @@ fn vram_paging_with_one_slot_per_layer_matches_resident() {
     if cuda().is_none() {
         return;
     }
-    let mut paths: Vec<PathBuf> = ["mixtral", "olmoe", "qwen2_moe", "qwen3_moe"]
-        .iter()
-        .map(|n| fixtures().join(n))
-        .collect();
-    paths.push(fixtures().join("gguf/qwen3_moe-f32.gguf"));
-    paths.push(fixtures().join("gguf/qwen3_moe-q8_0.gguf"));
-    if let Ok(list) = std::env::var("FLOWGATE_Q4K_MODELS") {
-        paths.extend(list.split(',').filter(|p| !p.is_empty()).map(PathBuf::from));
-    }
+    let paths = moe_models(&["gguf/qwen3_moe-f32.gguf", "gguf/qwen3_moe-q8_0.gguf"]);
     let budget = 1u64 << 30;
     let mut checked = 0;
     for path in paths.iter().filter(|p| p.exists()) {
@@ -957,14 +963,7 @@ fn vram_over_ram_over_file_matches_resident() {
     if cuda().is_none() {
         return;
     }
-    let mut paths: Vec<PathBuf> = ["mixtral", "olmoe", "qwen2_moe", "qwen3_moe"]
-        .iter()
-        .map(|n| fixtures().join(n))
-        .collect();
-    paths.push(fixtures().join("gguf/qwen3_moe-q8_0.gguf"));
-    if let Ok(list) = std::env::var("FLOWGATE_Q4K_MODELS") {
-        paths.extend(list.split(',').filter(|p| !p.is_empty()).map(PathBuf::from));
-    }
+    let paths = moe_models(&["gguf/qwen3_moe-q8_0.gguf"]);
     let budget = 1u64 << 30;
     let mut checked = 0;
     for path in paths.iter().filter(|p| p.exists()) {

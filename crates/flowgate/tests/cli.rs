@@ -558,25 +558,43 @@ fn expert_cache_statistics_are_logged() {
     let fx = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/mixtral");
     let fx = fx.to_str().unwrap();
     let budget = one_slot_budget(fx);
-    let o = run(&[
-        "--log",
-        "info",
-        "generate",
-        fx,
-        "--tokens",
-        "5,17,3",
-        "--max-tokens",
-        "4",
-        "--ignore-eos",
-        "--ram-budget",
-        &budget,
-    ]);
-    assert!(o.status.success());
-    let e = String::from_utf8_lossy(&o.stderr);
-    let line = e
-        .lines()
-        .find(|l| l.contains("expert cache statistics"))
-        .unwrap_or_else(|| panic!("no statistics logged: {e}"));
+    // The statistics line of `generate --ram-budget` (with `extra` flags), without the
+    // terminal colours the log may carry (ESC [ ... m).
+    let stats = |extra: &[&str]| -> String {
+        let mut args = vec![
+            "--log",
+            "info",
+            "generate",
+            fx,
+            "--tokens",
+            "5,17,3",
+            "--max-tokens",
+            "4",
+            "--ignore-eos",
+            "--ram-budget",
+            &budget,
+        ];
+        args.extend(extra);
+        let o = run(&args);
+        assert!(o.status.success());
+        let e = String::from_utf8_lossy(&o.stderr);
+        let line = e
+            .lines()
+            .find(|l| l.contains("expert cache statistics"))
+            .unwrap_or_else(|| panic!("no statistics logged: {e}"));
+        let mut plain = String::new();
+        let mut esc = false;
+        for c in line.chars() {
+            match (esc, c) {
+                (false, '\u{1b}') => esc = true,
+                (true, 'm') => esc = false,
+                (false, c) => plain.push(c),
+                _ => {}
+            }
+        }
+        plain
+    };
+    let line = stats(&[]);
     for field in [
         "tier",
         "\"ram\"",
@@ -589,49 +607,16 @@ fn expert_cache_statistics_are_logged() {
     }
     // Speculative prefetch is off unless asked for; --expert-prefetch turns it on.
     let prefetched = |line: &str| -> u64 {
-        // Without the terminal colours the log may carry (ESC [ ... m).
-        let mut plain = String::new();
-        let mut esc = false;
-        for c in line.chars() {
-            match (esc, c) {
-                (false, '\u{1b}') => esc = true,
-                (true, 'm') => esc = false,
-                (false, c) => plain.push(c),
-                _ => {}
-            }
-        }
-        let v = plain
-            .split("prefetched=")
+        line.split("prefetched=")
             .nth(1)
-            .unwrap_or_else(|| panic!("no prefetched field: {plain}"));
-        v.split(|c: char| !c.is_ascii_digit())
-            .next()
+            .and_then(|v| v.split(|c: char| !c.is_ascii_digit()).next())
             .and_then(|n| n.parse().ok())
-            .unwrap_or_else(|| panic!("prefetched is not a count: {plain}"))
+            .unwrap_or_else(|| panic!("no count of prefetched experts: {line}"))
     };
-    assert_eq!(prefetched(line), 0, "{line}");
-    let o = run(&[
-        "--log",
-        "info",
-        "generate",
-        fx,
-        "--tokens",
-        "5,17,3",
-        "--max-tokens",
-        "4",
-        "--ignore-eos",
-        "--ram-budget",
-        &budget,
-        "--expert-prefetch",
-    ]);
-    assert!(o.status.success());
-    let e = String::from_utf8_lossy(&o.stderr);
-    let line = e
-        .lines()
-        .find(|l| l.contains("expert cache statistics"))
-        .unwrap_or_else(|| panic!("no statistics logged: {e}"));
+    assert_eq!(prefetched(&line), 0, "{line}");
+    let line = stats(&["--expert-prefetch"]);
     assert!(
-        prefetched(line) > 0,
+        prefetched(&line) > 0,
         "--expert-prefetch prefetched nothing: {line}"
     );
 }

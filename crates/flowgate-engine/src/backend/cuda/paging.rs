@@ -369,6 +369,45 @@ impl ExpertShape {
     }
 }
 
+/// The experts of a model as they are walked through: their common storage (checked to be
+/// one), how many, and their bytes.
+struct ExpertsSeen {
+    ffn: usize,
+    hidden: usize,
+    shape: Option<ExpertShape>,
+    n: usize,
+    bytes: u64,
+}
+
+impl ExpertsSeen {
+    fn new(ffn: usize, hidden: usize) -> ExpertsSeen {
+        ExpertsSeen {
+            ffn,
+            hidden,
+            shape: None,
+            n: 0,
+            bytes: 0,
+        }
+    }
+
+    /// Expert `e` of layer `l` (its gate named `name`), stored as `dtypes` in `bytes`.
+    fn add(
+        &mut self,
+        (l, e, name): (usize, usize, &str),
+        dtypes: [DType; 3],
+        bytes: [usize; 3],
+    ) -> Result<()> {
+        let s = ExpertShape::new(name, dtypes, bytes, self.ffn, self.hidden)?;
+        match &self.shape {
+            None => self.shape = Some(s),
+            Some(s0) => s0.same_as(&s, l, e)?,
+        }
+        self.n += 1;
+        self.bytes += bytes.iter().sum::<usize>() as u64;
+        Ok(())
+    }
+}
+
 /// The MoE part of `spec`, or why paging does not apply.
 fn moe_of(spec: &ModelSpec) -> Result<&flowgate_formats::MoeSpec> {
     spec.moe
@@ -391,8 +430,7 @@ impl ExpertPager {
         let mut host = vec![None; spec.n_layers * n];
         let mut cpu: Vec<Option<[CpuWeight; 3]>> = (0..spec.n_layers * n).map(|_| None).collect();
         let mut arenas: Vec<Arc<AlignedBuf>> = Vec::new();
-        let mut shape: Option<ExpertShape> = None;
-        let (mut host_bytes, mut n_total) = (0u64, 0usize);
+        let mut experts = ExpertsSeen::new(m.expert_ffn, spec.hidden);
         for l in (0..spec.n_layers).filter(|&l| spec.is_sparse_layer(l)) {
             for e in 0..n {
                 let mut parts: Vec<HostTensor> = Vec::with_capacity(3);
@@ -416,20 +454,12 @@ impl ExpertPager {
                     parts.push(t);
                 }
                 let [g, u, d] = [&parts[0], &parts[1], &parts[2]];
-                let s = ExpertShape::new(
-                    &g.name,
+                experts.add(
+                    (l, e, &g.name),
                     [g.dtype, u.dtype, d.dtype],
                     [g.bytes().len(), u.bytes().len(), d.bytes().len()],
-                    m.expert_ffn,
-                    spec.hidden,
                 )?;
-                match &shape {
-                    None => shape = Some(s),
-                    Some(s0) => s0.same_as(&s, l, e)?,
-                }
                 host[l * n + e] = Some([0, 1, 2].map(|i| parts[i].bytes().as_ptr() as u64));
-                host_bytes += s.part.iter().sum::<usize>() as u64;
-                n_total += 1;
                 let mut it = parts.into_iter().map(|t| CpuBackend.weight(t));
                 let (Some(g), Some(u), Some(d)) = (it.next(), it.next(), it.next()) else {
                     return Err(EngineError::Invalid("expert without three matrices".into()));
@@ -437,8 +467,6 @@ impl ExpertPager {
                 cpu[l * n + e] = Some([g?, u?, d?]);
             }
         }
-        let shape =
-            shape.ok_or_else(|| EngineError::Invalid("the model has no sparse layer".into()))?;
         // The views above hold the arenas; the tensors themselves leave the map.
         tensors.retain(|name, _| !crate::residency::ExpertLayout::is_expert_tensor(name));
         let mut pins = Vec::with_capacity(arenas.len());
@@ -450,15 +478,7 @@ impl ExpertPager {
             pins.push(pin);
         }
         let tier = PinnedTier::Resident(Resident::new(host, cpu, pins, arenas));
-        Self::build(
-            backend,
-            spec,
-            shape,
-            Some(tier),
-            n_total,
-            host_bytes,
-            policy,
-        )
+        Self::build(backend, spec, experts, Some(tier), policy)
     }
 
     /// The tier over a RAM cache of experts (`--ram-budget` under `--vram-budget`): misses in
@@ -475,31 +495,20 @@ impl ExpertPager {
         policy: PolicyKind,
     ) -> Result<Arc<ExpertPager>> {
         let m = moe_of(spec)?;
-        let mut shape: Option<ExpertShape> = None;
-        let (mut host_bytes, mut n_total) = (0u64, 0usize);
+        let mut experts = ExpertsSeen::new(m.expert_ffn, spec.hidden);
         for l in (0..spec.n_layers).filter(|&l| spec.is_sparse_layer(l)) {
             for e in 0..m.n_experts {
                 let [g, u, d] = layout.infos(l, e).ok_or_else(|| {
                     EngineError::Invalid(format!("no expert {e} of layer {l} in the file"))
                 })?;
-                let s = ExpertShape::new(
-                    &g.name,
+                experts.add(
+                    (l, e, &g.name),
                     [g.dtype, u.dtype, d.dtype],
                     [g.nbytes as usize, u.nbytes as usize, d.nbytes as usize],
-                    m.expert_ffn,
-                    spec.hidden,
                 )?;
-                match &shape {
-                    None => shape = Some(s),
-                    Some(s0) => s0.same_as(&s, l, e)?,
-                }
-                host_bytes += s.part.iter().sum::<usize>() as u64;
-                n_total += 1;
             }
         }
-        let shape =
-            shape.ok_or_else(|| EngineError::Invalid("the model has no sparse layer".into()))?;
-        Self::build(backend, spec, shape, None, n_total, host_bytes, policy)
+        Self::build(backend, spec, experts, None, policy)
     }
 
     /// Bytes of all experts of the model.
@@ -539,13 +548,15 @@ impl ExpertPager {
     fn build(
         backend: &CudaBackend,
         spec: &ModelSpec,
-        shape: ExpertShape,
+        experts: ExpertsSeen,
         host: Option<PinnedTier>,
-        n_total: usize,
-        host_bytes: u64,
         policy: PolicyKind,
     ) -> Result<Arc<ExpertPager>> {
         let m = moe_of(spec)?;
+        let shape = experts
+            .shape
+            .ok_or_else(|| EngineError::Invalid("the model has no sparse layer".into()))?;
+        let (n_total, host_bytes) = (experts.n, experts.bytes);
         let sparse: Vec<bool> = (0..spec.n_layers)
             .map(|l| spec.is_sparse_layer(l))
             .collect();
