@@ -72,6 +72,9 @@ pub struct MoeArgs {
     /// Drop the model file from the page cache before each budget (misses read from disk).
     #[arg(long)]
     pub cold: bool,
+    /// Reader threads of the RAM expert cache (experts read from the model file; default 4).
+    #[arg(long)]
+    pub io_threads: Option<usize>,
     /// Which experts tokens use: `router` (the model's own) or `uniform` (each token picks
     /// experts uniformly at random, as ANCHORS.md assumes for random weights; a benchmarking
     /// aid: the work per token is the same, the logits are meaningless).
@@ -180,8 +183,9 @@ pub fn moe(a: MoeArgs) -> Result<()> {
             flowgate_io::probe::evict(&file.catalog.files[0])
                 .with_context(|| "--cold: dropping the model from the page cache")?;
         }
-        let (tensors, res) = residency::load_host(&file, budget, a.policy, 0, None)
-            .with_context(|| format!("loading under --ram-budget {}", fmt_size(budget)))?;
+        let (tensors, res) =
+            residency::load_host(&file, budget, a.policy, a.io_threads.unwrap_or(0), None)
+                .with_context(|| format!("loading under --ram-budget {}", fmt_size(budget)))?;
         let mut model =
             Model::with_expert_cache(file.spec.clone(), CpuBackend, tensors, res.cache.clone())?;
         if a.routing == "uniform" {

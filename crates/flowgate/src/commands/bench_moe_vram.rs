@@ -129,6 +129,7 @@ pub fn moe_vram(a: &MoeArgs, file: &ModelFile) -> Result<()> {
         let opts = LoadOptions {
             vram_budget: Some(budget),
             ram_budget,
+            io_threads: a.io_threads.unwrap_or(0),
             cache_policy: a.policy,
             ctx,
             ..Default::default()
