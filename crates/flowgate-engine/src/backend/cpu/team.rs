@@ -267,8 +267,13 @@ impl Drop for Team {
             let _parked = lock(&self.inner.parked);
             self.inner.wake.notify_all();
         }
+        // The last reference may go on a worker (a job's completion can hold what owns the
+        // team): that worker cannot join itself; it is let go and leaves its loop on `stop`.
+        let me = std::thread::current().id();
         for h in self.workers.drain(..) {
-            let _ = h.join();
+            if h.thread().id() != me {
+                let _ = h.join();
+            }
         }
     }
 }
@@ -405,6 +410,51 @@ mod tests {
             );
             std::thread::yield_now();
         }
+    }
+
+    #[test]
+    fn a_team_dropped_by_its_own_worker_lets_that_worker_go() {
+        // A job holds the last reference to its team (as a CPU share's completion holds the
+        // pager that owns the team), so the team is dropped on the worker releasing the job.
+        struct Last {
+            team: Mutex<Option<Arc<Team>>>,
+            gate: Arc<AtomicBool>,
+            dropped: Mutex<std::sync::mpsc::Sender<()>>,
+        }
+        impl Drop for Last {
+            fn drop(&mut self) {
+                let team = lock(&self.team).take();
+                // A panic here (a worker joining itself) never reaches the send.
+                drop(team);
+                let _ = lock(&self.dropped).send(());
+            }
+        }
+        impl TeamJob for Last {
+            fn phases(&self) -> usize {
+                1
+            }
+            fn chunks(&self, _: usize) -> usize {
+                4
+            }
+            fn run(&self, _: usize, _: usize) {
+                while !self.gate.load(Ordering::Acquire) {
+                    std::thread::yield_now();
+                }
+            }
+            fn finish(&self) {}
+            fn failed(&self, _: String) {}
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        let gate = Arc::new(AtomicBool::new(false));
+        let team = Arc::new(Team::new(2, Duration::from_millis(1)).unwrap());
+        team.submit(Arc::new(Last {
+            team: Mutex::new(Some(team.clone())),
+            gate: gate.clone(),
+            dropped: Mutex::new(tx),
+        }));
+        drop(team);
+        gate.store(true, Ordering::Release);
+        assert_eq!(rx.recv_timeout(Duration::from_secs(10)), Ok(()));
     }
 
     #[test]

@@ -65,6 +65,25 @@ impl Resident {
             _arenas: arenas,
         }
     }
+
+    /// The entries of `experts` of `layer` in a per-key table (`n_experts` keys a layer).
+    fn lookup<T: Clone>(
+        table: &[Option<T>],
+        layer: usize,
+        experts: &[usize],
+        n_experts: usize,
+    ) -> Result<Vec<T>> {
+        experts
+            .iter()
+            .map(|&e| {
+                let key = layer * n_experts + e;
+                table
+                    .get(key)
+                    .and_then(|x| x.clone())
+                    .ok_or_else(|| EngineError::Invalid(format!("no host copy of expert {key}")))
+            })
+            .collect()
+    }
 }
 
 /// A RAM cache over the model file, its slots page-locked.
@@ -144,18 +163,10 @@ impl PinnedTier {
         counted: bool,
     ) -> Result<Fetched> {
         match self {
-            PinnedTier::Resident(r) => {
-                let addrs = experts
-                    .iter()
-                    .map(|&e| {
-                        let key = layer * n_experts + e;
-                        r.host.get(key).copied().flatten().ok_or_else(|| {
-                            EngineError::Invalid(format!("no host copy of expert {key}"))
-                        })
-                    })
-                    .collect::<Result<_>>()?;
-                Ok(Fetched { addrs, lease: None })
-            }
+            PinnedTier::Resident(r) => Ok(Fetched {
+                addrs: Resident::lookup(&r.host, layer, experts, n_experts)?,
+                lease: None,
+            }),
             PinnedTier::Cached(c) => {
                 c.make_room(experts.len())?;
                 let lease = if counted {
@@ -168,13 +179,7 @@ impl PinnedTier {
                 let addrs = lease
                     .tensors
                     .iter()
-                    .map(|t| {
-                        [
-                            t[0].bytes().as_ptr() as u64,
-                            t[1].bytes().as_ptr() as u64,
-                            t[2].bytes().as_ptr() as u64,
-                        ]
-                    })
+                    .map(|t| t.each_ref().map(|x| x.bytes().as_ptr() as u64))
                     .collect();
                 Ok(Fetched {
                     addrs,
@@ -192,22 +197,10 @@ impl PinnedTier {
         n_experts: usize,
     ) -> Result<CpuExpertWeights> {
         match self {
-            PinnedTier::Resident(r) => {
-                let weights = experts
-                    .iter()
-                    .map(|&e| {
-                        let key = layer * n_experts + e;
-                        r.cpu
-                            .get(key)
-                            .and_then(|w| w.clone())
-                            .ok_or_else(|| EngineError::Invalid(format!("no host expert {key}")))
-                    })
-                    .collect::<Result<_>>()?;
-                Ok(CpuExpertWeights {
-                    weights,
-                    lease: None,
-                })
-            }
+            PinnedTier::Resident(r) => Ok(CpuExpertWeights {
+                weights: Resident::lookup(&r.cpu, layer, experts, n_experts)?,
+                lease: None,
+            }),
             PinnedTier::Cached(c) => {
                 c.make_room(experts.len())?;
                 let lease = c.cache.acquire(layer, experts)?;
@@ -276,7 +269,8 @@ impl Cached {
         }
         let mut held = lock(&self.held);
         held.retain(|(ev, _)| !ev.is_complete().unwrap_or(true));
-        if self.cache.busy_slots() + want > cap {
+        // Counting busy slots walks them all: only worth it when there is something to wait on.
+        if !held.is_empty() && self.cache.busy_slots() + want > cap {
             for (ev, _) in held.drain(..) {
                 ev.synchronize().map_err(cuda_err)?;
             }
