@@ -94,6 +94,19 @@ impl Kernel {
     pub fn function(&self) -> &CudaFunction {
         &self.inner
     }
+
+    /// Lets launches of this kernel use up to `bytes` of dynamic shared memory (above the
+    /// default 48 KiB, up to the device's opt-in limit: 227 KiB on Hopper).
+    pub fn allow_dynamic_shared(&self, bytes: usize) -> Result<(), CudaError> {
+        let bytes = i32::try_from(bytes)
+            .map_err(|_| CudaError::InvalidArgument(format!("{bytes} bytes of shared memory")))?;
+        self.inner
+            .set_attribute(
+                cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                bytes,
+            )
+            .map_err(|e| CudaError::driver("cuFuncSetAttribute", e))
+    }
 }
 
 impl Module {

@@ -9,7 +9,9 @@
 //!   batches (> 8 tokens) of quantised weights run on TF32 tensor cores: ≤ 2e-3.
 //! - Operations (RMSNorm, both RoPE styles, attention for decode and prefill with GQA, a
 //!   sliding window and split-K over long contexts, SiLU·mul, adds, MoE row gathers/scatters)
-//!   against the CPU backend on random inputs: ≤ 1e-5.
+//!   against the CPU backend on random inputs: ≤ 1e-5. The tiled prefill attention in each of
+//!   its modes (64- and 32-key tiles, head dims 64 and 128, query groups that do and do not
+//!   divide its 64 rows, windows, a cached prefix): ≤ 1e-5.
 //! - Whole models. Every oracle fixture (8 HF architectures, GGUF F32): relative error vs
 //!   transformers ≤ 1e-3 and the same greedy continuation. GGUF Q8_0: the CUDA backend does
 //!   f32 math on the dequantised weights (activations are not quantised), so against the
@@ -35,7 +37,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use flowgate_engine::backend::cpu::CpuBackend;
-use flowgate_engine::backend::cuda::{CpuExperts, Cuda, CudaBackend, MATVEC_MAX_TOKENS};
+use flowgate_engine::backend::cuda::{
+    CpuExperts, Cuda, CudaBackend, PrefillAttention, MATVEC_MAX_TOKENS,
+};
 use flowgate_engine::backend::{AttnParams, Backend};
 use flowgate_engine::models::{Logits, Model, Routing};
 use flowgate_engine::runtime::{self, LoadOptions};
@@ -376,72 +380,183 @@ fn moe_decode_on_device_matches_host_routing() {
         .is_none());
 }
 
+/// Prefill routing on the device (`route_tokens`: the router's GEMM, one top-k block per
+/// token) against the host's `route` on the same logits, 1 to 300 tokens, 40 and 128 experts,
+/// k = 8 renormalised and k = 3 not: the same experts in the same order, weights ≤ 1e-6 apart
+/// (softmax sums in another order).
+#[test]
+fn device_routing_matches_host_routing() {
+    let Some(gpu) = cuda() else { return };
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x2077);
+    let hidden = 256usize;
+    for (n_exp, n) in [(40usize, 1usize), (128, 37), (128, 300)] {
+        let router = gpu
+            .weight(random_weight(&mut rng, DType::F32, n_exp, hidden))
+            .unwrap();
+        let h = randv(&mut rng, n * hidden);
+        let hb = gpu.buf_from(&h).unwrap();
+        let mut logits = gpu.buf_zeros(0).unwrap();
+        gpu.matmul(&router, &hb, n, &mut logits);
+        let logits = gpu.to_host(&logits);
+        for (k, renorm) in [(8usize, true), (3, false)] {
+            let got = gpu
+                .route_tokens(&router, &hb, n, n_exp, k, renorm)
+                .unwrap()
+                .expect("CUDA routes on the device");
+            assert_eq!(got.len(), n);
+            for (t, r) in got.iter().enumerate() {
+                let want = flowgate_engine::models::moe::route(
+                    &logits[t * n_exp..(t + 1) * n_exp],
+                    k,
+                    renorm,
+                );
+                let ids: Vec<usize> = r.iter().map(|x| x.0).collect();
+                let want_ids: Vec<usize> = want.iter().map(|x| x.0).collect();
+                assert_eq!(ids, want_ids, "token {t} of {n}, {n_exp} experts, k {k}");
+                for (a, b) in r.iter().zip(&want) {
+                    assert!((a.1 - b.1).abs() <= 1e-6, "token {t}: {} vs {}", a.1, b.1);
+                }
+            }
+        }
+    }
+}
+
 /// The fused decode step of the attention block (per-head q/k norm, RoPE, cache write: one
-/// launch) against the basic operations, both rope styles, with and without norms, on a cache
-/// already holding 37 positions: q and the attention output over the cache ≤ 1e-6.
+/// launch) against the basic operations, both rope styles, with and without norms, one token
+/// (decode) and 19 (prefill), on a cache already holding 37 positions: q and the attention
+/// output over the cache ≤ 1e-6.
 #[test]
 fn fused_qk_rope_kv_matches_basic_operations() {
     let Some(gpu) = cuda() else { return };
     let mut rng = rand::rngs::StdRng::seed_from_u64(0x207E);
     let (nh, nkv, hd, pos) = (8usize, 2usize, 128usize, 37usize);
-    let inv_freq: Vec<f32> = (0..hd / 2)
-        .map(|i| 1.0 / 10000f32.powf(2.0 * i as f32 / hd as f32))
-        .collect();
-    let past_k = randv(&mut rng, pos * nkv * hd);
-    let past_v = randv(&mut rng, pos * nkv * hd);
-    for style in [RopeStyle::Halves, RopeStyle::Interleaved] {
-        for with_norms in [false, true] {
-            let q = randv(&mut rng, nh * hd);
-            let k = randv(&mut rng, nkv * hd);
-            let v = gpu.buf_from(&randv(&mut rng, nkv * hd)).unwrap();
-            let qn = gpu.buf_from(&randv(&mut rng, hd)).unwrap();
-            let kn = gpu.buf_from(&randv(&mut rng, hd)).unwrap();
-            let norms = with_norms.then_some((&qn, &kn, 1e-6f32));
-            let r = flowgate_engine::backend::QkRope {
-                n_tokens: 1,
-                start_pos: pos,
-                n_heads: nh,
-                n_kv_heads: nkv,
-                head_dim: hd,
-                inv_freq: &inv_freq,
-                style,
-            };
-            let mut outs = Vec::new();
-            for fused in [true, false] {
-                let mut kv = gpu.kv_alloc(nkv, hd, 64).unwrap();
-                let (pk, pv) = (
-                    gpu.buf_from(&past_k).unwrap(),
-                    gpu.buf_from(&past_v).unwrap(),
-                );
-                gpu.kv_write(&mut kv, &pk, &pv, pos, 0);
-                let mut qb = gpu.buf_from(&q).unwrap();
-                let mut kb = gpu.buf_from(&k).unwrap();
-                if fused {
-                    gpu.qk_rope_kv(&mut qb, &mut kb, &v, &mut kv, norms, &r);
-                } else {
-                    flowgate_engine::backend::qk_rope_kv_unfused(
-                        &gpu, &mut qb, &mut kb, &v, &mut kv, norms, &r,
-                    );
-                }
-                let p = AttnParams {
-                    n_tokens: 1,
+    // One token (decode) and a prompt of 19 after the cached prefix.
+    for n in [1usize, 19] {
+        let inv_freq: Vec<f32> = (0..hd / 2)
+            .map(|i| 1.0 / 10000f32.powf(2.0 * i as f32 / hd as f32))
+            .collect();
+        let past_k = randv(&mut rng, pos * nkv * hd);
+        let past_v = randv(&mut rng, pos * nkv * hd);
+        for style in [RopeStyle::Halves, RopeStyle::Interleaved] {
+            for with_norms in [false, true] {
+                let q = randv(&mut rng, n * nh * hd);
+                let k = randv(&mut rng, n * nkv * hd);
+                let v = gpu.buf_from(&randv(&mut rng, n * nkv * hd)).unwrap();
+                let qn = gpu.buf_from(&randv(&mut rng, hd)).unwrap();
+                let kn = gpu.buf_from(&randv(&mut rng, hd)).unwrap();
+                let norms = with_norms.then_some((&qn, &kn, 1e-6f32));
+                let r = flowgate_engine::backend::QkRope {
+                    n_tokens: n,
                     start_pos: pos,
                     n_heads: nh,
                     n_kv_heads: nkv,
                     head_dim: hd,
-                    window: None,
-                    scale: 1.0 / (hd as f32).sqrt(),
+                    inv_freq: &inv_freq,
+                    style,
                 };
-                let mut att = gpu.buf_zeros(0).unwrap();
-                gpu.attention(&qb, &kv, p, &mut att);
-                outs.push((gpu.to_host(&qb), gpu.to_host(&att)));
-                gpu.check().unwrap();
+                let mut outs = Vec::new();
+                for fused in [true, false] {
+                    let mut kv = gpu.kv_alloc(nkv, hd, 64).unwrap();
+                    let (pk, pv) = (
+                        gpu.buf_from(&past_k).unwrap(),
+                        gpu.buf_from(&past_v).unwrap(),
+                    );
+                    gpu.kv_write(&mut kv, &pk, &pv, pos, 0);
+                    let mut qb = gpu.buf_from(&q).unwrap();
+                    let mut kb = gpu.buf_from(&k).unwrap();
+                    if fused {
+                        gpu.qk_rope_kv(&mut qb, &mut kb, &v, &mut kv, norms, &r);
+                    } else {
+                        flowgate_engine::backend::qk_rope_kv_unfused(
+                            &gpu, &mut qb, &mut kb, &v, &mut kv, norms, &r,
+                        );
+                    }
+                    let p = AttnParams {
+                        n_tokens: n,
+                        start_pos: pos,
+                        n_heads: nh,
+                        n_kv_heads: nkv,
+                        head_dim: hd,
+                        window: None,
+                        scale: 1.0 / (hd as f32).sqrt(),
+                    };
+                    let mut att = gpu.buf_zeros(0).unwrap();
+                    gpu.attention(&qb, &kv, p, &mut att);
+                    outs.push((gpu.to_host(&qb), gpu.to_host(&att)));
+                    gpu.check().unwrap();
+                }
+                close("fused q", &outs[0].0, &outs[1].0, 1e-6);
+                close("fused attention", &outs[0].1, &outs[1].1, 1e-6);
+                eprintln!("qk_rope_kv {style:?} norms={with_norms} tokens={n}: matches");
             }
-            close("fused q", &outs[0].0, &outs[1].0, 1e-6);
-            close("fused attention", &outs[0].1, &outs[1].1, 1e-6);
-            eprintln!("qk_rope_kv {style:?} norms={with_norms}: matches");
         }
     }
+}
+
+/// The tiled prefill attention (`attention_prefill.cu`) against the CPU backend, in every mode
+/// that runs it, on shapes of the synthetic models (moe30b: 32 heads over 4; dense8b: over 8),
+/// one KV head per query head, groups of 7 (rows of a block left unused), windows, a cached
+/// prefix before the prompt, and the smallest call (2 tokens): ≤ 1e-5.
+#[test]
+fn tiled_prefill_attention_matches_cpu_backend() {
+    let Some(gpu) = cuda() else { return };
+    let cpu = CpuBackend;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0xF1A5);
+    for (heads, kvh, hd, start, n, window) in [
+        (32usize, 4usize, 128usize, 0usize, 512usize, None),
+        (32, 8, 128, 0, 300, None),
+        (16, 16, 128, 5, 77, Some(33usize)),
+        (14, 2, 64, 40, 130, None),
+        (8, 1, 128, 100, 65, Some(50)),
+        (12, 4, 64, 0, 2, None),
+        (4, 4, 64, 1000, 20, Some(700)),
+    ] {
+        let cap = start + n;
+        let kw = kvh * hd;
+        let mut kc = cpu.kv_alloc(kvh, hd, cap).unwrap();
+        let mut kg = gpu.kv_alloc(kvh, hd, cap).unwrap();
+        let k = randv(&mut rng, cap * kw);
+        let v = randv(&mut rng, cap * kw);
+        cpu.kv_write(&mut kc, &k, &v, cap, 0);
+        let (kb, vb) = (gpu.buf_from(&k).unwrap(), gpu.buf_from(&v).unwrap());
+        gpu.kv_write(&mut kg, &kb, &vb, cap, 0);
+        let q: Vec<f32> = randv(&mut rng, n * heads * hd)
+            .iter()
+            .map(|v| v * 3.0)
+            .collect();
+        let p = AttnParams {
+            n_tokens: n,
+            start_pos: start,
+            n_heads: heads,
+            n_kv_heads: kvh,
+            head_dim: hd,
+            window,
+            scale: 1.0 / (hd as f32).sqrt(),
+        };
+        let mut want = Vec::new();
+        cpu.attention(&q, &kc, p, &mut want);
+        let qg = gpu.buf_from(&q).unwrap();
+        for mode in [
+            PrefillAttention::Auto,
+            PrefillAttention::Tiled,
+            PrefillAttention::Tiled32,
+            PrefillAttention::Basic,
+        ] {
+            gpu.set_prefill_attention(mode);
+            let mut og = gpu.buf_zeros(0).unwrap();
+            gpu.attention(&qg, &kg, p, &mut og);
+            gpu.check().unwrap();
+            close(
+                &format!(
+                    "{mode:?} attention h{heads}/{kvh} d{hd} start {start} n {n} window {window:?}"
+                ),
+                &gpu.to_host(&og),
+                &want,
+                1e-5,
+            );
+        }
+    }
+    gpu.set_prefill_attention(PrefillAttention::Auto);
 }
 
 fn upload_pair(gpu: &CudaBackend, v: &[f32]) -> (Vec<f32>, <CudaBackend as Backend>::Buf) {
@@ -577,6 +692,24 @@ fn operations_match_cpu_backend() {
     cpu.scatter_add_rows(&mut ac, &y, 100, &idx, &scale);
     gpu.scatter_add_rows(&mut ag, &gpu.buf_from(&y).unwrap(), 100, &idx, &scale);
     close("scatter_add_rows (20 rows)", &gpu.to_host(&ag), &ac, 1e-6);
+    // Several parts at once (one upload for those over 16 rows), against one by one.
+    let sizes = [5usize, 30, 17, 2, 29];
+    let ys: Vec<Vec<f32>> = sizes.iter().map(|&n| randv(&mut rng, n * 100)).collect();
+    let idxs: Vec<Vec<usize>> = sizes
+        .iter()
+        .enumerate()
+        .map(|(j, &n)| (0..n).map(|i| (i * 11 + j) % 30).collect())
+        .collect();
+    let scales: Vec<Vec<f32>> = sizes.iter().map(|&n| randv(&mut rng, n)).collect();
+    let ygs: Vec<_> = ys.iter().map(|y| gpu.buf_from(y).unwrap()).collect();
+    for j in 0..sizes.len() {
+        cpu.scatter_add_rows(&mut ac, &ys[j], 100, &idxs[j], &scales[j]);
+    }
+    let parts: Vec<_> = (0..sizes.len())
+        .map(|j| (&ygs[j], idxs[j].as_slice(), scales[j].as_slice()))
+        .collect();
+    gpu.scatter_add_many(&mut ag, 100, &parts);
+    close("scatter_add_many", &gpu.to_host(&ag), &ac, 1e-6);
     assert!(gpu.gather_rows(&ag, 100, &[30]).is_err());
     gpu.check().unwrap();
 }

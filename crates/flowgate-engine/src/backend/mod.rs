@@ -174,6 +174,13 @@ pub trait Backend: Send + Sync + Sized {
         idx: &[usize],
         scale: &[f32],
     );
+    /// [`Backend::scatter_add_rows`] of several `(y, idx, scale)` parts, in their order (so
+    /// results equal the calls one by one); a backend may send all indices in one upload.
+    fn scatter_add_many(&self, out: &mut Self::Buf, dim: usize, parts: &[ScatterPart<'_, Self>]) {
+        for (y, idx, scale) in parts {
+            self.scatter_add_rows(out, y, dim, idx, scale);
+        }
+    }
     /// Resizes a buffer to `n` floats (contents unspecified).
     fn resize(&self, b: &mut Self::Buf, n: usize) -> Result<()>;
 
@@ -232,6 +239,23 @@ pub trait Backend: Send + Sync + Sized {
         ))
     }
 
+    /// Routes `n` tokens on the device: the router's logits of `h` (`n` rows), softmax over
+    /// `n_experts`, the top `k` (ties to the lower index), optionally renormalised; per token
+    /// its `k` (expert, weight) pairs, most probable first, as
+    /// [`crate::models::moe::route`] computes them on the host (up to the order of the
+    /// softmax sum). `None` (the default) when this backend leaves routing to the host.
+    fn route_tokens(
+        &self,
+        _router: &Self::Weight,
+        _h: &Self::Buf,
+        _n: usize,
+        _n_experts: usize,
+        _k: usize,
+        _renormalise: bool,
+    ) -> Result<Option<Vec<Route>>> {
+        Ok(None)
+    }
+
     /// Speculative prefetch hint, queued just before [`Backend::moe_decode`] of the layer
     /// before `next`: `next`'s router applied to this layer's FFN input `h` predicts the `k`
     /// experts the token will pick there, and a backend paging experts (CUDA under
@@ -287,6 +311,12 @@ pub trait Backend: Send + Sync + Sized {
 }
 
 /// One [`SwiGluJob`] with the backend's basic operations.
+/// One token's route: its chosen experts and their weights, most probable first.
+pub type Route = Vec<(usize, f32)>;
+
+/// One part of [`Backend::scatter_add_many`]: rows `y`, their destination rows and scales.
+pub type ScatterPart<'a, B> = (&'a <B as Backend>::Buf, &'a [usize], &'a [f32]);
+
 pub fn swiglu<B: Backend>(b: &B, j: &SwiGluJob<'_, B>) -> Result<B::Buf> {
     let mut gate = b.buf_zeros(0)?;
     let mut up = b.buf_zeros(0)?;

@@ -198,13 +198,30 @@ fn cuda_profile(l: &Loaded<CudaBackend>) -> Result<()> {
 /// Prints a per-kernel table (times and launches divided by `per`).
 fn print_profile(title: &str, rows: &[(String, f64, u64)], per: usize) {
     let per = per.max(1) as f64;
-    let total: f64 = rows.iter().map(|r| r.1).sum::<f64>() / per;
+    // Rows named "(host) …" are host time (waits for the device), not part of the device total.
+    let host = |name: &str| name.starts_with("(host)");
+    let total: f64 = rows
+        .iter()
+        .filter(|r| !host(&r.0))
+        .map(|r| r.1)
+        .sum::<f64>()
+        / per;
     eprintln!("{title}, {total:.3} ms of device time in kernels and copies");
     eprintln!(
         "{:<28} {:>12} {:>10} {:>8}",
         "kernel", "ms", "launches", "share"
     );
     for (name, ms, n) in rows {
+        if host(name) {
+            eprintln!(
+                "{:<28} {:>12.4} {:>10.1} {:>8}",
+                name,
+                ms / per,
+                *n as f64 / per,
+                "-"
+            );
+            continue;
+        }
         eprintln!(
             "{:<28} {:>12.4} {:>10.1} {:>7.1}%",
             name,

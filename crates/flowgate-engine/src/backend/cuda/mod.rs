@@ -48,7 +48,7 @@ use flowgate_cuda::cudarc::driver::{sys, LaunchConfig, PushKernelArg};
 use flowgate_cuda::{Blas, CudaError, Device, DeviceAllocator, DeviceBuffer, Kernel, Stream};
 use flowgate_formats::{DType, RopeStyle};
 
-use super::{swiglu, AttnParams, Backend, QkRope, SwiGluJob};
+use super::{swiglu, AttnParams, Backend, QkRope, Route, ScatterPart, SwiGluJob};
 use crate::error::{EngineError, Result};
 use crate::weights::HostTensor;
 
@@ -66,6 +66,7 @@ const MOE_CU: &str = include_str!("kernels/moe.cu");
 const NORM_CU: &str = include_str!("kernels/norm.cu");
 const ROPE_CU: &str = include_str!("kernels/rope.cu");
 const ATTENTION_CU: &str = include_str!("kernels/attention.cu");
+const ATTENTION_PREFILL_CU: &str = include_str!("kernels/attention_prefill.cu");
 const ELEMENTWISE_CU: &str = include_str!("kernels/elementwise.cu");
 
 /// Batches up to this many tokens use the mat-vec kernels (their `MAXT`); more use GEMM.
@@ -95,6 +96,7 @@ pub fn kernel_source(family: &str) -> Option<String> {
         "norm" => NORM_CU,
         "rope" => ROPE_CU,
         "attention" => ATTENTION_CU,
+        "attention_prefill" => ATTENTION_PREFILL_CU,
         "elementwise" => ELEMENTWISE_CU,
         _ => return None,
     };
@@ -289,9 +291,13 @@ struct Kernels {
     rope: K,
     qk_rope_kv: K,
     attention: K,
+    /// Tiled prefill attention (`attention_prefill.cu`): head dim 64 with 64-key tiles, head
+    /// dim 128 with 64- and 32-key tiles.
+    attention_prefill: [K; 3],
     add: K,
     add_row_bias: K,
     silu_mul: K,
+    silu_mul_rows: K,
     gather_rows: K,
     scatter_add_rows: K,
     scatter_add_rows_small: K,
@@ -309,6 +315,7 @@ impl Kernels {
         let norm = module("norm")?;
         let rope = module("rope")?;
         let attn = module("attention")?;
+        let attn_pf = module("attention_prefill")?;
         let el = module("elementwise")?;
         let k = |m: &flowgate_cuda::Module, name: &str| {
             m.function(name).map(|f| K {
@@ -358,9 +365,18 @@ impl Kernels {
             rope: k(&rope, "rope")?,
             qk_rope_kv: k(&rope, "qk_rope_kv")?,
             attention: k(&attn, "attention")?,
+            attention_prefill: {
+                let tiled = |d: usize, bk: usize| -> std::result::Result<K, CudaError> {
+                    let f = k(&attn_pf, &format!("attention_prefill_{d}_{bk}"))?;
+                    f.f.allow_dynamic_shared(prefill_attention_smem(d, bk))?;
+                    Ok(f)
+                };
+                [tiled(64, 64)?, tiled(128, 64)?, tiled(128, 32)?]
+            },
             add: k(&el, "add")?,
             add_row_bias: k(&el, "add_row_bias")?,
             silu_mul: k(&el, "silu_mul")?,
+            silu_mul_rows: k(&el, "silu_mul_rows")?,
             gather_rows: k(&el, "gather_rows")?,
             scatter_add_rows: k(&el, "scatter_add_rows")?,
             scatter_add_rows_small: k(&el, "scatter_add_rows_small")?,
@@ -443,6 +459,7 @@ pub struct CudaBackend {
     sms: usize,
     profile: Option<Mutex<Profile>>,
     tf32: bool,
+    prefill_attention: std::sync::atomic::AtomicU8,
     q8_activations: std::sync::atomic::AtomicBool,
     /// Zeroed per-(token, head) counters of the split-K attention's last-block merge (each
     /// use leaves them zero again); grown on demand.
@@ -510,6 +527,49 @@ fn mv_jobs(chunk: &[(&CudaWeight, u64, u64)], input: impl Fn(u64) -> u64) -> MvJ
     p
 }
 
+/// Dynamic shared memory of one block of the tiled prefill attention with head dim `d` and
+/// `bk`-key tiles (`FA_SMEM` in `attention_prefill.cu`): Qᵀ, Kᵀ (later Pᵀ) and V tiles, rows
+/// padded by four floats.
+fn prefill_attention_smem(d: usize, bk: usize) -> usize {
+    const BQ: usize = 64;
+    4 * (d * (BQ + 4) + d * (bk + 4) + bk * (d + 4))
+}
+
+/// Which kernel runs attention for more than one query token ([`CudaBackend::set_prefill_attention`],
+/// or `FLOWGATE_CUDA_ATTN=auto|tiled|tiled32|basic` when the backend is made).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum PrefillAttention {
+    /// The tiled kernel (`attention_prefill.cu`) for head dims 64 and 128 when the call has
+    /// at least 16 tokens and makes enough blocks to occupy a quarter of the SMs; otherwise
+    /// the one-query kernel (the default).
+    Auto,
+    /// The tiled kernel whenever the head dim allows (2 tokens or more).
+    Tiled,
+    /// As `Tiled`, with 32-key tiles for head dim 128 (half the shared memory per block).
+    Tiled32,
+    /// Always the one-query kernel of `attention.cu`, a block per (token, head).
+    Basic,
+}
+
+impl PrefillAttention {
+    const ALL: [PrefillAttention; 4] = [
+        PrefillAttention::Auto,
+        PrefillAttention::Tiled,
+        PrefillAttention::Tiled32,
+        PrefillAttention::Basic,
+    ];
+
+    fn from_env() -> PrefillAttention {
+        match std::env::var("FLOWGATE_CUDA_ATTN").as_deref() {
+            Ok("basic") => PrefillAttention::Basic,
+            Ok("tiled") => PrefillAttention::Tiled,
+            Ok("tiled32") => PrefillAttention::Tiled32,
+            _ => PrefillAttention::Auto,
+        }
+    }
+}
+
 fn grid_1d(n: u64, threads: u32) -> LaunchConfig {
     LaunchConfig {
         grid_dim: (n.div_ceil(threads as u64).max(1) as u32, 1, 1),
@@ -567,6 +627,7 @@ impl CudaBackend {
             rope_freqs: Mutex::new(None),
             sms,
             tf32: std::env::var("FLOWGATE_CUDA_TF32").map_or(true, |v| v != "0"),
+            prefill_attention: std::sync::atomic::AtomicU8::new(PrefillAttention::from_env() as u8),
             attn_counters: Mutex::new(None),
             pager: Mutex::new(None),
             q8_activations: std::sync::atomic::AtomicBool::new(
@@ -584,6 +645,22 @@ impl CudaBackend {
     pub fn set_q8_activations(&self, on: bool) {
         self.q8_activations
             .store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Which kernel computes attention for more than one query token.
+    pub fn set_prefill_attention(&self, mode: PrefillAttention) {
+        self.prefill_attention
+            .store(mode as u8, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn prefill_attention(&self) -> PrefillAttention {
+        let v = self
+            .prefill_attention
+            .load(std::sync::atomic::Ordering::Relaxed);
+        PrefillAttention::ALL
+            .into_iter()
+            .find(|m| *m as u8 == v)
+            .unwrap_or(PrefillAttention::Auto)
     }
 
     /// The device.
@@ -655,6 +732,21 @@ impl CudaBackend {
         }
     }
 
+    /// Adds host time since `since` to the profile row `name` (rows named "(host) …").
+    fn host_time(&self, name: &str, since: Option<std::time::Instant>) {
+        if let (Some(p), Some(t)) = (&self.profile, since) {
+            let mut p = lock(p);
+            let e = p.totals.entry(name.to_string()).or_insert((0.0, 0));
+            e.0 += t.elapsed().as_secs_f64() * 1e3;
+            e.1 += 1;
+        }
+    }
+
+    /// The start of a host-time measurement, when profiling.
+    fn host_clock(&self) -> Option<std::time::Instant> {
+        self.profile.as_ref().map(|_| std::time::Instant::now())
+    }
+
     /// True when `FLOWGATE_CUDA_PROFILE` was set when the backend was made.
     pub fn profiling(&self) -> bool {
         self.profile.is_some()
@@ -719,12 +811,14 @@ impl CudaBackend {
                 Arg::M(v) => b.arg(*v),
             };
         }
+        let queued = self.host_clock();
         // SAFETY: every argument matches the kernel's C signature (pointers as u64, `int` as
         // i32, `float` as f32), device pointers come from live allocations sized by the
         // callers, and `args` outlives the builder.
         if let Err(e) = unsafe { b.launch(cfg) } {
             self.fail(format!("kernel launch: {e}"));
         }
+        self.host_time("(host) cuLaunchKernel", queued);
     }
 
     fn new_buf(&self, n: usize) -> Result<CudaBuf> {
@@ -879,6 +973,12 @@ impl CudaBackend {
 
     /// `out (n × rows) = x (n × cols) · Wᵀ` with cuBLAS, via dequantised row tiles.
     fn gemm(&self, w: &CudaWeight, x: &CudaBuf, n: usize, out: &CudaBuf) {
+        let queued = self.host_clock();
+        self.gemm_tiles(w, x, n, out);
+        self.host_time("(host) gemm calls (dequant + cuBLAS)", queued);
+    }
+
+    fn gemm_tiles(&self, w: &CudaWeight, x: &CudaBuf, n: usize, out: &CudaBuf) {
         let (rows, cols) = (w.rows, w.cols);
         // SAFETY (both sgemm calls): W/tile hold `tr × cols` f32 from the tile's first row, x
         // holds n × cols (checked by the caller), out holds n × rows and the tile writes rows
@@ -1052,7 +1152,9 @@ impl Backend for CudaBackend {
                     self.stream.cu_stream(),
                 )
             };
+            let waited = self.host_clock();
             let sync = self.stream.synchronize();
+            self.host_time("(host) waiting in to_host", waited);
             if r != sys::CUresult::CUDA_SUCCESS {
                 return Err(CudaError::Driver {
                     op: "cuMemcpyDtoHAsync",
@@ -1274,7 +1376,7 @@ impl Backend for CudaBackend {
             None => false,
         };
         if !grouped {
-            return jobs.iter().map(|j| swiglu(self, j)).collect();
+            return jobs.iter().map(|j| self.swiglu_one(j)).collect();
         }
         let (g0, d0) = (jobs[0].gate, jobs[0].down);
         let nj = jobs.len();
@@ -1401,15 +1503,16 @@ impl Backend for CudaBackend {
     ) {
         let hd = r.head_dim;
         let kvw = r.n_kv_heads * hd;
-        let fused = r.n_tokens == 1
+        let n = r.n_tokens;
+        let fused = (1..=65535).contains(&n)
             && hd.is_multiple_of(2)
             && (2..=512).contains(&hd)
             && r.inv_freq.len() >= hd / 2
-            && q.len >= r.n_heads * hd
-            && k.len >= kvw
-            && v.len >= kvw
+            && q.len >= n * r.n_heads * hd
+            && k.len >= n * kvw
+            && v.len >= n * kvw
             && kv.width == kvw
-            && r.start_pos < kv.capacity
+            && r.start_pos + n <= kv.capacity
             && norms.is_none_or(|(qn, kn, _)| qn.len >= hd && kn.len >= hd);
         if !fused {
             return crate::backend::qk_rope_kv_unfused(self, q, k, v, kv, norms, r);
@@ -1422,7 +1525,7 @@ impl Backend for CudaBackend {
         self.launch(
             &self.kernels.qk_rope_kv,
             LaunchConfig {
-                grid_dim: ((r.n_heads + r.n_kv_heads) as u32, 1, 1),
+                grid_dim: ((r.n_heads + r.n_kv_heads) as u32, n as u32, 1),
                 block_dim: (threads, 1, 1),
                 shared_mem_bytes: 0,
             },
@@ -1501,6 +1604,9 @@ impl Backend for CudaBackend {
             return;
         }
         if !self.ensure(out, p.n_tokens * p.n_heads * hd) || p.n_tokens == 0 {
+            return;
+        }
+        if self.attention_tiled(q, kv, &p, out) {
             return;
         }
         // Split the keys when there are too few (token, head) blocks to fill the GPU.
@@ -1661,6 +1767,61 @@ impl Backend for CudaBackend {
         );
     }
 
+    /// The indices and scales of every part with more than 16 rows go up in one copy (one
+    /// per MoE layer in prefill, instead of one per expert); then one launch per part.
+    fn scatter_add_many(&self, out: &mut CudaBuf, dim: usize, parts: &[ScatterPart<'_, Self>]) {
+        let rows = out.len.checked_div(dim).unwrap_or(0);
+        let mut words: Vec<u32> = Vec::new();
+        let mut at = Vec::with_capacity(parts.len());
+        for (y, idx, scale) in parts {
+            let n = idx
+                .len()
+                .min(scale.len())
+                .min(y.len.checked_div(dim).unwrap_or(0));
+            if n <= 16 {
+                at.push(None);
+                continue;
+            }
+            if idx[..n].iter().any(|&i| i >= rows) {
+                self.fail(format!("scatter_add_rows: index past {rows} rows"));
+                return;
+            }
+            at.push(Some((words.len(), n)));
+            words.extend(idx[..n].iter().map(|&i| i as u32));
+            words.extend(scale[..n].iter().map(|s| s.to_bits()));
+        }
+        let table = if words.is_empty() {
+            None
+        } else {
+            match self.upload_u32(&words) {
+                Ok(b) => Some(b),
+                Err(e) => {
+                    self.fail(e.to_string());
+                    return;
+                }
+            }
+        };
+        for ((y, idx, scale), at) in parts.iter().zip(at) {
+            let (Some((off, n)), Some(t)) = (at, table.as_ref()) else {
+                self.scatter_add_rows(out, y, dim, idx, scale);
+                continue;
+            };
+            let idb = t.ptr() + (4 * off) as u64;
+            self.launch(
+                &self.kernels.scatter_add_rows,
+                grid_1d((n * dim) as u64, 256),
+                &[
+                    Arg::P(out.ptr()),
+                    Arg::P(y.ptr()),
+                    Arg::P(idb),
+                    Arg::P(idb + (4 * n) as u64),
+                    Arg::I(dim as i32),
+                    Arg::I(n as i32),
+                ],
+            );
+        }
+    }
+
     fn resize(&self, b: &mut CudaBuf, n: usize) -> Result<()> {
         if self.ensure(b, n) {
             Ok(())
@@ -1712,6 +1873,60 @@ impl Backend for CudaBackend {
     /// launch of 2k jobs, SiLU·mul, their downs as one launch of k, and the weighted sum:
     /// 6–8 launches and no host synchronisation. Paged experts (`--vram-budget`) read the
     /// chosen ids back, copy the misses into their slots, then run the same products.
+    /// Prefill routing: the router's GEMM, then `router_topk` with one block per token; only
+    /// the `2·n·k` ids and weights come back (the logits stay on the device).
+    fn route_tokens(
+        &self,
+        router: &CudaWeight,
+        h: &CudaBuf,
+        n: usize,
+        n_experts: usize,
+        k: usize,
+        renormalise: bool,
+    ) -> Result<Option<Vec<Route>>> {
+        // The kernel's limits: TOPK_MAXN logits, 64 chosen, one grid row per token.
+        if n == 0 || n_experts > 4096 || k == 0 || k > 64 || k > n_experts || n > 65535 {
+            return Ok(None);
+        }
+        let mut logits = self.new_buf(n * n_experts)?;
+        self.matmul(router, h, n, &mut logits);
+        let routed = self.new_buf(2 * n * k)?;
+        self.launch(
+            &self.kernels.router_topk,
+            LaunchConfig {
+                grid_dim: (n as u32, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            },
+            &[
+                Arg::P(logits.ptr()),
+                Arg::I(n_experts as i32),
+                Arg::I(k as i32),
+                Arg::I(renormalise as i32),
+                Arg::P(routed.ptr()),
+                Arg::P(routed.ptr() + (4 * n * k) as u64),
+            ],
+        );
+        let v = self.to_host(&routed);
+        self.check()?;
+        let (ids, ws) = v.split_at(n * k);
+        let mut out = Vec::with_capacity(n);
+        for t in 0..n {
+            let mut r = Vec::with_capacity(k);
+            for j in t * k..(t + 1) * k {
+                let e = ids[j].to_bits() as usize;
+                if e >= n_experts {
+                    return Err(EngineError::Invalid(format!(
+                        "router top-k returned expert {e} of {n_experts}"
+                    )));
+                }
+                r.push((e, ws[j]));
+            }
+            out.push(r);
+        }
+        Ok(Some(out))
+    }
+
     fn moe_decode(
         &self,
         e: &CudaExperts,
@@ -1928,6 +2143,120 @@ impl CudaBackend {
 }
 
 impl CudaBackend {
+    /// One SwiGLU job. Prefill-sized batches of quantised gate and up matrices of one shape
+    /// dequantise both into one tile and run one GEMM (`gu`: per token gate then up), halving
+    /// the GEMM calls the host queues; anything else runs the generic operations.
+    fn swiglu_one(&self, j: &SwiGluJob<'_, Self>) -> Result<CudaBuf> {
+        let (g, u) = (j.gate, j.up);
+        let pair = j.n > MATVEC_MAX_TOKENS
+            && g.dtype.is_quantized()
+            && g.kind == u.kind
+            && g.rows == u.rows
+            && g.cols == u.cols
+            && j.down.cols == g.rows
+            && 2 * g.rows * g.cols <= TILE_FLOATS
+            && j.x.len >= j.n * g.cols;
+        if !pair {
+            return swiglu(self, j);
+        }
+        let (rows, cols, n) = (g.rows, g.cols, j.n);
+        let gu = self.new_buf(2 * rows * n)?;
+        {
+            let queued = self.host_clock();
+            let tile = self.new_buf(2 * rows * cols)?;
+            self.dequant(g, None, 0, rows, tile.ptr());
+            self.dequant(u, None, 0, rows, tile.ptr() + (rows * cols * 4) as u64);
+            if let Err(e) = self.blas.set_tf32(self.tf32) {
+                self.fail(e.to_string());
+            }
+            // SAFETY: the tile holds 2·rows × cols f32 (gate rows then up rows), x holds
+            // n × cols (checked above), gu holds n × 2·rows; all on this backend's stream.
+            let r = unsafe {
+                self.blas.sgemm_raw(
+                    true,
+                    false,
+                    2 * rows,
+                    n,
+                    cols,
+                    tile.ptr(),
+                    cols,
+                    j.x.ptr(),
+                    cols,
+                    gu.ptr(),
+                    2 * rows,
+                )
+            };
+            if let Err(e) = r {
+                self.fail(e.to_string());
+            }
+            self.host_time("(host) gemm calls (dequant + cuBLAS)", queued);
+        }
+        let h = self.new_buf(rows * n)?;
+        self.launch(
+            &self.kernels.silu_mul_rows,
+            grid_1d((rows * n) as u64, 256),
+            &[
+                Arg::P(gu.ptr()),
+                Arg::P(h.ptr()),
+                Arg::I(rows as i32),
+                Arg::P(n as u64),
+            ],
+        );
+        drop(gu);
+        let mut out = self.new_buf(0)?;
+        self.matmul(j.down, &h, n, &mut out);
+        self.check()?;
+        Ok(out)
+    }
+
+    /// Attention for several query tokens with the tiled kernel, when the mode and the shape
+    /// allow (see [`PrefillAttention`]); false when the caller should use the one-query kernel.
+    fn attention_tiled(&self, q: &CudaBuf, kv: &CudaKv, p: &AttnParams, out: &CudaBuf) -> bool {
+        let mode = self.prefill_attention();
+        let hd = p.head_dim;
+        let group = p.n_heads / p.n_kv_heads;
+        if mode == PrefillAttention::Basic || p.n_tokens < 2 || group > 64 {
+            return false;
+        }
+        let (kernel, bk) = match (hd, mode) {
+            (64, _) => (&self.kernels.attention_prefill[0], 64),
+            (128, PrefillAttention::Tiled32) => (&self.kernels.attention_prefill[2], 32),
+            (128, _) => (&self.kernels.attention_prefill[1], 64),
+            _ => return false,
+        };
+        let tiles = p.n_tokens.div_ceil(64 / group);
+        let blocks = tiles * p.n_kv_heads;
+        if mode == PrefillAttention::Auto && (p.n_tokens < 16 || 4 * blocks < self.sms) {
+            return false;
+        }
+        let window = match p.window {
+            Some(w) if w > 0 => w as i32,
+            _ => 0,
+        };
+        let cfg = LaunchConfig {
+            grid_dim: (tiles as u32, p.n_kv_heads as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: prefill_attention_smem(hd, bk) as u32,
+        };
+        self.launch(
+            kernel,
+            cfg,
+            &[
+                Arg::P(q.ptr()),
+                Arg::P(kv.k.ptr()),
+                Arg::P(kv.v.ptr()),
+                Arg::P(out.ptr()),
+                Arg::I(p.n_tokens as i32),
+                Arg::I(p.start_pos as i32),
+                Arg::I(p.n_heads as i32),
+                Arg::I(p.n_kv_heads as i32),
+                Arg::I(window),
+                Arg::F(p.scale),
+            ],
+        );
+        true
+    }
+
     /// The 8-bit-activation decode kernel for `w`'s format, when it has one and it is on.
     fn q8_kernel(&self, w: &CudaWeight) -> Option<&K> {
         self.q8_on(w.kind, w.cols)?;

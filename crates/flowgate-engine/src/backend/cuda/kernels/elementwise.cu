@@ -18,6 +18,16 @@ extern "C" __global__ void silu_mul(float* g, const float* u, u64 n) {
     }
 }
 
+// Prefill SwiGLU on one GEMM's output: gu holds per token [gate (rows) | up (rows)];
+// h[t][i] = silu(gate[t][i]) · up[t][i].
+extern "C" __global__ void silu_mul_rows(const float* gu, float* h, int rows, u64 n) {
+    u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n * rows) return;
+    u64 t = i / rows, c = i % rows;
+    float a = gu[t * 2 * rows + c];
+    h[i] = a / (1.0f + expf(-a)) * gu[t * 2 * rows + rows + c];
+}
+
 // out[j] = x[idx[j]] for rows of width dim.
 extern "C" __global__ void gather_rows(const float* x, const u32* idx, float* out, int dim,
                                        int nrows) {

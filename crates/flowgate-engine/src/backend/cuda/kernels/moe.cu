@@ -34,8 +34,12 @@ __device__ __forceinline__ float block_sum(float v, float* sv) {
 // index, as torch.topk and the host's route()), optionally renormalised to sum to one.
 // Writes ids[0..k] (int) and w[0..k].
 #define TOPK_MAXN 4096
+// One block per token: block b reads logits[b·n ..] and writes ids[b·k ..], w[b·k ..].
 extern "C" __global__ void router_topk(const float* logits, int n, int k, int renorm, int* ids,
                                        float* w) {
+    logits += (u64)blockIdx.x * n;
+    ids += (u64)blockIdx.x * k;
+    w += (u64)blockIdx.x * k;
     __shared__ float p[TOPK_MAXN];
     __shared__ float sv[32];
     __shared__ int si[32];

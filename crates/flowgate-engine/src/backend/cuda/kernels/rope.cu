@@ -21,8 +21,9 @@ extern "C" __global__ void rope(float* x, const float* inv_freq, int n_tokens, i
     h[ib] = vb * c + va * s;
 }
 
-// Decode (one token) of the attention block's middle, fused: one block per head (the n_heads
-// query heads, then the n_kv_heads key heads), one thread per rotated pair. Optionally the
+// The attention block's middle, fused: one block per (head, token) (grid.x: the n_heads query
+// heads, then the n_kv_heads key heads; grid.y: tokens at positions pos, pos + 1, …), one
+// thread per rotated pair. Optionally the
 // head's RMSNorm (qwen3: per-head q/k norms; same float order as rms_norm), then RoPE at
 // position `pos`; query heads are rotated in place, key heads are rotated into k and into the
 // cache row `pos` of kc, whose value row of vc gets v. Replaces up to two norms, two ropes and
@@ -32,6 +33,11 @@ extern "C" __global__ void qk_rope_kv(float* q, float* k, const float* v, const 
                                       float* vc, const float* inv_freq, int n_heads,
                                       int n_kv_heads, int head_dim, int pos, int interleaved) {
     __shared__ float part[32];
+    // Token blockIdx.y of the call (grid.y = tokens): its rows of q, k, v and its position.
+    q += (u64)blockIdx.y * n_heads * head_dim;
+    k += (u64)blockIdx.y * n_kv_heads * head_dim;
+    v += (u64)blockIdx.y * n_kv_heads * head_dim;
+    pos += blockIdx.y;
     int hidx = blockIdx.x;
     bool isq = hidx < n_heads;
     int head = isq ? hidx : hidx - n_heads;
