@@ -380,6 +380,81 @@ fn moe_decode_on_device_matches_host_routing() {
         .is_none());
 }
 
+/// The q8 form that the one-row `add_rms_norm` writes in passing (read by the next decode
+/// mat-vecs instead of quantising the row again) equals `quantize_q8`'s: a grouped Q4_K
+/// product and a routed MoE layer right after the norm give bit-identical results to the same
+/// calls with other work queued in between (which makes them quantise the row themselves).
+#[test]
+fn fused_q8_from_add_rms_norm_equals_separate_quantisation() {
+    let Some(gpu) = cuda() else { return };
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x0F05);
+    let (dim, rows, n_exp, k) = (2048usize, 768usize, 16usize, 4usize);
+    let ws: Vec<_> = (0..2)
+        .map(|_| {
+            gpu.weight(random_weight(&mut rng, DType::Q4K, rows, dim))
+                .unwrap()
+        })
+        .collect();
+    let ex: Vec<[_; 3]> = (0..n_exp)
+        .map(|_| {
+            [
+                gpu.weight(random_weight(&mut rng, DType::Q4K, rows, dim))
+                    .unwrap(),
+                gpu.weight(random_weight(&mut rng, DType::Q4K, rows, dim))
+                    .unwrap(),
+                gpu.weight(random_weight(&mut rng, DType::Q4K, dim, rows))
+                    .unwrap(),
+            ]
+        })
+        .collect();
+    let refs: Vec<[_; 3]> = ex.iter().map(|[g, u, d]| [g, u, d]).collect();
+    let set = gpu.experts(&refs).unwrap().expect("uniform experts");
+    let router = gpu
+        .weight(random_weight(&mut rng, DType::F32, n_exp, dim))
+        .unwrap();
+    let (x, y, w) = (
+        randv(&mut rng, dim),
+        randv(&mut rng, dim),
+        randv(&mut rng, dim),
+    );
+    let wb = gpu.buf_from(&w).unwrap();
+    // Outputs are allocated before the norm: allocating zeroed buffers queues a memset, which
+    // (like any queued work) makes the norm's q8 form stale.
+    let run = |interpose: bool| {
+        let yb = gpu.buf_from(&y).unwrap();
+        let (mut a, mut b) = (gpu.buf_zeros(0).unwrap(), gpu.buf_zeros(0).unwrap());
+        let mut out = gpu.buf_zeros(0).unwrap();
+        let (mut h1, mut h2) = (gpu.buf_zeros(0).unwrap(), gpu.buf_zeros(0).unwrap());
+        let (mut x1, mut x2) = (gpu.buf_from(&x).unwrap(), gpu.buf_from(&x).unwrap());
+        gpu.add_rms_norm(&mut x1, &yb, &wb, dim, 1e-6, &mut h1);
+        if interpose {
+            drop(gpu.buf_zeros(8).unwrap());
+        }
+        gpu.matmul_many(&[&ws[0], &ws[1]], &h1, 1, &mut [&mut a, &mut b]);
+        gpu.add_rms_norm(&mut x2, &yb, &wb, dim, 1e-6, &mut h2);
+        if interpose {
+            drop(gpu.buf_zeros(8).unwrap());
+        }
+        gpu.moe_decode(&set, &router, &h2, k, true, &mut out)
+            .unwrap();
+        gpu.check().unwrap();
+        (gpu.to_host(&a), gpu.to_host(&b), gpu.to_host(&out))
+    };
+    let before = gpu.q8_reused();
+    let fused = run(false);
+    assert_eq!(
+        gpu.q8_reused() - before,
+        2,
+        "both consumers read the norm's q8 form"
+    );
+    let separate = run(true);
+    assert_eq!(gpu.q8_reused() - before, 2, "a stale q8 form is never read");
+    assert_eq!(fused.0, separate.0, "grouped product, first matrix");
+    assert_eq!(fused.1, separate.1, "grouped product, second matrix");
+    assert_eq!(fused.2, separate.2, "routed MoE layer");
+    assert!(fused.0.iter().any(|v| *v != 0.0) && fused.2.iter().any(|v| *v != 0.0));
+}
+
 /// Prefill routing on the device (`route_tokens`: the router's GEMM, one top-k block per
 /// token) against the host's `route` on the same logits, 1 to 300 tokens, 40 and 128 experts,
 /// k = 8 renormalised and k = 3 not: the same experts in the same order, weights ≤ 1e-6 apart
@@ -619,6 +694,10 @@ fn operations_match_cpu_backend() {
         (32, 8, 128, 100, 40, None),
         (4, 1, 256, 20, 3, Some(8)),
         (4, 2, 32, 0, 1, None),
+        // Decode with groups of 8 and a head dim that is not a multiple of 32.
+        (32, 4, 128, 520, 1, None),
+        (16, 2, 80, 33, 1, Some(20)),
+        (6, 6, 128, 0, 1, None),
     ] {
         let cap = start + n;
         let kw = kvh * hd;

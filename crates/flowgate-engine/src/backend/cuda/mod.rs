@@ -466,6 +466,28 @@ pub struct CudaBackend {
     attn_counters: Mutex<Option<DeviceBuffer>>,
     /// The device expert cache sparse layers page through (`--vram-budget`).
     pager: Mutex<Option<Arc<ExpertPager>>>,
+    /// Operations queued so far (kernels, copies, memsets, GEMMs): a q8 vector made by a
+    /// fused producer is valid only while no other work has been queued since.
+    seq: std::sync::atomic::AtomicU64,
+    /// The q8 form of the last one-row `add_rms_norm` output (see [`Q8Fresh`]).
+    q8_fresh: Mutex<Option<Q8Fresh>>,
+    /// Whether a weight of a format with an 8-bit-activation kernel was loaded (only then do
+    /// producers make q8 forms).
+    q8_weights: std::sync::atomic::AtomicBool,
+    /// How many q8 forms were read instead of quantising again.
+    q8_reused: std::sync::atomic::AtomicU64,
+}
+
+/// A q8 vector (`quantize_q8`'s layout) of the f32 row at `x`, written by the fused
+/// `add_rms_norm` as it wrote `x`. The decode mat-vec that reads `x` next takes it instead of
+/// quantising `x` again, if nothing was queued in between (`seq`: the count after the producer)
+/// or the row is held by a caller that reads it only (`held`, see `moe_decode`).
+struct Q8Fresh {
+    x: u64,
+    cols: usize,
+    q: CudaBuf,
+    seq: u64,
+    held: bool,
 }
 
 /// Per-kernel device time, when `FLOWGATE_CUDA_PROFILE` is set: each launch and copy is
@@ -630,6 +652,10 @@ impl CudaBackend {
             prefill_attention: std::sync::atomic::AtomicU8::new(PrefillAttention::from_env() as u8),
             attn_counters: Mutex::new(None),
             pager: Mutex::new(None),
+            seq: std::sync::atomic::AtomicU64::new(0),
+            q8_fresh: Mutex::new(None),
+            q8_weights: std::sync::atomic::AtomicBool::new(false),
+            q8_reused: std::sync::atomic::AtomicU64::new(0),
             q8_activations: std::sync::atomic::AtomicBool::new(
                 std::env::var("FLOWGATE_CUDA_Q8").map_or(true, |v| v != "0"),
             ),
@@ -742,6 +768,45 @@ impl CudaBackend {
         }
     }
 
+    /// Counts one queued operation (see `seq`).
+    fn bump(&self) {
+        self.seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The fresh q8 form of the row at `x` (`cols` values), if its producer's output is
+    /// still untouched; consumed.
+    fn take_q8_fresh(&self, x: u64, cols: usize) -> Option<CudaBuf> {
+        let r = lock(&self.q8_fresh).take()?;
+        let now = self.seq.load(std::sync::atomic::Ordering::Relaxed);
+        let fresh = r.x == x && r.cols == cols && (r.held || r.seq == now);
+        if fresh {
+            self.q8_reused
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        fresh.then_some(r.q)
+    }
+
+    /// How many times a decode mat-vec read the q8 form an `add_rms_norm` had just written,
+    /// instead of quantising its input again.
+    pub fn q8_reused(&self) -> u64 {
+        self.q8_reused.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Keeps the fresh q8 form of `x` valid through work that only reads `x`.
+    fn hold_q8_fresh(&self, x: u64, cols: usize) {
+        let now = self.seq.load(std::sync::atomic::Ordering::Relaxed);
+        let mut f = lock(&self.q8_fresh);
+        match f.as_mut() {
+            Some(r) if r.x == x && r.cols == cols && r.seq == now => r.held = true,
+            _ => *f = None,
+        }
+    }
+
+    /// Ends [`Self::hold_q8_fresh`]: an unused q8 vector is dropped.
+    fn release_q8_fresh(&self) {
+        *lock(&self.q8_fresh) = None;
+    }
+
     /// The start of a host-time measurement, when profiling.
     fn host_clock(&self) -> Option<std::time::Instant> {
         self.profile.as_ref().map(|_| std::time::Instant::now())
@@ -798,6 +863,7 @@ impl CudaBackend {
     }
 
     fn launch(&self, k: &K, cfg: LaunchConfig, args: &[Arg]) {
+        self.bump();
         let _timer = self.profile_span(&k.name);
         let mut b = self.stream.raw().launch_builder(k.f.function());
         for a in args {
@@ -863,6 +929,7 @@ impl CudaBackend {
         if src.is_empty() {
             return;
         }
+        self.bump();
         let _timer = self.profile_span("copy host->device");
         if let Err(e) = self.device.bind() {
             self.fail(e.to_string());
@@ -883,6 +950,7 @@ impl CudaBackend {
         if bytes == 0 {
             return;
         }
+        self.bump();
         let _timer = self.profile_span("copy device->device");
         // SAFETY: callers check both ranges against their allocations.
         let r = unsafe { sys::cuMemcpyDtoDAsync_v2(dst, src, bytes, self.stream.cu_stream()) };
@@ -923,6 +991,7 @@ impl CudaBackend {
             self.fail(e.to_string());
             return;
         }
+        self.bump();
         // SAFETY: dst holds at least n_floats 4-byte words (callers size it).
         let r = unsafe { sys::cuMemsetD32Async(dst, 0, n_floats, self.stream.cu_stream()) };
         if r != sys::CUresult::CUDA_SUCCESS {
@@ -984,6 +1053,7 @@ impl CudaBackend {
         // holds n × cols (checked by the caller), out holds n × rows and the tile writes rows
         // r0..r0+tr of each of its n rows (ldc = rows); all on this backend's stream.
         if w.dtype == DType::F32 {
+            self.bump();
             let r = unsafe {
                 self.blas.sgemm_raw(
                     true,
@@ -1023,6 +1093,7 @@ impl CudaBackend {
         while r0 < rows {
             let tr = tile_rows.min(rows - r0);
             self.dequant(w, None, r0, tr, tile.ptr());
+            self.bump();
             let r = unsafe {
                 self.blas.sgemm_raw(
                     true,
@@ -1111,6 +1182,15 @@ impl Backend for CudaBackend {
             .map_err(|e| werr(e.to_string()))?;
         mem.write(&self.stream, 0, bytes)
             .map_err(|e| werr(e.to_string()))?;
+        if self
+            .kernels
+            .matvec1q8
+            .get(kind)
+            .is_some_and(|k| k.is_some())
+        {
+            self.q8_weights
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
         Ok(CudaWeight {
             mem: WMem::Owned(mem),
             dtype: t.dtype,
@@ -1233,6 +1313,13 @@ impl Backend for CudaBackend {
             block_dim: (threads, 1, 1),
             shared_mem_bytes: 0,
         };
+        // One row (decode) with 8-bit activations on: also its q8 form, for the mat-vecs
+        // that read `out` next (q/k/v, gate/up, the experts).
+        let q8 = if x.len == dim && self.q8_on_any(dim) {
+            self.new_buf(q8_bytes(dim).div_ceil(4)).ok()
+        } else {
+            None
+        };
         self.launch(
             &self.kernels.add_rms_norm,
             cfg,
@@ -1243,8 +1330,16 @@ impl Backend for CudaBackend {
                 Arg::P(out.ptr()),
                 Arg::I(dim as i32),
                 Arg::F(eps),
+                Arg::P(q8.as_ref().map_or(0, |b| b.ptr())),
             ],
         );
+        *lock(&self.q8_fresh) = q8.map(|q| Q8Fresh {
+            x: out.ptr(),
+            cols: dim,
+            q,
+            seq: self.seq.load(std::sync::atomic::Ordering::Relaxed),
+            held: false,
+        });
     }
 
     fn rms_norm_inplace(&self, x: &mut CudaBuf, w: &CudaBuf, dim: usize, eps: f32) {
@@ -1942,21 +2037,11 @@ impl Backend for CudaBackend {
                 e.n, router.rows, h.len, e.hidden
             )));
         }
-        let routed = self.route_topk(router, h, e.n, k, renormalise)?;
-        let ids = routed.ptr();
-        let chosen = match &e.paged {
-            Some(p) if self.cpu_experts_on(e) => {
-                let (c, w, hh) =
-                    self.read_back(&p.pager, k, Some(ids), true, Some((h.ptr(), e.hidden)))?;
-                let routes: Vec<(usize, f32)> = c.into_iter().zip(w).collect();
-                self.moe_split(e, Some(&routed), &routes, h, &hh, out)?;
-                return self.start_prefetch(e);
-            }
-            Some(p) => Some(self.read_back(&p.pager, k, Some(ids), false, None)?.0),
-            None => None,
-        };
-        self.moe_experts(e, &routed, k, chosen.as_deref(), h, out)?;
-        self.start_prefetch(e)
+        // The router's products only read h: its q8 form stays valid for the experts.
+        self.hold_q8_fresh(h.ptr(), e.hidden);
+        let r = self.moe_decode_held(e, router, h, k, renormalise, out);
+        self.release_q8_fresh();
+        r
     }
 
     fn moe_predict(
@@ -2029,6 +2114,33 @@ impl Backend for CudaBackend {
 }
 
 impl CudaBackend {
+    /// [`Backend::moe_decode`] with `h`'s q8 form held.
+    fn moe_decode_held(
+        &self,
+        e: &CudaExperts,
+        router: &CudaWeight,
+        h: &CudaBuf,
+        k: usize,
+        renormalise: bool,
+        out: &mut CudaBuf,
+    ) -> Result<()> {
+        let routed = self.route_topk(router, h, e.n, k, renormalise)?;
+        let ids = routed.ptr();
+        let chosen = match &e.paged {
+            Some(p) if self.cpu_experts_on(e) => {
+                let (c, w, hh) =
+                    self.read_back(&p.pager, k, Some(ids), true, Some((h.ptr(), e.hidden)))?;
+                let routes: Vec<(usize, f32)> = c.into_iter().zip(w).collect();
+                self.moe_split(e, Some(&routed), &routes, h, &hh, out)?;
+                return self.start_prefetch(e);
+            }
+            Some(p) => Some(self.read_back(&p.pager, k, Some(ids), false, None)?.0),
+            None => None,
+        };
+        self.moe_experts(e, &routed, k, chosen.as_deref(), h, out)?;
+        self.start_prefetch(e)
+    }
+
     /// Router logits (`router · h`, `n` experts), softmax and top-`k` on the device: a new
     /// buffer of the k ids (ints) then their weights (floats).
     fn route_topk(
@@ -2171,6 +2283,7 @@ impl CudaBackend {
             }
             // SAFETY: the tile holds 2·rows × cols f32 (gate rows then up rows), x holds
             // n × cols (checked above), gu holds n × 2·rows; all on this backend's stream.
+            self.bump();
             let r = unsafe {
                 self.blas.sgemm_raw(
                     true,
@@ -2264,6 +2377,15 @@ impl CudaBackend {
     }
 
     /// Whether products of format `kind` and width `cols` run on 8-bit activations.
+    /// Whether a decode mat-vec of `cols` columns may read 8-bit activations (for producers
+    /// that make the q8 form in passing).
+    fn q8_on_any(&self, cols: usize) -> bool {
+        self.q8_activations
+            .load(std::sync::atomic::Ordering::Relaxed)
+            && self.q8_weights.load(std::sync::atomic::Ordering::Relaxed)
+            && cols.is_multiple_of(256)
+    }
+
     fn q8_on(&self, kind: usize, cols: usize) -> Option<()> {
         let on = self
             .q8_activations
@@ -2276,6 +2398,11 @@ impl CudaBackend {
     /// Quantises the f32 vectors at `xs` (`cols` values each) into consecutive q8 vectors of
     /// a new buffer (stride `q8_bytes(cols)`).
     fn quantize_vectors(&self, xs: &[u64], cols: usize) -> Option<CudaBuf> {
+        if let [x] = xs {
+            if let Some(q) = self.take_q8_fresh(*x, cols) {
+                return Some(q);
+            }
+        }
         let stride = q8_bytes(cols) as u64;
         let Ok(qbuf) = self.new_buf((stride as usize * xs.len()).div_ceil(4)) else {
             self.fail(format!(

@@ -31,9 +31,12 @@ extern "C" __global__ void rms_norm(const float* x, const float* w, float* out, 
 }
 
 // The residual add fused with the next RMSNorm: x += y, then out = rms_norm(x) · w, one block
-// per row (each thread normalises the values it added).
+// per row (each thread normalises the values it added). With q8 non-null (one row, dim a
+// multiple of 32, blockDim a multiple of 32), out is also written as a q8 vector (the layout
+// and rounding of quantize_q8 in matvec_q8.cu: a warp's 32 consecutive values form one
+// group), which the next decode mat-vecs read instead of quantising out again.
 extern "C" __global__ void add_rms_norm(float* x, const float* y, const float* w, float* out,
-                                        int dim, float eps) {
+                                        int dim, float eps, u8* q8) {
     float* xr = x + (u64)blockIdx.x * dim;
     const float* yr = y + (u64)blockIdx.x * dim;
     float* orow = out + (u64)blockIdx.x * dim;
@@ -44,5 +47,13 @@ extern "C" __global__ void add_rms_norm(float* x, const float* y, const float* w
         ss += v * v;
     }
     float r = rms_scale(ss, dim, eps);
-    for (int i = threadIdx.x; i < dim; i += blockDim.x) orow[i] = xr[i] * r * w[i];
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) {
+        float o = xr[i] * r * w[i];
+        orow[i] = o;
+        if (q8) {
+            float d = warp_max(fabsf(o)) / 127.0f;
+            ((i8*)q8)[i] = (i8)(d > 0.0f ? __float2int_rn(o / d) : 0);
+            if ((threadIdx.x & 31) == 0) ((float*)(q8 + dim))[i >> 5] = d;
+        }
+    }
 }
