@@ -380,12 +380,13 @@ fn moe_decode_on_device_matches_host_routing() {
         .is_none());
 }
 
-/// The q8 form that the one-row `add_rms_norm` writes in passing (read by the next decode
-/// mat-vecs instead of quantising the row again) equals `quantize_q8`'s: a grouped Q4_K
-/// product and a routed MoE layer right after the norm give bit-identical results to the same
-/// calls with other work queued in between (which makes them quantise the row themselves).
+/// The q8 forms that the one-row `add_rms_norm` and `silu_mul` write in passing (read by the
+/// next decode mat-vecs instead of quantising the row again) equal `quantize_q8`'s: a grouped
+/// Q4_K product and a routed MoE layer right after the norm, and the down product right after
+/// SiLU·mul, give bit-identical results to the same calls with other work queued in between
+/// (which makes them quantise the row themselves).
 #[test]
-fn fused_q8_from_add_rms_norm_equals_separate_quantisation() {
+fn fused_q8_forms_equal_separate_quantisation() {
     let Some(gpu) = cuda() else { return };
     let mut rng = rand::rngs::StdRng::seed_from_u64(0x0F05);
     let (dim, rows, n_exp, k) = (2048usize, 768usize, 16usize, 4usize);
@@ -412,6 +413,9 @@ fn fused_q8_from_add_rms_norm_equals_separate_quantisation() {
     let router = gpu
         .weight(random_weight(&mut rng, DType::F32, n_exp, dim))
         .unwrap();
+    let down = gpu
+        .weight(random_weight(&mut rng, DType::Q4K, dim, rows))
+        .unwrap();
     let (x, y, w) = (
         randv(&mut rng, dim),
         randv(&mut rng, dim),
@@ -423,7 +427,7 @@ fn fused_q8_from_add_rms_norm_equals_separate_quantisation() {
     let run = |interpose: bool| {
         let yb = gpu.buf_from(&y).unwrap();
         let (mut a, mut b) = (gpu.buf_zeros(0).unwrap(), gpu.buf_zeros(0).unwrap());
-        let mut out = gpu.buf_zeros(0).unwrap();
+        let (mut c, mut out) = (gpu.buf_zeros(0).unwrap(), gpu.buf_zeros(0).unwrap());
         let (mut h1, mut h2) = (gpu.buf_zeros(0).unwrap(), gpu.buf_zeros(0).unwrap());
         let (mut x1, mut x2) = (gpu.buf_from(&x).unwrap(), gpu.buf_from(&x).unwrap());
         gpu.add_rms_norm(&mut x1, &yb, &wb, dim, 1e-6, &mut h1);
@@ -431,6 +435,11 @@ fn fused_q8_from_add_rms_norm_equals_separate_quantisation() {
             drop(gpu.buf_zeros(8).unwrap());
         }
         gpu.matmul_many(&[&ws[0], &ws[1]], &h1, 1, &mut [&mut a, &mut b]);
+        gpu.silu_mul(&mut a, &b);
+        if interpose {
+            drop(gpu.buf_zeros(8).unwrap());
+        }
+        gpu.matmul(&down, &a, 1, &mut c);
         gpu.add_rms_norm(&mut x2, &yb, &wb, dim, 1e-6, &mut h2);
         if interpose {
             drop(gpu.buf_zeros(8).unwrap());
@@ -438,19 +447,19 @@ fn fused_q8_from_add_rms_norm_equals_separate_quantisation() {
         gpu.moe_decode(&set, &router, &h2, k, true, &mut out)
             .unwrap();
         gpu.check().unwrap();
-        (gpu.to_host(&a), gpu.to_host(&b), gpu.to_host(&out))
+        (gpu.to_host(&a), gpu.to_host(&c), gpu.to_host(&out))
     };
     let before = gpu.q8_reused();
     let fused = run(false);
     assert_eq!(
         gpu.q8_reused() - before,
-        2,
-        "both consumers read the norm's q8 form"
+        3,
+        "every consumer read its producer's q8 form"
     );
     let separate = run(true);
-    assert_eq!(gpu.q8_reused() - before, 2, "a stale q8 form is never read");
-    assert_eq!(fused.0, separate.0, "grouped product, first matrix");
-    assert_eq!(fused.1, separate.1, "grouped product, second matrix");
+    assert_eq!(gpu.q8_reused() - before, 3, "a stale q8 form is never read");
+    assert_eq!(fused.0, separate.0, "grouped product, then SiLU·mul");
+    assert_eq!(fused.1, separate.1, "down product of the SiLU·mul output");
     assert_eq!(fused.2, separate.2, "routed MoE layer");
     assert!(fused.0.iter().any(|v| *v != 0.0) && fused.2.iter().any(|v| *v != 0.0));
 }

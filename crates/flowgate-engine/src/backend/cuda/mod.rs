@@ -792,6 +792,17 @@ impl CudaBackend {
         self.q8_reused.load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// Records `q` (if any) as the q8 form of the row at `x` that the launch just queued wrote.
+    fn set_q8_fresh(&self, x: u64, cols: usize, q: Option<CudaBuf>) {
+        *lock(&self.q8_fresh) = q.map(|q| Q8Fresh {
+            x,
+            cols,
+            q,
+            seq: self.seq.load(std::sync::atomic::Ordering::Relaxed),
+            held: false,
+        });
+    }
+
     /// Keeps the fresh q8 form of `x` valid through work that only reads `x`.
     fn hold_q8_fresh(&self, x: u64, cols: usize) {
         let now = self.seq.load(std::sync::atomic::Ordering::Relaxed);
@@ -1333,13 +1344,7 @@ impl Backend for CudaBackend {
                 Arg::P(q8.as_ref().map_or(0, |b| b.ptr())),
             ],
         );
-        *lock(&self.q8_fresh) = q8.map(|q| Q8Fresh {
-            x: out.ptr(),
-            cols: dim,
-            q,
-            seq: self.seq.load(std::sync::atomic::Ordering::Relaxed),
-            held: false,
-        });
+        self.set_q8_fresh(out.ptr(), dim, q8);
     }
 
     fn rms_norm_inplace(&self, x: &mut CudaBuf, w: &CudaBuf, dim: usize, eps: f32) {
@@ -1497,7 +1502,12 @@ impl Backend for CudaBackend {
         self.launch(
             &self.kernels.silu_mul,
             grid_1d(n, 256),
-            &[Arg::P(gu.ptr()), Arg::P(gu.ptr() + f4(nj)), Arg::P(n)],
+            &[
+                Arg::P(gu.ptr()),
+                Arg::P(gu.ptr() + f4(nj)),
+                Arg::P(n),
+                Arg::P(0),
+            ],
         );
         let down: Vec<(&CudaWeight, u64, u64)> = jobs
             .iter()
@@ -1543,11 +1553,24 @@ impl Backend for CudaBackend {
         if n == 0 {
             return;
         }
+        // One decode row (FFN widths are below 2^16; a prefill batch's consumer is a GEMM,
+        // which never reads q8 forms): its q8 form too, for the down product.
+        let q8 = if n <= 1 << 16 && self.q8_on_any(n) {
+            self.new_buf(q8_bytes(n).div_ceil(4)).ok()
+        } else {
+            None
+        };
         self.launch(
             &self.kernels.silu_mul,
             grid_1d(n as u64, 256),
-            &[Arg::P(gate.ptr()), Arg::P(up.ptr()), Arg::P(n as u64)],
+            &[
+                Arg::P(gate.ptr()),
+                Arg::P(up.ptr()),
+                Arg::P(n as u64),
+                Arg::P(q8.as_ref().map_or(0, |b| b.ptr())),
+            ],
         );
+        self.set_q8_fresh(gate.ptr(), n, q8);
     }
 
     fn rope(
@@ -2223,7 +2246,12 @@ impl CudaBackend {
             self.launch(
                 &self.kernels.silu_mul,
                 grid_1d(n, 256),
-                &[Arg::P(gu.ptr()), Arg::P(gu.ptr() + 4 * n), Arg::P(n)],
+                &[
+                    Arg::P(gu.ptr()),
+                    Arg::P(gu.ptr() + 4 * n),
+                    Arg::P(n),
+                    Arg::P(0),
+                ],
             );
             self.matvec1_experts(
                 (t(2), t(2)),

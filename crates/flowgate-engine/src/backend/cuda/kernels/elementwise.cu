@@ -10,11 +10,20 @@ extern "C" __global__ void add_row_bias(float* x, const float* b, u64 n, int wid
     if (i < n) x[i] += b[i % width];
 }
 
-extern "C" __global__ void silu_mul(float* g, const float* u, u64 n) {
+// With q8 non-null (n a multiple of 32), g is also written as a q8 vector (quantize_q8's
+// layout and rounding: a warp's 32 consecutive values form one group) for the decode mat-vec
+// that reads it next.
+extern "C" __global__ void silu_mul(float* g, const float* u, u64 n, u8* q8) {
     u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) {
         float a = g[i];
-        g[i] = a / (1.0f + expf(-a)) * u[i];
+        float o = a / (1.0f + expf(-a)) * u[i];
+        g[i] = o;
+        if (q8) {
+            float d = warp_max(fabsf(o)) / 127.0f;
+            ((i8*)q8)[i] = (i8)(d > 0.0f ? __float2int_rn(o / d) : 0);
+            if ((threadIdx.x & 31) == 0) ((float*)(q8 + n))[i >> 5] = d;
+        }
     }
 }
 
