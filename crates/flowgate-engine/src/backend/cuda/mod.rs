@@ -17,20 +17,31 @@
 //!   llama.cpp's MMVQ: 2× the bandwidth of the f32 kernel, ~4e-3 relative error per product);
 //!   every other format, and Q4_K with `FLOWGATE_CUDA_Q8=0` or
 //!   [`CudaBackend::set_q8_activations`], keeps f32 activations and float-rounding agreement
-//!   with a float64 reference.
+//!   with a float64 reference. The one-row `add_rms_norm` and `silu_mul` also write their
+//!   output's 8-bit form (bit-identical to `quantize_q8`'s), which the next mat-vec reads
+//!   instead of quantising again, valid only while nothing else has been queued (`seq`).
+//!   Prefill SwiGLU of quantised experts dequantises gate and up into one tile for one GEMM.
+//! - **Attention.** Decode: split-K over the cache with the last block merging
+//!   (`attention.cu`). Prefill: a flash-attention-style kernel (`attention_prefill.cu`: 64
+//!   query rows per block, grouped-query heads sharing the key tiles, FP32, online softmax)
+//!   for head dims 64 and 128; `FLOWGATE_CUDA_ATTN=basic` (or
+//!   [`CudaBackend::set_prefill_attention`]) keeps the one-query kernel for comparison.
 //! - **Kernels are CUDA C in `kernels/`**, one file per family (`matvec_quant.cu`,
-//!   `matvec_q8.cu`, `norm.cu`, `rope.cu`, `attention.cu`, `moe.cu`, `elementwise.cu`), with
+//!   `matvec_q8.cu`, `norm.cu`, `rope.cu`, `attention.cu`, `attention_prefill.cu`, `moe.cu`,
+//!   `elementwise.cu`), with
 //!   the shared helpers of `common.cuh` and the block formats of `quant.cuh` prepended; they are
 //!   embedded with `include_str!` and compiled by NVRTC for the device's compute capability
 //!   through flowgate-cuda's [`flowgate_cuda::KernelCache`] (cached on disk).
 //! - **One stream, no host synchronisation inside a decode step**: MoE layers with resident
 //!   experts route on the device ([`Backend::moe_decode`]: router top-k, expert-indexed
 //!   products through a device table of expert addresses); the host reads values only through
-//!   [`Backend::to_host`] (the logits at the end; router logits in prefill and for paged
-//!   experts). Small host inputs (token ids, row indices of prefill gathers) are queued with
+//!   [`Backend::to_host`] (the logits at the end; in prefill the chosen experts and weights of
+//!   every token, routed on the device by [`Backend::route_tokens`], once per MoE layer; the
+//!   routes of paged experts). Small host inputs (token ids, row indices of prefill gathers) are queued with
 //!   asynchronous pageable copies, which the driver stages before returning; decode-sized ones
 //!   go as kernel parameters. No CUDA graph yet: each operation is a launch; two chains are
-//!   fused to cut their number (residual add with RMSNorm; q/k norm, RoPE and KV write).
+//!   fused to cut their number (residual add with RMSNorm; q/k norm, RoPE and KV write, for
+//!   any number of tokens).
 //! - **Activation buffers come from a pool** ([`CudaBuf`] returns its memory on drop): a forward
 //!   pass allocates the same sizes every step, and `cuMemFree` would synchronise the device.
 //!   Every allocation (weights, KV, pool) is charged to one [`flowgate_cuda::MemoryBudget`]:
@@ -40,7 +51,8 @@
 //!   `Model::forward` calls before returning logits — a clear error, never a panic.
 //! - **Profiling.** With `FLOWGATE_CUDA_PROFILE=1` every launch and copy is bracketed by events
 //!   and [`CudaBackend::profile_report`] gives device time per kernel (`flowgate bench decode
-//!   --device cuda` prints it).
+//!   --device cuda` prints it), plus host time in rows named "(host) …": waiting in
+//!   `to_host`, queueing launches, queueing GEMMs (a host that never waits is the bottleneck).
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
