@@ -595,28 +595,8 @@ fn tiled_prefill_attention_matches_cpu_backend() {
         (12, 4, 64, 0, 2, None),
         (4, 4, 64, 1000, 20, Some(700)),
     ] {
-        let cap = start + n;
-        let kw = kvh * hd;
-        let mut kc = cpu.kv_alloc(kvh, hd, cap).unwrap();
-        let mut kg = gpu.kv_alloc(kvh, hd, cap).unwrap();
-        let k = randv(&mut rng, cap * kw);
-        let v = randv(&mut rng, cap * kw);
-        cpu.kv_write(&mut kc, &k, &v, cap, 0);
-        let (kb, vb) = (gpu.buf_from(&k).unwrap(), gpu.buf_from(&v).unwrap());
-        gpu.kv_write(&mut kg, &kb, &vb, cap, 0);
-        let q: Vec<f32> = randv(&mut rng, n * heads * hd)
-            .iter()
-            .map(|v| v * 3.0)
-            .collect();
-        let p = AttnParams {
-            n_tokens: n,
-            start_pos: start,
-            n_heads: heads,
-            n_kv_heads: kvh,
-            head_dim: hd,
-            window,
-            scale: 1.0 / (hd as f32).sqrt(),
-        };
+        let (q, kc, kg, p) =
+            attention_inputs(&cpu, &gpu, &mut rng, (heads, kvh, hd, start, n, window));
         let mut want = Vec::new();
         cpu.attention(&q, &kc, p, &mut want);
         let qg = gpu.buf_from(&q).unwrap();
@@ -641,6 +621,47 @@ fn tiled_prefill_attention_matches_cpu_backend() {
         }
     }
     gpu.set_prefill_attention(PrefillAttention::Auto);
+}
+
+/// Random attention inputs for one shape `(heads, kv heads, head dim, start, tokens, window)`:
+/// the queries (×3, for peaked softmaxes), the same random cache of `start + tokens` positions
+/// on the CPU and the GPU (written in two parts: the prefix, then the current tokens), and the
+/// parameters.
+fn attention_inputs(
+    cpu: &CpuBackend,
+    gpu: &CudaBackend,
+    rng: &mut impl Rng,
+    (heads, kvh, hd, start, n, window): (usize, usize, usize, usize, usize, Option<usize>),
+) -> (
+    Vec<f32>,
+    <CpuBackend as Backend>::Kv,
+    <CudaBackend as Backend>::Kv,
+    AttnParams,
+) {
+    let kw = kvh * hd;
+    let mut kc = cpu.kv_alloc(kvh, hd, start + n).unwrap();
+    let mut kg = gpu.kv_alloc(kvh, hd, start + n).unwrap();
+    for (s0, len) in [(0usize, start), (start, n)] {
+        if len == 0 {
+            continue;
+        }
+        let k = randv(rng, len * kw);
+        let v = randv(rng, len * kw);
+        cpu.kv_write(&mut kc, &k, &v, len, s0);
+        let (kb, vb) = (gpu.buf_from(&k).unwrap(), gpu.buf_from(&v).unwrap());
+        gpu.kv_write(&mut kg, &kb, &vb, len, s0);
+    }
+    let q: Vec<f32> = randv(rng, n * heads * hd).iter().map(|v| v * 3.0).collect();
+    let p = AttnParams {
+        n_tokens: n,
+        start_pos: start,
+        n_heads: heads,
+        n_kv_heads: kvh,
+        head_dim: hd,
+        window,
+        scale: 1.0 / (hd as f32).sqrt(),
+    };
+    (q, kc, kg, p)
 }
 
 fn upload_pair(gpu: &CudaBackend, v: &[f32]) -> (Vec<f32>, <CudaBackend as Backend>::Buf) {
@@ -708,34 +729,8 @@ fn operations_match_cpu_backend() {
         (16, 2, 80, 33, 1, Some(20)),
         (6, 6, 128, 0, 1, None),
     ] {
-        let cap = start + n;
-        let kw = kvh * hd;
-        let mut kc = cpu.kv_alloc(kvh, hd, cap).unwrap();
-        let mut kg = gpu.kv_alloc(kvh, hd, cap).unwrap();
-        // Fill the cache in two writes (prefix, then the current tokens).
-        for (s0, len) in [(0usize, start), (start, n)] {
-            if len == 0 {
-                continue;
-            }
-            let k = randv(&mut rng, len * kw);
-            let v = randv(&mut rng, len * kw);
-            cpu.kv_write(&mut kc, &k, &v, len, s0);
-            let (kb, vb) = (gpu.buf_from(&k).unwrap(), gpu.buf_from(&v).unwrap());
-            gpu.kv_write(&mut kg, &kb, &vb, len, s0);
-        }
-        let q: Vec<f32> = randv(&mut rng, n * heads * hd)
-            .iter()
-            .map(|v| v * 3.0)
-            .collect();
-        let p = AttnParams {
-            n_tokens: n,
-            start_pos: start,
-            n_heads: heads,
-            n_kv_heads: kvh,
-            head_dim: hd,
-            window,
-            scale: 1.0 / (hd as f32).sqrt(),
-        };
+        let (q, kc, kg, p) =
+            attention_inputs(&cpu, &gpu, &mut rng, (heads, kvh, hd, start, n, window));
         let mut oc = Vec::new();
         let mut og = gpu.buf_zeros(0).unwrap();
         cpu.attention(&q, &kc, p, &mut oc);

@@ -2018,25 +2018,7 @@ impl Backend for CudaBackend {
         if n == 0 || n_experts > 4096 || k == 0 || k > 64 || k > n_experts || n > 65535 {
             return Ok(None);
         }
-        let mut logits = self.new_buf(n * n_experts)?;
-        self.matmul(router, h, n, &mut logits);
-        let routed = self.new_buf(2 * n * k)?;
-        self.launch(
-            &self.kernels.router_topk,
-            LaunchConfig {
-                grid_dim: (n as u32, 1, 1),
-                block_dim: (256, 1, 1),
-                shared_mem_bytes: 0,
-            },
-            &[
-                Arg::P(logits.ptr()),
-                Arg::I(n_experts as i32),
-                Arg::I(k as i32),
-                Arg::I(renormalise as i32),
-                Arg::P(routed.ptr()),
-                Arg::P(routed.ptr() + (4 * n * k) as u64),
-            ],
-        );
+        let routed = self.route_topk(router, h, n, n_experts, k, renormalise)?;
         let v = self.to_host(&routed);
         self.check()?;
         let (ids, ws) = v.split_at(n * k);
@@ -2092,7 +2074,7 @@ impl Backend for CudaBackend {
         if !p.pager.prefetch() || k == 0 || k > 64 || next_router.rows != next.n {
             return Ok(());
         }
-        let pred = self.route_topk(next_router, h, next.n, k, false)?;
+        let pred = self.route_topk(next_router, h, 1, next.n, k, false)?;
         // Read back with this layer's routes (the same synchronisation).
         p.pager.set_predicted(p.layer, k, pred);
         self.check()
@@ -2159,7 +2141,7 @@ impl CudaBackend {
         renormalise: bool,
         out: &mut CudaBuf,
     ) -> Result<()> {
-        let routed = self.route_topk(router, h, e.n, k, renormalise)?;
+        let routed = self.route_topk(router, h, 1, e.n, k, renormalise)?;
         let ids = routed.ptr();
         let chosen = match &e.paged {
             Some(p) if self.cpu_experts_on(e) => {
@@ -2176,23 +2158,25 @@ impl CudaBackend {
         self.start_prefetch(e)
     }
 
-    /// Router logits (`router · h`, `n` experts), softmax and top-`k` on the device: a new
-    /// buffer of the k ids (ints) then their weights (floats).
+    /// Router logits (`router · h`, `n` experts, for `tokens` rows of `h`), softmax and
+    /// top-`k` on the device, one block per token: a new buffer of the `tokens·k` ids (ints)
+    /// then their weights (floats), token by token.
     fn route_topk(
         &self,
         router: &CudaWeight,
         h: &CudaBuf,
+        tokens: usize,
         n: usize,
         k: usize,
         renormalise: bool,
     ) -> Result<CudaBuf> {
-        let mut logits = self.new_buf(n)?;
-        self.matmul(router, h, 1, &mut logits);
-        let routed = self.new_buf(2 * k)?;
+        let mut logits = self.new_buf(tokens * n)?;
+        self.matmul(router, h, tokens, &mut logits);
+        let routed = self.new_buf(2 * tokens * k)?;
         self.launch(
             &self.kernels.router_topk,
             LaunchConfig {
-                grid_dim: (1, 1, 1),
+                grid_dim: (tokens as u32, 1, 1),
                 block_dim: (256, 1, 1),
                 shared_mem_bytes: 0,
             },
@@ -2202,7 +2186,7 @@ impl CudaBackend {
                 Arg::I(k as i32),
                 Arg::I(renormalise as i32),
                 Arg::P(routed.ptr()),
-                Arg::P(routed.ptr() + 4 * k as u64),
+                Arg::P(routed.ptr() + (4 * tokens * k) as u64),
             ],
         );
         Ok(routed)
