@@ -312,12 +312,7 @@ impl<B: Backend> MoeFfn<B> {
                     .map(|(&e, g)| ex[e].job(g.as_ref().unwrap_or(h), chosen[e].0.len()))
                     .collect();
                 let ys = b.swiglu_many(&jobs)?;
-                let parts: Vec<_> = used
-                    .iter()
-                    .zip(&ys)
-                    .map(|(&e, y)| (y, chosen[e].0.as_slice(), chosen[e].1.as_slice()))
-                    .collect();
-                b.scatter_add_many(&mut out, s.hidden, &parts);
+                add_expert_outputs(b, &mut out, s.hidden, &used, &ys, &chosen);
             }
             Experts::Device => {
                 let dev = self.device.as_ref().ok_or_else(|| {
@@ -340,12 +335,7 @@ impl<B: Backend> MoeFfn<B> {
                         })
                         .collect();
                     let ys = b.swiglu_many(&jobs)?;
-                    let parts: Vec<_> = wave
-                        .iter()
-                        .zip(&ys)
-                        .map(|(&e, y)| (y, chosen[e].0.as_slice(), chosen[e].1.as_slice()))
-                        .collect();
-                    b.scatter_add_many(&mut out, s.hidden, &parts);
+                    add_expert_outputs(b, &mut out, s.hidden, wave, &ys, &chosen);
                 }
             }
             Experts::Paged { layer, cache } => {
@@ -397,13 +387,10 @@ impl<B: Backend> MoeFfn<B> {
                             ys[i] = Some(y);
                         }
                     }
-                    for (&e, y) in wave.iter().zip(ys) {
-                        let y = y.ok_or_else(|| {
-                            EngineError::Invalid("an expert of the wave was not computed".into())
-                        })?;
-                        let (idx, w) = &chosen[e];
-                        b.scatter_add_rows(&mut out, &y, s.hidden, idx, w);
-                    }
+                    let ys = ys.into_iter().collect::<Option<Vec<_>>>().ok_or_else(|| {
+                        EngineError::Invalid("an expert of the wave was not computed".into())
+                    })?;
+                    add_expert_outputs(b, &mut out, s.hidden, wave, &ys, &chosen);
                 }
             }
         }
@@ -427,6 +414,24 @@ impl<B: Backend> MoeFfn<B> {
         }
         Ok(())
     }
+}
+
+/// `out[t] += weight · ys[i][row of t]` for every token `t` that chose expert `experts[i]`
+/// (`chosen[e]`: its tokens and their weights), experts in order.
+fn add_expert_outputs<B: Backend>(
+    b: &B,
+    out: &mut B::Buf,
+    dim: usize,
+    experts: &[usize],
+    ys: &[B::Buf],
+    chosen: &[(Vec<usize>, Vec<f32>)],
+) {
+    let parts: Vec<_> = experts
+        .iter()
+        .zip(ys)
+        .map(|(&e, y)| (y, chosen[e].0.as_slice(), chosen[e].1.as_slice()))
+        .collect();
+    b.scatter_add_many(out, dim, &parts);
 }
 
 /// Softmax over `logits`, the `k` largest, optionally renormalised. Returns `(expert, weight)`,
