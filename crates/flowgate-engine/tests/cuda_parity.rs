@@ -1301,3 +1301,109 @@ fn vram_over_ram_over_file_matches_resident() {
     }
     assert!(checked >= 3, "only {checked} MoE models checked");
 }
+
+/// Decode steps recorded as CUDA graphs and replayed (token and position read from device
+/// memory, the attention's splits worked out on the device) give exactly the logits of steps
+/// queued one launch at a time, bit for bit: on dense and MoE fixtures (one with a sliding
+/// window) and the Q4_K files of FLOWGATE_Q4K_MODELS (with 8-bit activations, without, and
+/// dequantised to F32), through a sequence that starts with steps on a fresh backend (over
+/// device memory left dirty), interleaves two caches (one graph each), and runs a prefill on a
+/// third cache in between. The counts check that exactly one graph per cache was recorded and
+/// every other step (but the first, see below) replayed one, so a path that silently stopped
+/// using them (or recorded again each step) would fail.
+#[test]
+fn decode_graphs_replay_eager_steps_exactly() {
+    if cuda().is_none() {
+        return;
+    }
+    // (name, model): fixtures as loaded; the Q4_K files with 8-bit activations, without, and
+    // dequantised to F32.
+    let mut models: Vec<(String, Model<CudaBackend>)> =
+        ["llama", "mistral", "qwen3_moe", "mixtral"]
+            .iter()
+            .filter_map(|n| Some((n.to_string(), load_cuda(&fixtures().join(n))?.model)))
+            .collect();
+    if let Ok(list) = std::env::var("FLOWGATE_Q4K_MODELS") {
+        for path in list.split(',').filter(|p| !p.is_empty()) {
+            let f = flowgate_formats::model::open(Path::new(path)).unwrap();
+            let tensors = flowgate_engine::weights::load_all(&f.catalog, 4, None).unwrap();
+            let exact = cuda().unwrap();
+            exact.set_q8_activations(false);
+            let twin = dequantised(&tensors);
+            models.push((
+                format!("{path} F32 twin"),
+                Model::new(f.spec.clone(), cuda().unwrap(), twin).unwrap(),
+            ));
+            models.push((
+                format!("{path} f32 activations"),
+                Model::new(f.spec.clone(), exact, tensors.clone()).unwrap(),
+            ));
+            models.push((
+                path.to_string(),
+                Model::new(f.spec.clone(), cuda().unwrap(), tensors).unwrap(),
+            ));
+        }
+    }
+    for (path, m) in &models {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(0x6A4F);
+        let mut toks = |n: usize| -> Vec<u32> {
+            (0..n)
+                .map(|_| rng.random_range(0..m.spec.vocab_size as u32))
+                .collect()
+        };
+        // (cache, tokens): prefills and single steps, in order; the very first call is a step
+        // (recorded on a backend that has not run attention yet).
+        let mut script: Vec<(usize, Vec<u32>)> = (0..3).map(|_| (0, toks(1))).collect();
+        script.push((0, toks(5)));
+        script.extend((0..6).map(|_| (0, toks(1))));
+        script.push((1, toks(3)));
+        script.extend((0..4).flat_map(|_| [(0, toks(1)), (1, toks(1))]));
+        script.push((2, toks(70)));
+        script.extend((0..3).flat_map(|_| [(1, toks(1)), (0, toks(1))]));
+        let play = |graphs: bool| -> Vec<Vec<f32>> {
+            m.backend.set_decode_graphs(graphs);
+            let mut caches: Vec<_> = (0..3).map(|_| m.new_cache(96).unwrap()).collect();
+            script
+                .iter()
+                .map(|(c, t)| m.forward(t, &mut caches[*c], Logits::Last).unwrap())
+                .collect()
+        };
+        // Graphs first, on device memory other work has left dirty: state a recording set up
+        // lazily (zeroed counters, uploaded tables) would only be recorded, never run, and
+        // would read as garbage.
+        dirty_device_memory();
+        let graphed = play(true);
+        let (rec, rep) = m.backend.decode_graph_counts();
+        let eager = play(false);
+        let steps = script.iter().filter(|(_, t)| t.len() == 1).count() as u64;
+        eprintln!("{path}: {steps} steps, {rec} recorded as graphs, {rep} replayed");
+        for (i, (e, g)) in eager.iter().zip(&graphed).enumerate() {
+            let same =
+                e.len() == g.len() && e.iter().zip(g).all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(
+                same,
+                "{path}: call {i} of the script differs with graphs (rel err {:.3e})",
+                rel_err(g, e)
+            );
+        }
+        // The first step may be queued without a graph: the backend's rope table is uploaded
+        // on its first use, which a recording declines to do.
+        assert!(
+            rec == 2 && (steps - 3..=steps - 2).contains(&rep),
+            "{path}: {rec} recorded and {rep} replayed of {steps} steps"
+        );
+    }
+}
+
+/// Allocates device buffers of many small sizes on a backend of its own, fills them with NaN
+/// bit patterns and frees them, so that the next small allocations (of any backend) are
+/// likely to land on non-zero memory.
+fn dirty_device_memory() {
+    let Some(b) = cuda() else { return };
+    let bufs: Vec<_> = (8..17)
+        .flat_map(|p| std::iter::repeat_n(1usize << p, 32))
+        .map(|n| b.buf_from(&vec![f32::from_bits(0x7fc0_0001); n]).unwrap())
+        .collect();
+    b.synchronize().unwrap();
+    drop(bufs);
+}

@@ -308,6 +308,33 @@ pub trait Backend: Send + Sync + Sized {
             "this backend does not page experts".into(),
         ))
     }
+
+    /// Decode steps as recorded graphs (CUDA graphs): one token at position `pos` of the
+    /// cache whose layers are `kv`. [`StepGraph::Replayed`]: a step recorded earlier for this
+    /// cache ran with `token` and `pos` read from device memory, and these are its logits.
+    /// [`StepGraph::Recording`]: the caller now queues the step as usual (nothing runs yet),
+    /// then must call [`Backend::step_graph_end`]. [`StepGraph::Eager`] (the default): run
+    /// the step as usual. The caller guarantees the step needs no host synchronisation
+    /// (resident weights, routing on the device).
+    fn step_graph(&self, _kv: &[Self::Kv], _token: u32, _pos: usize) -> Result<StepGraph> {
+        Ok(StepGraph::Eager)
+    }
+
+    /// Ends the recording [`Backend::step_graph`] began, with the step's logits buffer (`None`
+    /// when queueing failed). True: the graph was kept and launched, and `logits` holds this
+    /// step's logits once read. False: nothing of the step ran; queue it again without a
+    /// graph.
+    fn step_graph_end(&self, _logits: Option<&Self::Buf>) -> bool {
+        false
+    }
+}
+
+/// What [`Backend::step_graph`] did.
+#[derive(Debug)]
+pub enum StepGraph {
+    Replayed(Vec<f32>),
+    Recording,
+    Eager,
 }
 
 /// One [`SwiGluJob`] with the backend's basic operations.

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use flowgate_formats::catalog::names;
 use flowgate_formats::ModelSpec;
 
-use crate::backend::Backend;
+use crate::backend::{Backend, StepGraph};
 use crate::error::{EngineError, Result};
 use crate::kv::KvCache;
 use crate::residency::HostExpertCache;
@@ -211,6 +211,10 @@ impl<B: Backend> Model<B> {
 
     /// Runs `tokens` (positions `cache.len()..`) through the model, appending to the cache.
     /// Returns logits, `vocab_size` per requested position, row-major.
+    ///
+    /// A single token whose step needs nothing from the host (the model's router, experts on
+    /// the device) goes through [`Backend::step_graph`]: recorded once per cache, then
+    /// replayed with its token and position read from device memory (CUDA graphs).
     pub fn forward(
         &self,
         tokens: &[u32],
@@ -222,6 +226,73 @@ impl<B: Backend> Model<B> {
         }
         cache.check_room(tokens.len())?;
         let t0 = std::time::Instant::now();
+        let b = &self.backend;
+        let n = tokens.len();
+        if n == 1 && self.step_is_device_only() {
+            let (token, start) = (tokens[0], cache.len());
+            if token as usize >= self.spec.vocab_size {
+                return Err(EngineError::TokenOutOfRange {
+                    id: token,
+                    vocab: self.spec.vocab_size,
+                });
+            }
+            match b.step_graph(&cache.layers, token, start)? {
+                StepGraph::Replayed(out) => {
+                    b.check()?;
+                    cache.advance(1);
+                    return Ok(out);
+                }
+                StepGraph::Recording => {
+                    let queued = self.queue(tokens, cache, which);
+                    if b.step_graph_end(queued.as_ref().ok()) {
+                        return self.finish(queued?, cache, n, t0);
+                    }
+                    // Nothing ran: queue the step again without a graph.
+                }
+                StepGraph::Eager => {}
+            }
+        }
+        let logits = self.queue(tokens, cache, which)?;
+        self.finish(logits, cache, n, t0)
+    }
+
+    /// Whether a one-token step runs wholly on the backend: the model's router and every
+    /// sparse layer's experts on the device (no routes or logits read back mid-step).
+    fn step_is_device_only(&self) -> bool {
+        self.routing == Routing::Router
+            && self.layers.iter().all(|l| match &l.ffn {
+                Ffn::Dense(_) => true,
+                Ffn::Moe(m) => m.decodes_on_device(),
+            })
+    }
+
+    /// Reads the logits of a queued step and counts its tokens into the cache.
+    fn finish(
+        &self,
+        logits: B::Buf,
+        cache: &mut KvCache<B>,
+        n: usize,
+        t0: std::time::Instant,
+    ) -> Result<Vec<f32>> {
+        let b = &self.backend;
+        // On an asynchronous backend the work is only queued so far: the two times tell
+        // whether the host (queueing) or the device bounds a step.
+        let queued = t0.elapsed();
+        let out = b.to_host(&logits);
+        tracing::trace!(
+            tokens = n,
+            queued_us = queued.as_micros() as u64,
+            total_us = t0.elapsed().as_micros() as u64,
+            "forward"
+        );
+        b.check()?;
+        cache.advance(n);
+        Ok(out)
+    }
+
+    /// Queues `tokens` (positions `cache.len()..`) through every layer, writing their keys
+    /// and values into the cache (its length is not advanced); returns the logits buffer.
+    fn queue(&self, tokens: &[u32], cache: &mut KvCache<B>, which: Logits) -> Result<B::Buf> {
         let b = &self.backend;
         let s = &self.spec;
         let n = tokens.len();
@@ -291,7 +362,6 @@ impl<B: Backend> Model<B> {
             Pending::Dense => b.add(&mut x, scratch.ffn_out()),
             Pending::Moe(y) => b.add(&mut x, &y),
         }
-        cache.advance(n);
         let (rows, last) = match which {
             Logits::All => (n, 0),
             Logits::Last => (1, n - 1),
@@ -305,17 +375,6 @@ impl<B: Backend> Model<B> {
         let mut logits = b.buf_zeros(rows * s.vocab_size)?;
         let out_w = self.output.as_ref().unwrap_or(&self.embd);
         b.matmul(out_w, &h, rows, &mut logits);
-        // On an asynchronous backend the work is only queued so far: the two times tell
-        // whether the host (queueing) or the device bounds a step.
-        let queued = t0.elapsed();
-        let out = b.to_host(&logits);
-        tracing::trace!(
-            tokens = n,
-            queued_us = queued.as_micros() as u64,
-            total_us = t0.elapsed().as_micros() as u64,
-            "forward"
-        );
-        b.check()?;
-        Ok(out)
+        Ok(logits)
     }
 }

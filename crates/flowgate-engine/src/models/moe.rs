@@ -101,6 +101,13 @@ fn expert_tensor(src: &mut TensorSource, l: usize, stem: &str, e: usize) -> Resu
 }
 
 impl<B: Backend> MoeFfn<B> {
+    /// Whether one token routed by the model's router runs wholly on the backend (routing
+    /// and experts on the device, nothing read back; a shared expert's gate is still
+    /// applied on the host).
+    pub(crate) fn decodes_on_device(&self) -> bool {
+        self.device.is_some() && self.shared.is_none()
+    }
+
     pub(crate) fn load(b: &B, s: &ModelSpec, l: usize, src: &mut TensorSource) -> Result<Self> {
         let m = s
             .moe

@@ -60,12 +60,13 @@ use flowgate_cuda::cudarc::driver::{sys, LaunchConfig, PushKernelArg};
 use flowgate_cuda::{Blas, CudaError, Device, DeviceAllocator, DeviceBuffer, Kernel, Stream};
 use flowgate_formats::{DType, RopeStyle};
 
-use super::{swiglu, AttnParams, Backend, QkRope, Route, ScatterPart, SwiGluJob};
+use super::{swiglu, AttnParams, Backend, QkRope, Route, ScatterPart, StepGraph, SwiGluJob};
 use crate::error::{EngineError, Result};
 use crate::weights::HostTensor;
 
 pub use flowgate_cuda::{Cuda, DeviceSpec, Resolved};
 
+mod graph;
 mod paging;
 mod pinned_tier;
 pub use paging::{CpuExperts, ExpertPager, PagedLayer};
@@ -127,6 +128,9 @@ fn cuda_err(e: CudaError) -> EngineError {
 struct Pool {
     alloc: DeviceAllocator,
     free: Mutex<Vec<DeviceBuffer>>,
+    /// While a decode step is being recorded: where buffers taken meanwhile go on release
+    /// (the graph's, see `graph.rs`).
+    recording: Mutex<Option<graph::Held>>,
 }
 
 impl Pool {
@@ -177,11 +181,34 @@ impl Pool {
             free.push(b);
         }
     }
+
+    /// A buffer for `bytes`, with the graph it belongs to if one is being recorded.
+    fn take(&self, bytes: usize) -> std::result::Result<PoolMem, CudaError> {
+        let mem = self.get(bytes)?;
+        Ok(PoolMem {
+            mem,
+            held: lock(&self.recording).clone(),
+        })
+    }
+
+    fn release(&self, m: PoolMem) {
+        match m.held {
+            Some(h) => lock(&h).push(m.mem),
+            None => self.put(m.mem),
+        }
+    }
+}
+
+/// Pool memory and, if it was taken while a decode step was being recorded, the graph that
+/// owns it once released.
+struct PoolMem {
+    mem: DeviceBuffer,
+    held: Option<graph::Held>,
 }
 
 /// f32 activations on the device. Its memory goes back to the backend's pool on drop.
 pub struct CudaBuf {
-    mem: Option<DeviceBuffer>,
+    mem: Option<PoolMem>,
     len: usize,
     pool: Arc<Pool>,
 }
@@ -197,18 +224,18 @@ impl CudaBuf {
     }
 
     fn ptr(&self) -> u64 {
-        self.mem.as_ref().map_or(0, |m| m.ptr())
+        self.mem.as_ref().map_or(0, |m| m.mem.ptr())
     }
 
     fn capacity(&self) -> usize {
-        self.mem.as_ref().map_or(0, |m| m.len() / 4)
+        self.mem.as_ref().map_or(0, |m| m.mem.len() / 4)
     }
 }
 
 impl Drop for CudaBuf {
     fn drop(&mut self) {
         if let Some(m) = self.mem.take() {
-            self.pool.put(m);
+            self.pool.release(m);
         }
     }
 }
@@ -488,6 +515,12 @@ pub struct CudaBackend {
     q8_weights: std::sync::atomic::AtomicBool,
     /// How many q8 forms were read instead of quantising again.
     q8_reused: std::sync::atomic::AtomicU64,
+    /// Recorded decode steps (`graph.rs`).
+    graphs: Mutex<graph::Graphs>,
+    /// The step slot's address while a step is being recorded, else 0.
+    recording: std::sync::atomic::AtomicU64,
+    /// Why the recording in progress cannot be used, if it cannot.
+    graph_taint: Mutex<Option<String>>,
 }
 
 /// A q8 vector (`quantize_q8`'s layout) of the f32 row at `x`, written by the fused
@@ -651,6 +684,7 @@ impl CudaBackend {
             pool: Arc::new(Pool {
                 alloc: alloc.clone(),
                 free: Mutex::new(Vec::new()),
+                recording: Mutex::new(None),
             }),
             device,
             stream,
@@ -674,6 +708,9 @@ impl CudaBackend {
             profile: std::env::var_os("FLOWGATE_CUDA_PROFILE")
                 .filter(|v| !v.is_empty() && v != "0")
                 .map(|_| Mutex::new(Profile::default())),
+            graphs: Mutex::new(graph::Graphs::new()),
+            recording: std::sync::atomic::AtomicU64::new(0),
+            graph_taint: Mutex::new(None),
         })
     }
 
@@ -917,7 +954,7 @@ impl CudaBackend {
             pool: self.pool.clone(),
         };
         if n > 0 {
-            b.mem = Some(self.pool.get(n * 4).map_err(cuda_err)?);
+            b.mem = Some(self.pool.take(n * 4).map_err(cuda_err)?);
         }
         b.len = n;
         Ok(b)
@@ -927,9 +964,9 @@ impl CudaBackend {
     fn ensure(&self, b: &mut CudaBuf, n: usize) -> bool {
         if b.capacity() < n {
             if let Some(old) = b.mem.take() {
-                self.pool.put(old);
+                self.pool.release(old);
             }
-            match n.checked_mul(4).map(|bytes| self.pool.get(bytes)) {
+            match n.checked_mul(4).map(|bytes| self.pool.take(bytes)) {
                 Some(Ok(m)) => b.mem = Some(m),
                 Some(Err(e)) => {
                     self.fail(format!("allocating {n} floats: {e}"));
@@ -947,11 +984,55 @@ impl CudaBackend {
         true
     }
 
+    /// `len` floats at device address `ptr`, after the work queued before (synchronises).
+    fn read_floats(&self, ptr: u64, len: usize) -> Vec<f32> {
+        let mut out = vec![0f32; len];
+        if len == 0 {
+            return out;
+        }
+        if self.recording_step().is_some() {
+            // Nothing runs while a step is recorded: there is nothing to read yet.
+            self.taint_recording("a read back to the host");
+            out.fill(f32::NAN);
+            return out;
+        }
+        let res = (|| {
+            self.device.bind()?;
+            // SAFETY: `ptr` holds `len` floats; `out` is exclusively borrowed until the
+            // stream synchronisation below completes the copy.
+            let r = unsafe {
+                sys::cuMemcpyDtoHAsync_v2(
+                    out.as_mut_ptr().cast(),
+                    ptr,
+                    len * 4,
+                    self.stream.cu_stream(),
+                )
+            };
+            let waited = self.host_clock();
+            let sync = self.stream.synchronize();
+            self.host_time("(host) waiting in to_host", waited);
+            if r != sys::CUresult::CUDA_SUCCESS {
+                return Err(CudaError::Driver {
+                    op: "cuMemcpyDtoHAsync",
+                    msg: format!("{r:?}"),
+                });
+            }
+            sync
+        })();
+        if let Err(e) = res {
+            self.fail(e.to_string());
+            out.fill(f32::NAN);
+        }
+        out
+    }
+
     /// Queues a copy of host bytes into `dst` (which must hold them).
     fn upload(&self, dst: u64, src: &[u8]) {
         if src.is_empty() {
             return;
         }
+        // A captured copy would replay this step's bytes.
+        self.taint_recording("a host→device copy");
         self.bump();
         let _timer = self.profile_span("copy host->device");
         if let Err(e) = self.device.bind() {
@@ -983,13 +1064,20 @@ impl CudaBackend {
     }
 
     /// Address of at least `n` zeroed attention merge counters (see `attention.cu`).
-    fn attn_counters(&self, n: usize) -> Option<u64> {
+    pub(super) fn attn_counters(&self, n: usize) -> Option<u64> {
         let mut c = lock(&self.attn_counters);
         if let Some(b) = c.as_ref() {
             if b.len() >= n * 4 {
                 return Some(b.ptr());
             }
         }
+        if self.recording_step().is_some() {
+            // Their zeroing would only be recorded, not run (`graph_step` sizes them first).
+            self.taint_recording("making the attention counters");
+            return None;
+        }
+        // Recorded steps use the old buffer's address.
+        self.forget_graphs();
         match self.alloc.alloc((n * 4).next_power_of_two().max(1024)) {
             Ok(b) => {
                 self.memset0(b.ptr(), b.len() / 4);
@@ -1147,6 +1235,11 @@ impl CudaBackend {
                 return Some(b.ptr());
             }
         }
+        if self.recording_step().is_some() {
+            // Its upload would only be recorded, not run.
+            self.taint_recording("uploading the rope table");
+            return None;
+        }
         match self.upload_f32(inv_freq) {
             Ok(b) => {
                 let p = b.ptr();
@@ -1239,38 +1332,7 @@ impl Backend for CudaBackend {
     }
 
     fn to_host(&self, b: &CudaBuf) -> Vec<f32> {
-        let mut out = vec![0f32; b.len];
-        if b.len == 0 {
-            return out;
-        }
-        let res = (|| {
-            self.device.bind()?;
-            // SAFETY: the buffer holds b.len floats; `out` is exclusively borrowed until the
-            // stream synchronisation below completes the copy.
-            let r = unsafe {
-                sys::cuMemcpyDtoHAsync_v2(
-                    out.as_mut_ptr().cast(),
-                    b.ptr(),
-                    b.len * 4,
-                    self.stream.cu_stream(),
-                )
-            };
-            let waited = self.host_clock();
-            let sync = self.stream.synchronize();
-            self.host_time("(host) waiting in to_host", waited);
-            if r != sys::CUresult::CUDA_SUCCESS {
-                return Err(CudaError::Driver {
-                    op: "cuMemcpyDtoHAsync",
-                    msg: format!("{r:?}"),
-                });
-            }
-            sync
-        })();
-        if let Err(e) = res {
-            self.fail(e.to_string());
-            out.fill(f32::NAN);
-        }
-        out
+        self.read_floats(b.ptr(), b.len)
     }
 
     fn check(&self) -> Result<()> {
@@ -1300,6 +1362,11 @@ impl Backend for CudaBackend {
         }
         if !self.ensure(out, ids.len() * table.cols) {
             return self.check();
+        }
+        if let (Some(step), 1) = (self.recording_step(), ids.len()) {
+            // A recorded step reads its token from the step slot.
+            self.dequant(table, Some(step), 0, 1, out.ptr());
+            return Ok(());
         }
         let idb = self.upload_u32(ids)?;
         self.dequant(table, Some(idb.ptr()), 0, ids.len(), out.ptr());
@@ -1601,6 +1668,7 @@ impl Backend for CudaBackend {
         let Some(f) = self.inv_freq_buf(inv_freq) else {
             return;
         };
+        self.taint_recording("rope at a fixed position");
         let n_tokens = x.len / width;
         let total = (n_tokens * n_heads * (head_dim / 2)) as u64;
         if total == 0 {
@@ -1651,6 +1719,14 @@ impl Backend for CudaBackend {
             return;
         };
         let (qn, kn, eps) = norms.map_or((0, 0, 0.0), |(a, b, e)| (a.ptr(), b.ptr(), e));
+        // A recorded step (one token) reads its position from the step slot.
+        let pos_dev = self
+            .recording_step()
+            .filter(|_| n == 1)
+            .map_or(0, |s| s + 4);
+        if pos_dev == 0 {
+            self.taint_recording("qk_rope_kv of several tokens");
+        }
         let threads = (hd / 2).next_multiple_of(32) as u32;
         self.launch(
             &self.kernels.qk_rope_kv,
@@ -1674,6 +1750,7 @@ impl Backend for CudaBackend {
                 Arg::I(r.n_kv_heads as i32),
                 Arg::I(hd as i32),
                 Arg::I(r.start_pos as i32),
+                Arg::P(pos_dev),
                 Arg::I(matches!(r.style, RopeStyle::Interleaved) as i32),
             ],
         );
@@ -1715,6 +1792,7 @@ impl Backend for CudaBackend {
             ));
             return;
         }
+        self.taint_recording("a KV write at a fixed position");
         let off = (start_pos * w * 4) as u64;
         self.copy_dtod(kv.k.ptr() + off, k.ptr(), n * 4);
         self.copy_dtod(kv.v.ptr() + off, v.ptr(), n * 4);
@@ -1741,15 +1819,33 @@ impl Backend for CudaBackend {
         }
         // Split the keys when there are too few (token, head) blocks to fill the GPU.
         let blocks = p.n_heads * p.n_tokens;
-        let keys = p.start_pos + p.n_tokens;
+        let keys = match p.window {
+            Some(w) if w > 0 => (p.start_pos + p.n_tokens).min(w),
+            _ => p.start_pos + p.n_tokens,
+        };
         // Decode: about 8 keys per warp (the per-key chain of loads, shuffles and exps is
-        // latency-bound), at least two blocks per SM, at most 64 splits.
+        // latency-bound), at least two blocks per SM, at most 64 splits; the kernel works the
+        // same number out from its position (`split_keys`, `min_splits`), so that a recorded
+        // step (position read from the step slot) launches the most and idles the rest.
         let warps = 4usize;
         let want = (2 * self.sms).div_ceil(blocks);
-        let splits = if p.n_tokens == 1 {
-            want.max(keys.div_ceil(8 * warps)).min(64)
+        const MAX_SPLITS: usize = 64;
+        let split_keys = if p.n_tokens == 1 { 8 * warps } else { 0 };
+        let min_splits = want.min(MAX_SPLITS);
+        let pos_dev = match self.recording_step() {
+            Some(step) if p.n_tokens == 1 => step + 4,
+            Some(_) => {
+                self.taint_recording("attention over several tokens");
+                0
+            }
+            None => 0,
+        };
+        let splits = if pos_dev != 0 {
+            MAX_SPLITS
+        } else if p.n_tokens == 1 {
+            want.max(keys.div_ceil(split_keys)).min(MAX_SPLITS)
         } else {
-            want.min(keys.div_ceil(64)).clamp(1, 64)
+            want.min(keys.div_ceil(64)).clamp(1, MAX_SPLITS)
         };
         let shmem = ((2 * warps + warps * hd) * 4) as u32;
         let window = match p.window {
@@ -1791,11 +1887,14 @@ impl Backend for CudaBackend {
                 Arg::P(part.as_ref().map_or(0, |b| b.ptr())),
                 Arg::P(counters),
                 Arg::I(p.start_pos as i32),
+                Arg::P(pos_dev),
                 Arg::I(p.n_heads as i32),
                 Arg::I(p.n_kv_heads as i32),
                 Arg::I(hd as i32),
                 Arg::I(window),
                 Arg::F(p.scale),
+                Arg::I(split_keys as i32),
+                Arg::I(min_splits as i32),
             ],
         );
         // `part` goes back to the pool after the launch: stream order keeps it intact until
@@ -2096,6 +2195,7 @@ impl Backend for CudaBackend {
             )));
         };
         let routed = self.new_buf(2 * k)?;
+        self.taint_recording("routes chosen on the host");
         self.launch_page(e, &upd, routed.ptr(), routed.ptr() + 4 * k as u64);
         if let Some(p) = &e.paged {
             // Paged experts behave as with a real router, whose choice must come back to the
@@ -2127,6 +2227,14 @@ impl Backend for CudaBackend {
 
     fn paged_weights(&self, e: &CudaExperts, experts: &[usize]) -> Result<Vec<[CudaWeight; 3]>> {
         self.paged_views(e, experts)
+    }
+
+    fn step_graph(&self, kv: &[CudaKv], token: u32, pos: usize) -> Result<StepGraph> {
+        self.graph_step(kv, token, pos)
+    }
+
+    fn step_graph_end(&self, logits: Option<&CudaBuf>) -> bool {
+        self.graph_step_end(logits)
     }
 }
 

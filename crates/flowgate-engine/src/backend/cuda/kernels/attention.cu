@@ -49,16 +49,25 @@ __device__ __forceinline__ void combine_splits(const float* __restrict__ part,
 extern "C" __global__ void attention(const float* __restrict__ q, const float* __restrict__ K,
                                      const float* __restrict__ V, float* __restrict__ out,
                                      float* __restrict__ part, int* __restrict__ counters,
-                                     int start_pos, int n_heads,
-                                     int n_kv_heads, int head_dim, int window, float scale) {
+                                     int start_pos, const int* __restrict__ pos_dev,
+                                     int n_heads, int n_kv_heads, int head_dim, int window,
+                                     float scale, int split_keys, int min_splits) {
     extern __shared__ float sm[];
-    int h = blockIdx.x, t = blockIdx.y, split = blockIdx.z, splits = gridDim.z;
+    int h = blockIdx.x, t = blockIdx.y, split = blockIdx.z;
     int nw = blockDim.x >> 5, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     int group = n_heads / n_kv_heads;
     int kvh = h / group;
+    // A recorded decode step reads its position from device memory.
+    if (pos_dev) start_pos = *pos_dev;
     int pos = start_pos + t;
     int first = window > 0 ? max(0, pos + 1 - window) : 0;
     int nkeys = pos + 1 - first;
+    // With split_keys > 0 the number of splits follows the keys (about split_keys each, at
+    // least min_splits, at most gridDim.z); blocks past it have nothing to do. The host picks
+    // the same number for a plain launch; a recorded step launches gridDim.z = the most.
+    int splits = gridDim.z;
+    if (split_keys > 0) splits = min(splits, max(min_splits, (nkeys + split_keys - 1) / split_keys));
+    if (split >= splits) return;
     int per = (nkeys + splits - 1) / splits;
     int lo = first + split * per;
     int hi = min(pos + 1, lo + per);

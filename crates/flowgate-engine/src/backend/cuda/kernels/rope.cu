@@ -31,8 +31,11 @@ extern "C" __global__ void rope(float* x, const float* inv_freq, int n_tokens, i
 extern "C" __global__ void qk_rope_kv(float* q, float* k, const float* v, const float* qn,
                                       const float* kn, float eps, int has_norm, float* kc,
                                       float* vc, const float* inv_freq, int n_heads,
-                                      int n_kv_heads, int head_dim, int pos, int interleaved) {
+                                      int n_kv_heads, int head_dim, int pos,
+                                      const int* __restrict__ pos_dev, int interleaved) {
     __shared__ float part[32];
+    // A recorded decode step reads its position from device memory.
+    if (pos_dev) pos = *pos_dev;
     // Token blockIdx.y of the call (grid.y = tokens): its rows of q, k, v and its position.
     q += (u64)blockIdx.y * n_heads * head_dim;
     k += (u64)blockIdx.y * n_kv_heads * head_dim;
