@@ -147,6 +147,9 @@ fn decode(a: DecodeArgs) -> Result<()> {
                     ),
                 ))
             })?;
+            // Whether decode ran as replayed CUDA graphs (FLOWGATE_CUDA_GRAPHS=0: not).
+            let (recorded, replayed) = be.decode_graph_counts();
+            eprintln!("decode steps as CUDA graphs: {recorded} recorded, {replayed} replayed");
             if be.profiling() {
                 cuda_profile(&l)?;
             }

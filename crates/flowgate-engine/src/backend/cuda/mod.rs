@@ -39,9 +39,13 @@
 //!   every token, routed on the device by [`Backend::route_tokens`], once per MoE layer; the
 //!   routes of paged experts). Small host inputs (token ids, row indices of prefill gathers) are queued with
 //!   asynchronous pageable copies, which the driver stages before returning; decode-sized ones
-//!   go as kernel parameters. No CUDA graph yet: each operation is a launch; two chains are
-//!   fused to cut their number (residual add with RMSNorm; q/k norm, RoPE and KV write, for
-//!   any number of tokens).
+//!   go as kernel parameters. Two chains are fused to cut the number of launches (residual
+//!   add with RMSNorm; q/k norm, RoPE and KV write, for any number of tokens).
+//! - **Decode steps are CUDA graphs** (`graph.rs`): the first step on a KV cache is captured,
+//!   later ones replay it with their token and position read from device memory (one
+//!   `cuGraphLaunch` per token instead of ~330–680 launches). On Hopper the kernels of the
+//!   chain use programmatic dependent launch (`PDL_KERNELS`): each may start while the one
+//!   before finishes, the mat-vecs prefetching their weights into L2 meanwhile.
 //! - **Activation buffers come from a pool** ([`CudaBuf`] returns its memory on drop): a forward
 //!   pass allocates the same sizes every step, and `cuMemFree` would synchronise the device.
 //!   Every allocation (weights, KV, pool) is charged to one [`flowgate_cuda::MemoryBudget`]:
@@ -309,7 +313,27 @@ pub struct CudaExperts {
 struct K {
     f: Kernel,
     name: String,
+    /// Written for programmatic dependent launch (see [`PDL_KERNELS`]).
+    pdl: bool,
 }
+
+/// Kernels that call `grid_dep_wait()` (common.cuh) before touching memory an earlier kernel
+/// may still use: on Hopper they are launched with programmatic stream serialisation, so
+/// each may start (and the mat-vecs prefetch their weights into L2) while the kernel before
+/// it finishes. The decode step is a chain of ~10 such kernels per layer.
+/// `FLOWGATE_CUDA_PDL=0` turns it off.
+const PDL_KERNELS: [&str; 10] = [
+    "rms_norm",
+    "add_rms_norm",
+    "qk_rope_kv",
+    "attention",
+    "router_topk",
+    "moe_combine",
+    "quantize_q8",
+    "matvec1q8x_q4_k",
+    "add",
+    "silu_mul",
+];
 
 struct Kernels {
     matvec: Vec<K>,
@@ -360,6 +384,7 @@ impl Kernels {
             m.function(name).map(|f| K {
                 f,
                 name: name.to_string(),
+                pdl: PDL_KERNELS.contains(&name) || name.starts_with("matvec1q8_"),
             })
         };
         let mut matvec = Vec::new();
@@ -521,6 +546,8 @@ pub struct CudaBackend {
     recording: std::sync::atomic::AtomicU64,
     /// Why the recording in progress cannot be used, if it cannot.
     graph_taint: Mutex<Option<String>>,
+    /// Programmatic dependent launch of [`PDL_KERNELS`] (compute capability 9.0 and later).
+    pdl: bool,
 }
 
 /// A q8 vector (`quantize_q8`'s layout) of the f32 row at `x`, written by the fused
@@ -711,6 +738,7 @@ impl CudaBackend {
             graphs: Mutex::new(graph::Graphs::new()),
             recording: std::sync::atomic::AtomicU64::new(0),
             graph_taint: Mutex::new(None),
+            pdl: maj >= 9 && std::env::var("FLOWGATE_CUDA_PDL").map_or(true, |v| v != "0"),
         })
     }
 
@@ -925,6 +953,9 @@ impl CudaBackend {
     fn launch(&self, k: &K, cfg: LaunchConfig, args: &[Arg]) {
         self.bump();
         let _timer = self.profile_span(&k.name);
+        if self.pdl && k.pdl {
+            return self.launch_pdl(k, cfg, args);
+        }
         let mut b = self.stream.raw().launch_builder(k.f.function());
         for a in args {
             match a {
@@ -943,6 +974,62 @@ impl CudaBackend {
         // callers, and `args` outlives the builder.
         if let Err(e) = unsafe { b.launch(cfg) } {
             self.fail(format!("kernel launch: {e}"));
+        }
+        self.host_time("(host) cuLaunchKernel", queued);
+    }
+
+    /// [`Self::launch`] with programmatic stream serialisation allowed (`cuLaunchKernelEx`).
+    fn launch_pdl(&self, k: &K, cfg: LaunchConfig, args: &[Arg]) {
+        let queued = self.host_clock();
+        let mut params: Vec<*mut std::ffi::c_void> = args
+            .iter()
+            .map(|a| match a {
+                Arg::P(v) => v as *const u64 as *mut std::ffi::c_void,
+                Arg::I(v) => v as *const i32 as *mut std::ffi::c_void,
+                Arg::F(v) => v as *const f32 as *mut std::ffi::c_void,
+                Arg::J(v) => *v as *const MvJobs as *mut std::ffi::c_void,
+                Arg::Q(v) => *v as *const QuantJobs as *mut std::ffi::c_void,
+                Arg::R(v) => *v as *const RowScale as *mut std::ffi::c_void,
+                Arg::M(v) => *v as *const paging::MoePage as *mut std::ffi::c_void,
+            })
+            .collect();
+        // SAFETY: a zeroed launch attribute is a valid value of the C union; only the
+        // programmatic-serialisation member is then set.
+        let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+        attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+        attr.value.programmaticStreamSerializationAllowed = 1;
+        let config = sys::CUlaunchConfig {
+            gridDimX: cfg.grid_dim.0,
+            gridDimY: cfg.grid_dim.1,
+            gridDimZ: cfg.grid_dim.2,
+            blockDimX: cfg.block_dim.0,
+            blockDimY: cfg.block_dim.1,
+            blockDimZ: cfg.block_dim.2,
+            sharedMemBytes: cfg.shared_mem_bytes,
+            hStream: self.stream.cu_stream(),
+            attrs: &mut attr,
+            numAttrs: 1,
+        };
+        let r = self.device.bind().map_err(|e| e.to_string()).and_then(|_| {
+            // SAFETY: as for `launch`: every argument matches the kernel's C signature, and
+            // `params` points into `args`, which outlives the call (the driver copies the
+            // values before returning); the kernel waits (`grid_dep_wait`) before touching
+            // memory earlier kernels may use.
+            let r = unsafe {
+                sys::cuLaunchKernelEx(
+                    &config,
+                    k.f.function().cu_function(),
+                    params.as_mut_ptr(),
+                    std::ptr::null_mut(),
+                )
+            };
+            match r {
+                sys::CUresult::CUDA_SUCCESS => Ok(()),
+                e => Err(format!("{e:?}")),
+            }
+        });
+        if let Err(e) = r {
+            self.fail(format!("kernel launch (cuLaunchKernelEx {}): {e}", k.name));
         }
         self.host_time("(host) cuLaunchKernel", queued);
     }
@@ -2281,11 +2368,13 @@ impl CudaBackend {
         let mut logits = self.new_buf(tokens * n)?;
         self.matmul(router, h, tokens, &mut logits);
         let routed = self.new_buf(2 * tokens * k)?;
+        // One warp per token does it when it fits (see router_topk_warp in moe.cu).
+        let threads = if n <= 1024 && k <= 32 { 32 } else { 256 };
         self.launch(
             &self.kernels.router_topk,
             LaunchConfig {
                 grid_dim: (tokens as u32, 1, 1),
-                block_dim: (256, 1, 1),
+                block_dim: (threads, 1, 1),
                 shared_mem_bytes: 0,
             },
             &[

@@ -13,35 +13,37 @@
 // where a separate combine kernel cost a second launch per layer.
 #define MAXD 8  // head_dim <= 256
 
-// A global load that bypasses L1 (other blocks wrote the value; L1 is not coherent).
-__device__ __forceinline__ float ld_cg(const float* p) {
-    float v;
-    asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(p));
-    return v;
-}
+#define MAXSPLITS 64  // the host launches at most 64 splits
 
-// Merges the per-split partial results of query (t, h) (threads of one block over the
-// elements).
+// Merges the per-split partial results of query (t, h) (threads of one block). The loads
+// bypass L1 (`__ldcg`: other blocks wrote them, and L1 is not coherent) and are independent:
+// the threads fetch every split's (max, sum) at once, and each element's sum over the splits
+// is a row of independent loads, not a chain of dependent ones (a chain cost ~1 µs per split).
 __device__ __forceinline__ void combine_splits(const float* __restrict__ part,
                                                float* __restrict__ out, int t, int h,
                                                int n_heads, int head_dim, int splits) {
+    __shared__ float cm[MAXSPLITS], cl[MAXSPLITS], cw[MAXSPLITS];
     const float* pp = part + ((u64)t * n_heads + h) * splits * (u64)(head_dim + 2);
-    float M = -INFINITY;
-    for (int s = 0; s < splits; s++)
-        if (ld_cg(pp + s * (head_dim + 2) + 1) > 0.0f) M = fmaxf(M, ld_cg(pp + s * (head_dim + 2)));
-    float L = 0.0f;
-    for (int s = 0; s < splits; s++) {
-        const float* q = pp + s * (head_dim + 2);
-        float l = ld_cg(q + 1);
-        if (l > 0.0f) L += l * expf(ld_cg(q) - M);
+    for (int s = threadIdx.x; s < splits; s += blockDim.x) {
+        float l = __ldcg(pp + s * (head_dim + 2) + 1);
+        float m = __ldcg(pp + s * (head_dim + 2));
+        cl[s] = l;
+        cm[s] = l > 0.0f ? m : -INFINITY;
     }
+    __syncthreads();
+    float M = -INFINITY;
+    for (int s = 0; s < splits; s++) M = fmaxf(M, cm[s]);
+    float L = 0.0f;
+    for (int s = 0; s < splits; s++)
+        if (cl[s] > 0.0f) L += cl[s] * expf(cm[s] - M);
+    for (int s = threadIdx.x; s < splits; s += blockDim.x)
+        cw[s] = cl[s] > 0.0f ? expf(cm[s] - M) : 0.0f;
+    __syncthreads();
     float* o = out + ((u64)t * n_heads + h) * head_dim;
     for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
         float a = 0.0f;
-        for (int s = 0; s < splits; s++) {
-            const float* q = pp + s * (head_dim + 2);
-            if (ld_cg(q + 1) > 0.0f) a += ld_cg(q + 2 + d) * expf(ld_cg(q) - M);
-        }
+        for (int s = 0; s < splits; s++)
+            if (cw[s] > 0.0f) a += __ldcg(pp + s * (head_dim + 2) + 2 + d) * cw[s];
         o[d] = a / L;
     }
 }
@@ -52,6 +54,7 @@ extern "C" __global__ void attention(const float* __restrict__ q, const float* _
                                      int start_pos, const int* __restrict__ pos_dev,
                                      int n_heads, int n_kv_heads, int head_dim, int window,
                                      float scale, int split_keys, int min_splits) {
+    grid_dep_wait();
     extern __shared__ float sm[];
     int h = blockIdx.x, t = blockIdx.y, split = blockIdx.z;
     int nw = blockDim.x >> 5, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -81,6 +84,9 @@ extern "C" __global__ void attention(const float* __restrict__ q, const float* _
         acc[j] = 0.0f;
     }
     float m = -INFINITY, l = 0.0f;
+    // Unrolled so that the loads of several keys are in flight at once (each key's score is
+    // a chain of a load, a shuffle reduction and two exps).
+#pragma unroll 4
     for (int key = lo + warp; key < hi; key += nw) {
         const float* kr = K + (u64)key * width + (u64)kvh * head_dim;
         const float* vr = V + (u64)key * width + (u64)kvh * head_dim;

@@ -50,3 +50,23 @@ struct MvJobs {
     u64 y[MAXJ];
     int rows[MAXJ];
 };
+
+// Programmatic dependent launch (Hopper and later). A kernel the host launches with the PDL
+// attribute (`PDL_KERNELS` in backend/cuda/mod.rs) may start while the kernel before it on
+// the stream is still finishing: until this returns it must not read anything earlier
+// kernels wrote, nor write anything (weights, which never change, it may read). Returns once
+// the previous grid has completed and its writes are visible; a no-op without the attribute.
+__device__ __forceinline__ void grid_dep_wait() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+// Asks L2 to fetch [p, p + bytes) (128-byte lines spread over the 32 lanes of a warp): a
+// PDL kernel's weights, requested before grid_dep_wait().
+__device__ __forceinline__ void prefetch_l2(const void* p, u64 bytes, int lane) {
+    const char* c = (const char*)p;
+    for (u64 o = (u64)lane * 128; o < bytes; o += 32 * 128)
+        asm volatile("prefetch.global.L2 [%0];" ::"l"(c + o));
+}
+

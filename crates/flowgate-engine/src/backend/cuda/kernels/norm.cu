@@ -22,6 +22,7 @@ __device__ __forceinline__ float rms_scale(float ss, int dim, float eps) {
 
 extern "C" __global__ void rms_norm(const float* x, const float* w, float* out, int dim,
                                     float eps) {
+    grid_dep_wait();
     const float* xr = x + (u64)blockIdx.x * dim;
     float* orow = out + (u64)blockIdx.x * dim;
     float ss = 0.0f;
@@ -35,25 +36,51 @@ extern "C" __global__ void rms_norm(const float* x, const float* w, float* out, 
 // multiple of 32, blockDim a multiple of 32), out is also written as a q8 vector (the layout
 // and rounding of quantize_q8 in matvec_q8.cu: a warp's 32 consecutive values form one
 // group), which the next decode mat-vecs read instead of quantising out again.
+// Writes value o of a normalised row, and its q8 form if q8 is non-null (the warp's 32
+// consecutive values form one group).
+__device__ __forceinline__ void norm_out(float* orow, u8* q8, int dim, int i, float o) {
+    orow[i] = o;
+    if (q8) {
+        float d = warp_max(fabsf(o)) / 127.0f;
+        ((i8*)q8)[i] = (i8)(d > 0.0f ? __float2int_rn(o / d) : 0);
+        if ((threadIdx.x & 31) == 0) ((float*)(q8 + dim))[i >> 5] = d;
+    }
+}
+
+#define NORM_VALS 4  // values a thread keeps in registers (the host launches dim/4 threads)
 extern "C" __global__ void add_rms_norm(float* x, const float* y, const float* w, float* out,
                                         int dim, float eps, u8* q8) {
+    grid_dep_wait();
     float* xr = x + (u64)blockIdx.x * dim;
     const float* yr = y + (u64)blockIdx.x * dim;
     float* orow = out + (u64)blockIdx.x * dim;
+    // The first NORM_VALS·blockDim values stay in registers with their weights (loaded before
+    // the reduction), so the second pass re-reads nothing; longer rows loop over the rest.
+    float v[NORM_VALS], wv[NORM_VALS];
     float ss = 0.0f;
-    for (int i = threadIdx.x; i < dim; i += blockDim.x) {
-        float v = xr[i] + yr[i];
-        xr[i] = v;
-        ss += v * v;
-    }
-    float r = rms_scale(ss, dim, eps);
-    for (int i = threadIdx.x; i < dim; i += blockDim.x) {
-        float o = xr[i] * r * w[i];
-        orow[i] = o;
-        if (q8) {
-            float d = warp_max(fabsf(o)) / 127.0f;
-            ((i8*)q8)[i] = (i8)(d > 0.0f ? __float2int_rn(o / d) : 0);
-            if ((threadIdx.x & 31) == 0) ((float*)(q8 + dim))[i >> 5] = d;
+#pragma unroll
+    for (int c = 0; c < NORM_VALS; c++) {
+        int i = threadIdx.x + c * blockDim.x;
+        v[c] = 0.0f;
+        wv[c] = 0.0f;
+        if (i < dim) {
+            v[c] = xr[i] + yr[i];
+            wv[c] = w[i];
+            xr[i] = v[c];
+            ss += v[c] * v[c];
         }
     }
+    for (int i = threadIdx.x + NORM_VALS * blockDim.x; i < dim; i += blockDim.x) {
+        float t = xr[i] + yr[i];
+        xr[i] = t;
+        ss += t * t;
+    }
+    float r = rms_scale(ss, dim, eps);
+#pragma unroll
+    for (int c = 0; c < NORM_VALS; c++) {
+        int i = threadIdx.x + c * blockDim.x;
+        if (i < dim) norm_out(orow, q8, dim, i, v[c] * r * wv[c]);
+    }
+    for (int i = threadIdx.x + NORM_VALS * blockDim.x; i < dim; i += blockDim.x)
+        norm_out(orow, q8, dim, i, xr[i] * r * w[i]);
 }
