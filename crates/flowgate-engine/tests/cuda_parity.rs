@@ -223,6 +223,7 @@ fn q8_activation_matvec_matches_reference() {
     for &(rows, cols) in &[
         (77usize, 512usize),
         (300, 4096),
+        (200, 8192),
         (33, 2304),
         (512, 512),
         (1024, 768),

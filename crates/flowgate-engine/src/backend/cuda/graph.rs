@@ -121,6 +121,13 @@ fn kv_key(kv: &[CudaKv]) -> u64 {
     h.finish()
 }
 
+impl Drop for CudaBackend {
+    /// Graphs go first, while the stream and the kernels' modules they use still exist.
+    fn drop(&mut self) {
+        self.forget_graphs();
+    }
+}
+
 impl CudaBackend {
     /// Whether one-token steps are recorded and replayed as CUDA graphs (on by default;
     /// `FLOWGATE_CUDA_GRAPHS=0` turns them off). Turning them off drops the graphs kept.
