@@ -31,6 +31,10 @@
 //!   32-block's largest magnitude: measured 2e-3 to 4e-3 on random data), the grouped launch
 //!   (distinct and shared inputs) equal to single launches, and whole Q4_K models vs their F32
 //!   twins ≤ 5e-2 — the bound the CPU, which rounds activations the same way, is held to.
+//! - Decode steps replayed as CUDA graphs equal steps queued launch by launch bit for bit, on
+//!   ten models (dense, MoE, a sliding window, Q4_K with and without 8-bit activations, F32
+//!   twins), with two caches interleaved, and recorded over device memory left dirty by
+//!   another backend; the whole-model checks above run with graphs on (the default).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
