@@ -385,10 +385,11 @@ fn moe_decode_on_device_matches_host_routing() {
         .is_none());
 }
 
-/// The q8 forms that the one-row `add_rms_norm` and `silu_mul` write in passing (read by the
-/// next decode mat-vecs instead of quantising the row again) equal `quantize_q8`'s: a grouped
-/// Q4_K product and a routed MoE layer right after the norm, and the down product right after
-/// SiLU·mul, give bit-identical results to the same calls with other work queued in between
+/// The q8 forms that the one-row `add_rms_norm`, `silu_mul` and decode attention write in
+/// passing (read by the next decode mat-vecs instead of quantising the row again) equal
+/// `quantize_q8`'s: a grouped Q4_K product and a routed MoE layer right after the norm, the
+/// down product right after SiLU·mul, and the output projection right after a split-K
+/// attention give bit-identical results to the same calls with other work queued in between
 /// (which makes them quantise the row themselves).
 #[test]
 fn fused_q8_forms_equal_separate_quantisation() {
@@ -427,10 +428,17 @@ fn fused_q8_forms_equal_separate_quantisation() {
         randv(&mut rng, dim),
     );
     let wb = gpu.buf_from(&w).unwrap();
+    // Decode attention (16 heads of 128 over 41 positions, split-K) and an output projection.
+    let (q, _, kv, p) = attention_inputs(&CpuBackend, &gpu, &mut rng, (16, 4, 128, 40, 1, None));
+    let wo = gpu
+        .weight(random_weight(&mut rng, DType::Q4K, rows, 16 * 128))
+        .unwrap();
     // Outputs are allocated before the norm: allocating zeroed buffers queues a memset, which
     // (like any queued work) makes the norm's q8 form stale.
     let run = |interpose: bool| {
         let yb = gpu.buf_from(&y).unwrap();
+        let qb = gpu.buf_from(&q).unwrap();
+        let (mut att, mut proj) = (gpu.buf_zeros(0).unwrap(), gpu.buf_zeros(0).unwrap());
         let (mut a, mut b) = (gpu.buf_zeros(0).unwrap(), gpu.buf_zeros(0).unwrap());
         let (mut c, mut out) = (gpu.buf_zeros(0).unwrap(), gpu.buf_zeros(0).unwrap());
         let (mut h1, mut h2) = (gpu.buf_zeros(0).unwrap(), gpu.buf_zeros(0).unwrap());
@@ -451,21 +459,35 @@ fn fused_q8_forms_equal_separate_quantisation() {
         }
         gpu.moe_decode(&set, &router, &h2, k, true, &mut out)
             .unwrap();
+        gpu.attention(&qb, &kv, p, &mut att);
+        if interpose {
+            drop(gpu.buf_zeros(8).unwrap());
+        }
+        gpu.matmul(&wo, &att, 1, &mut proj);
         gpu.check().unwrap();
-        (gpu.to_host(&a), gpu.to_host(&c), gpu.to_host(&out))
+        (
+            gpu.to_host(&a),
+            gpu.to_host(&c),
+            gpu.to_host(&out),
+            gpu.to_host(&proj),
+        )
     };
     let before = gpu.q8_reused();
     let fused = run(false);
     assert_eq!(
         gpu.q8_reused() - before,
-        3,
+        4,
         "every consumer read its producer's q8 form"
     );
     let separate = run(true);
-    assert_eq!(gpu.q8_reused() - before, 3, "a stale q8 form is never read");
+    assert_eq!(gpu.q8_reused() - before, 4, "a stale q8 form is never read");
     assert_eq!(fused.0, separate.0, "grouped product, then SiLU·mul");
     assert_eq!(fused.1, separate.1, "down product of the SiLU·mul output");
     assert_eq!(fused.2, separate.2, "routed MoE layer");
+    assert_eq!(
+        fused.3, separate.3,
+        "output projection of the decode attention"
+    );
     assert!(fused.0.iter().any(|v| *v != 0.0) && fused.2.iter().any(|v| *v != 0.0));
 }
 

@@ -1958,6 +1958,13 @@ impl Backend for CudaBackend {
         } else {
             0
         };
+        // One token: the output's q8 form too, for the output projection's 8-bit mat-vec.
+        let cols = p.n_heads * hd;
+        let q8 = if p.n_tokens == 1 && hd.is_multiple_of(32) && self.q8_on_any(cols) {
+            self.new_buf(q8_bytes(cols).div_ceil(4)).ok()
+        } else {
+            None
+        };
         let cfg = LaunchConfig {
             grid_dim: (p.n_heads as u32, p.n_tokens as u32, splits as u32),
             block_dim: (32 * warps as u32, 1, 1),
@@ -1982,8 +1989,12 @@ impl Backend for CudaBackend {
                 Arg::F(p.scale),
                 Arg::I(split_keys as i32),
                 Arg::I(min_splits as i32),
+                Arg::P(q8.as_ref().map_or(0, |b| b.ptr())),
             ],
         );
+        if q8.is_some() {
+            self.set_q8_fresh(out.ptr(), cols, q8);
+        }
         // `part` goes back to the pool after the launch: stream order keeps it intact until
         // the kernel (which merges it) has finished.
         drop(part);

@@ -15,13 +15,28 @@
 
 #define MAXSPLITS 64  // the host launches at most 64 splits
 
+// Writes output element i (= (t·n_heads + h)·head_dim + d) of the attention, and with q8
+// non-null (one token, head_dim a multiple of 32: a warp's 32 consecutive elements are one
+// group) its q8 form (quantize_q8's layout and rounding, `cols` values), which the output
+// projection's 8-bit mat-vec then reads instead of quantising the row again.
+__device__ __forceinline__ void attn_out(float* __restrict__ out, u8* __restrict__ q8, int cols,
+                                         u64 i, float v) {
+    out[i] = v;
+    if (q8) {
+        float dq = warp_max(fabsf(v)) / 127.0f;
+        ((i8*)q8)[i] = (i8)(dq > 0.0f ? __float2int_rn(v / dq) : 0);
+        if ((threadIdx.x & 31) == 0) ((float*)(q8 + cols))[i >> 5] = dq;
+    }
+}
+
 // Merges the per-split partial results of query (t, h) (threads of one block). The loads
 // bypass L1 (`__ldcg`: other blocks wrote them, and L1 is not coherent) and are independent:
 // the threads fetch every split's (max, sum) at once, and each element's sum over the splits
 // is a row of independent loads, not a chain of dependent ones (a chain cost ~1 µs per split).
 __device__ __forceinline__ void combine_splits(const float* __restrict__ part,
-                                               float* __restrict__ out, int t, int h,
-                                               int n_heads, int head_dim, int splits) {
+                                               float* __restrict__ out, u8* __restrict__ q8,
+                                               int t, int h, int n_heads, int head_dim,
+                                               int splits) {
     __shared__ float cm[MAXSPLITS], cl[MAXSPLITS], cw[MAXSPLITS];
     const float* pp = part + ((u64)t * n_heads + h) * splits * (u64)(head_dim + 2);
     for (int s = threadIdx.x; s < splits; s += blockDim.x) {
@@ -39,12 +54,12 @@ __device__ __forceinline__ void combine_splits(const float* __restrict__ part,
     for (int s = threadIdx.x; s < splits; s += blockDim.x)
         cw[s] = cl[s] > 0.0f ? expf(cm[s] - M) : 0.0f;
     __syncthreads();
-    float* o = out + ((u64)t * n_heads + h) * head_dim;
+    u64 o = ((u64)t * n_heads + h) * head_dim;
     for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
         float a = 0.0f;
         for (int s = 0; s < splits; s++)
             if (cw[s] > 0.0f) a += __ldcg(pp + s * (head_dim + 2) + 2 + d) * cw[s];
-        o[d] = a / L;
+        attn_out(out, q8, n_heads * head_dim, o + d, a / L);
     }
 }
 
@@ -53,7 +68,8 @@ extern "C" __global__ void attention(const float* __restrict__ q, const float* _
                                      float* __restrict__ part, int* __restrict__ counters,
                                      int start_pos, const int* __restrict__ pos_dev,
                                      int n_heads, int n_kv_heads, int head_dim, int window,
-                                     float scale, int split_keys, int min_splits) {
+                                     float scale, int split_keys, int min_splits,
+                                     u8* __restrict__ q8) {
     grid_dep_wait();
     extern __shared__ float sm[];
     int h = blockIdx.x, t = blockIdx.y, split = blockIdx.z;
@@ -128,12 +144,12 @@ extern "C" __global__ void attention(const float* __restrict__ q, const float* _
     for (int w = 0; w < nw; w++)
         if (sm_l[w] > 0.0f) L += sm_l[w] * expf(sm_m[w] - M);
     if (splits == 1) {
-        float* o = out + ((u64)t * n_heads + h) * head_dim;
+        u64 o = ((u64)t * n_heads + h) * head_dim;
         for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
             float a = 0.0f;
             for (int w = 0; w < nw; w++)
                 if (sm_l[w] > 0.0f) a += sm_a[w * head_dim + d] * expf(sm_m[w] - M);
-            o[d] = a / L;
+            attn_out(out, q8, n_heads * head_dim, o + d, a / L);
         }
     } else {
         // part layout per (t, h, split): [max, sum, acc[head_dim]].
@@ -158,7 +174,7 @@ extern "C" __global__ void attention(const float* __restrict__ q, const float* _
         if (!is_last) return;
         __threadfence();
         if (threadIdx.x == 0) *counter = 0;
-        combine_splits(part, out, t, h, n_heads, head_dim, splits);
+        combine_splits(part, out, q8, t, h, n_heads, head_dim, splits);
     }
 }
 
