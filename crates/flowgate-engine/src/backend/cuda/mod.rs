@@ -17,8 +17,8 @@
 //!   llama.cpp's MMVQ: 2× the bandwidth of the f32 kernel, ~4e-3 relative error per product);
 //!   every other format, and Q4_K with `FLOWGATE_CUDA_Q8=0` or
 //!   [`CudaBackend::set_q8_activations`], keeps f32 activations and float-rounding agreement
-//!   with a float64 reference. The one-row `add_rms_norm` and `silu_mul` also write their
-//!   output's 8-bit form (bit-identical to `quantize_q8`'s), which the next mat-vec reads
+//!   with a float64 reference. The one-row `add_rms_norm`, `silu_mul` and decode attention
+//!   also write their output's 8-bit form (bit-identical to `quantize_q8`'s), which the next mat-vec reads
 //!   instead of quantising again, valid only while nothing else has been queued (`seq`).
 //!   Prefill SwiGLU of quantised experts dequantises gate and up into one tile for one GEMM.
 //! - **Attention.** Decode: split-K over the cache with the last block merging
