@@ -32,7 +32,8 @@
 //!   (distinct and shared inputs) equal to single launches, and whole Q4_K models vs their F32
 //!   twins ≤ 5e-2 — the bound the CPU, which rounds activations the same way, is held to.
 //! - Decode steps replayed as CUDA graphs equal steps queued launch by launch bit for bit, on
-//!   ten models (dense, MoE, a sliding window, Q4_K with and without 8-bit activations, F32
+//!   eleven models (dense, MoE, a shared expert's gate, a sliding window, Q4_K with and
+//!   without 8-bit activations, F32
 //!   twins), with two caches interleaved, and recorded over device memory left dirty by
 //!   another backend; the whole-model checks above run with graphs on (the default).
 
@@ -1332,7 +1333,7 @@ fn vram_over_ram_over_file_matches_resident() {
 /// Decode steps recorded as CUDA graphs and replayed (token and position read from device
 /// memory, the attention's splits worked out on the device) give exactly the logits of steps
 /// queued one launch at a time, bit for bit: on dense and MoE fixtures (one with a sliding
-/// window) and the Q4_K files of FLOWGATE_Q4K_MODELS (with 8-bit activations, without, and
+/// window, one with a gated shared expert) and the Q4_K files of FLOWGATE_Q4K_MODELS (with 8-bit activations, without, and
 /// dequantised to F32), through a sequence that starts with steps on a fresh backend (over
 /// device memory left dirty), interleaves two caches (one graph each), and runs a prefill on a
 /// third cache in between. The counts check that exactly one graph per cache was recorded and
@@ -1346,7 +1347,7 @@ fn decode_graphs_replay_eager_steps_exactly() {
     // (name, model): fixtures as loaded; the Q4_K files with 8-bit activations, without, and
     // dequantised to F32.
     let mut models: Vec<(String, Model<CudaBackend>)> =
-        ["llama", "mistral", "qwen3_moe", "mixtral"]
+        ["llama", "mistral", "qwen3_moe", "mixtral", "qwen2_moe"]
             .iter()
             .filter_map(|n| Some((n.to_string(), load_cuda(&fixtures().join(n))?.model)))
             .collect();

@@ -174,6 +174,27 @@ pub trait Backend: Send + Sync + Sized {
         idx: &[usize],
         scale: &[f32],
     );
+    /// `out[t] += sigmoid(g[t]) · y[t]` for each of the `n` rows of `dim` values: a shared
+    /// expert's gate (qwen2_moe; `g` holds one logit per row). The default reads the logits
+    /// back to the host; a device backend keeps it on the device (no synchronisation per
+    /// layer in decode).
+    fn add_sigmoid_gated(
+        &self,
+        out: &mut Self::Buf,
+        y: &Self::Buf,
+        g: &Self::Buf,
+        n: usize,
+        dim: usize,
+    ) {
+        let g: Vec<f32> = self
+            .to_host(g)
+            .iter()
+            .take(n)
+            .map(|&v| 1.0 / (1.0 + (-v).exp()))
+            .collect();
+        let idx: Vec<usize> = (0..g.len()).collect();
+        self.scatter_add_rows(out, y, dim, &idx, &g);
+    }
     /// [`Backend::scatter_add_rows`] of several `(y, idx, scale)` parts, in their order (so
     /// results equal the calls one by one); a backend may send all indices in one upload.
     fn scatter_add_many(&self, out: &mut Self::Buf, dim: usize, parts: &[ScatterPart<'_, Self>]) {

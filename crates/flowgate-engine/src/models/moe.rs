@@ -102,10 +102,10 @@ fn expert_tensor(src: &mut TensorSource, l: usize, stem: &str, e: usize) -> Resu
 
 impl<B: Backend> MoeFfn<B> {
     /// Whether one token routed by the model's router runs wholly on the backend (routing
-    /// and experts on the device, nothing read back; a shared expert's gate is still
-    /// applied on the host).
+    /// and experts on the device, nothing read back; a shared expert's gate is applied by
+    /// [`Backend::add_sigmoid_gated`]).
     pub(crate) fn decodes_on_device(&self) -> bool {
-        self.device.is_some() && self.shared.is_none()
+        self.device.is_some()
     }
 
     pub(crate) fn load(b: &B, s: &ModelSpec, l: usize, src: &mut TensorSource) -> Result<Self> {
@@ -411,13 +411,7 @@ impl<B: Backend> MoeFfn<B> {
             let y = crate::backend::swiglu(b, &ffn.job(h, n))?;
             let mut g = b.buf_zeros(n)?;
             b.matmul(gate, h, n, &mut g);
-            let g: Vec<f32> = b
-                .to_host(&g)
-                .iter()
-                .map(|&v| 1.0 / (1.0 + (-v).exp()))
-                .collect();
-            let idx: Vec<usize> = (0..n).collect();
-            b.scatter_add_rows(out, &y, b.weight_rows(&ffn.down), &idx, &g);
+            b.add_sigmoid_gated(out, &y, &g, n, b.weight_rows(&ffn.down));
         }
         Ok(())
     }

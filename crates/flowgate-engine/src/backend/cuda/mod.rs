@@ -322,7 +322,7 @@ struct K {
 /// each may start (and the mat-vecs prefetch their weights into L2) while the kernel before
 /// it finishes. The decode step is a chain of ~10 such kernels per layer.
 /// `FLOWGATE_CUDA_PDL=0` turns it off.
-const PDL_KERNELS: [&str; 10] = [
+const PDL_KERNELS: [&str; 11] = [
     "rms_norm",
     "add_rms_norm",
     "qk_rope_kv",
@@ -332,6 +332,7 @@ const PDL_KERNELS: [&str; 10] = [
     "quantize_q8",
     "matvec1q8x_q4_k",
     "add",
+    "add_sigmoid_gated",
     "silu_mul",
 ];
 
@@ -358,6 +359,7 @@ struct Kernels {
     /// dim 128 with 64- and 32-key tiles.
     attention_prefill: [K; 3],
     add: K,
+    add_sigmoid_gated: K,
     add_row_bias: K,
     silu_mul: K,
     silu_mul_rows: K,
@@ -438,6 +440,7 @@ impl Kernels {
                 [tiled(64, 64)?, tiled(128, 64)?, tiled(128, 32)?]
             },
             add: k(&el, "add")?,
+            add_sigmoid_gated: k(&el, "add_sigmoid_gated")?,
             add_row_bias: k(&el, "add_row_bias")?,
             silu_mul: k(&el, "silu_mul")?,
             silu_mul_rows: k(&el, "silu_mul_rows")?,
@@ -1711,6 +1714,30 @@ impl Backend for CudaBackend {
             &self.kernels.add,
             grid_1d(n as u64, 256),
             &[Arg::P(x.ptr()), Arg::P(y.ptr()), Arg::P(n as u64)],
+        );
+    }
+
+    fn add_sigmoid_gated(&self, out: &mut CudaBuf, y: &CudaBuf, g: &CudaBuf, n: usize, dim: usize) {
+        let total = n * dim;
+        if total == 0 || out.len < total || y.len < total || g.len < n {
+            if total > 0 {
+                self.fail(format!(
+                    "add_sigmoid_gated: {n} rows of {dim} into {} values",
+                    out.len
+                ));
+            }
+            return;
+        }
+        self.launch(
+            &self.kernels.add_sigmoid_gated,
+            grid_1d(total as u64, 256),
+            &[
+                Arg::P(out.ptr()),
+                Arg::P(y.ptr()),
+                Arg::P(g.ptr()),
+                Arg::I(dim as i32),
+                Arg::P(total as u64),
+            ],
         );
     }
 

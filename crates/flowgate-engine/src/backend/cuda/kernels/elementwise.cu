@@ -6,6 +6,15 @@ extern "C" __global__ void add(float* x, const float* y, u64 n) {
     if (i < n) x[i] += y[i];
 }
 
+// out[i] += sigmoid(g[i / dim]) · y[i]: a shared expert's output under its gate (one logit per
+// row), added on the device.
+extern "C" __global__ void add_sigmoid_gated(float* out, const float* y, const float* g, int dim,
+                                             u64 n) {
+    grid_dep_wait();
+    u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) out[i] += (1.0f / (1.0f + expf(-g[i / dim]))) * y[i];
+}
+
 extern "C" __global__ void add_row_bias(float* x, const float* b, u64 n, int width) {
     u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) x[i] += b[i % width];
