@@ -322,7 +322,7 @@ struct K {
 /// each may start (and the mat-vecs prefetch their weights into L2) while the kernel before
 /// it finishes. The decode step is a chain of ~10 such kernels per layer.
 /// `FLOWGATE_CUDA_PDL=0` turns it off.
-const PDL_KERNELS: [&str; 11] = [
+const PDL_KERNELS: [&str; 12] = [
     "rms_norm",
     "add_rms_norm",
     "qk_rope_kv",
@@ -330,6 +330,7 @@ const PDL_KERNELS: [&str; 11] = [
     "router_topk",
     "moe_combine",
     "quantize_q8",
+    "matvec1q8_q4_k",
     "matvec1q8x_q4_k",
     "add",
     "add_sigmoid_gated",
@@ -386,7 +387,7 @@ impl Kernels {
             m.function(name).map(|f| K {
                 f,
                 name: name.to_string(),
-                pdl: PDL_KERNELS.contains(&name) || name.starts_with("matvec1q8_"),
+                pdl: PDL_KERNELS.contains(&name),
             })
         };
         let mut matvec = Vec::new();
