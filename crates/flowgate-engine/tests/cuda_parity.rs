@@ -218,9 +218,10 @@ fn matmul_and_embed_match_reference_dequantisation() {
     }
 }
 
-/// The 8-bit-activation decode kernels: one product against float64, and the grouped launch
-/// (q/k/v-like jobs sharing one input, MoE-like jobs with inputs of their own) against single
-/// products on the same kernel.
+/// The 8-bit-activation decode kernels: one product against float64, the same with one step's
+/// loads in flight per warp instead of two (`set_mv_two_steps(false)`: bit for bit, the sums
+/// run in the same order), and the grouped launch (q/k/v-like jobs sharing one input, MoE-like
+/// jobs with inputs of their own) against single products on the same kernel.
 #[test]
 fn q8_activation_matvec_matches_reference() {
     let Some(gpu) = cuda() else { return };
@@ -232,6 +233,7 @@ fn q8_activation_matvec_matches_reference() {
         (33, 2304),
         (512, 512),
         (1024, 768),
+        (4096, 14336),
     ] {
         let t = random_weight(&mut rng, DType::Q4K, rows, cols);
         let deq = t.to_f32().unwrap();
@@ -255,6 +257,15 @@ fn q8_activation_matvec_matches_reference() {
         assert!(
             e > 0.0,
             "8-bit activations should not be exact: kernel not used?"
+        );
+        gpu.set_mv_two_steps(false);
+        let mut one = gpu.buf_zeros(0).unwrap();
+        gpu.matmul(&w, &xb, 1, &mut one);
+        gpu.set_mv_two_steps(true);
+        assert_eq!(
+            gpu.to_host(&one),
+            got,
+            "q4_k {rows}x{cols}: one step in flight"
         );
 
         // Grouped: three matrices on one input, then three inputs of their own.

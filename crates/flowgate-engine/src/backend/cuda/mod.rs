@@ -317,12 +317,16 @@ struct K {
     pdl: bool,
 }
 
+/// Warps per SM up to which a decode mat-vec launch counts as one wave (`matvec1q8u_*`): the
+/// 8-bit kernel's registers allow about 48 resident per SM.
+const ONE_WAVE_WARPS_PER_SM: usize = 48;
+
 /// Kernels that call `grid_dep_wait()` (common.cuh) before touching memory an earlier kernel
 /// may still use: on Hopper they are launched with programmatic stream serialisation, so
 /// each may start (and the mat-vecs prefetch their weights into L2) while the kernel before
 /// it finishes. The decode step is a chain of ~10 such kernels per layer.
 /// `FLOWGATE_CUDA_PDL=0` turns it off.
-const PDL_KERNELS: [&str; 12] = [
+const PDL_KERNELS: [&str; 13] = [
     "rms_norm",
     "add_rms_norm",
     "qk_rope_kv",
@@ -331,6 +335,7 @@ const PDL_KERNELS: [&str; 12] = [
     "moe_combine",
     "quantize_q8",
     "matvec1q8_q4_k",
+    "matvec1q8u_q4_k",
     "matvec1q8x_q4_k",
     "add",
     "add_sigmoid_gated",
@@ -343,6 +348,8 @@ struct Kernels {
     matvec1g: Vec<K>,
     /// Decode mat-vec on 8-bit activations (dp4a), for the formats that have one.
     matvec1q8: Vec<Option<K>>,
+    /// The same with two steps' loads in flight per warp, for launches of one wave of warps.
+    matvec1q8u: Vec<Option<K>>,
     /// Expert-indexed decode mat-vecs (MoE routed on the device), f32 and 8-bit activations.
     matvec1x: Vec<K>,
     matvec1q8x: Vec<Option<K>>,
@@ -370,10 +377,22 @@ struct Kernels {
 }
 
 impl Kernels {
-    fn load(cache: &flowgate_cuda::KernelCache) -> std::result::Result<Kernels, CudaError> {
+    /// `early_launch`: the short kernels between mat-vecs let the next kernel start at once
+    /// (`grid_dep_launch` in common.cuh), so the next mat-vec asks for its weights while they run.
+    fn load(
+        cache: &flowgate_cuda::KernelCache,
+        early_launch: u32,
+    ) -> std::result::Result<Kernels, CudaError> {
+        let mut options: Vec<String> = Vec::new();
+        if early_launch >= 1 {
+            options.push("-DFG_EARLY_LAUNCH".to_string());
+        }
+        if early_launch >= 2 {
+            options.push("-DFG_EARLY_LAUNCH_MV".to_string());
+        }
         let module = |family: &str| {
             let src = kernel_source(family).unwrap_or_default();
-            cache.load(family, &src, &[])
+            cache.load(family, &src, &options)
         };
         let mv = module("matvec_quant")?;
         let mvq = module("matvec_q8")?;
@@ -395,12 +414,18 @@ impl Kernels {
         let mut matvec1g = Vec::new();
         let mut dequant = Vec::new();
         let mut matvec1q8 = Vec::new();
+        let mut matvec1q8u = Vec::new();
         let mut matvec1x = Vec::new();
         let mut matvec1q8x = Vec::new();
         for n in DTYPE_NAMES {
             let q8 = Q8_ACTIVATION_DTYPES.contains(&n);
             matvec1q8.push(if q8 {
                 Some(k(&mvq, &format!("matvec1q8_{n}"))?)
+            } else {
+                None
+            });
+            matvec1q8u.push(if q8 {
+                Some(k(&mvq, &format!("matvec1q8u_{n}"))?)
             } else {
                 None
             });
@@ -420,6 +445,7 @@ impl Kernels {
             matvec1,
             matvec1g,
             matvec1q8,
+            matvec1q8u,
             matvec1x,
             matvec1q8x,
             quantize_q8: k(&mvq, "quantize_q8")?,
@@ -532,6 +558,9 @@ pub struct CudaBackend {
     /// Zeroed per-(token, head) counters of the split-K attention's last-block merge (each
     /// use leaves them zero again); grown on demand.
     attn_counters: Mutex<Option<DeviceBuffer>>,
+    /// Whether one-wave decode mat-vecs use `matvec1q8u_*` (`FLOWGATE_CUDA_MV_TWO_STEPS=0`
+    /// turns it off).
+    mv_two_steps: std::sync::atomic::AtomicBool,
     /// The device expert cache sparse layers page through (`--vram-budget`).
     pager: Mutex<Option<Arc<ExpertPager>>>,
     /// Operations queued so far (kernels, copies, memsets, GEMMs): a q8 vector made by a
@@ -690,9 +719,15 @@ impl CudaBackend {
         let stream = Stream::new(&device).map_err(cuda_err)?;
         let blas = Blas::new(&stream).map_err(cuda_err)?;
         let cache = flowgate_cuda::KernelCache::new(&device);
-        let kernels = Kernels::load(&cache).map_err(cuda_err)?;
-        let alloc = DeviceAllocator::new(&device, budget);
         let (maj, min) = device.compute_capability().map_err(cuda_err)?;
+        let pdl = maj >= 9 && std::env::var("FLOWGATE_CUDA_PDL").map_or(true, |v| v != "0");
+        let early_launch = if pdl {
+            std::env::var("FLOWGATE_CUDA_EARLY_LAUNCH").map_or(1, |v| v.parse().unwrap_or(1))
+        } else {
+            0
+        };
+        let kernels = Kernels::load(&cache, early_launch).map_err(cuda_err)?;
+        let alloc = DeviceAllocator::new(&device, budget);
         let dev_name = device.name().unwrap_or_else(|_| "unknown".into());
         let sms = {
             let mut v = 0i32;
@@ -728,6 +763,9 @@ impl CudaBackend {
             tf32: std::env::var("FLOWGATE_CUDA_TF32").map_or(true, |v| v != "0"),
             prefill_attention: std::sync::atomic::AtomicU8::new(PrefillAttention::from_env() as u8),
             attn_counters: Mutex::new(None),
+            mv_two_steps: std::sync::atomic::AtomicBool::new(
+                std::env::var("FLOWGATE_CUDA_MV_TWO_STEPS").map_or(true, |v| v != "0"),
+            ),
             pager: Mutex::new(None),
             seq: std::sync::atomic::AtomicU64::new(0),
             q8_fresh: Mutex::new(None),
@@ -742,8 +780,16 @@ impl CudaBackend {
             graphs: Mutex::new(graph::Graphs::new()),
             recording: std::sync::atomic::AtomicU64::new(0),
             graph_taint: Mutex::new(None),
-            pdl: maj >= 9 && std::env::var("FLOWGATE_CUDA_PDL").map_or(true, |v| v != "0"),
+            pdl,
         })
+    }
+
+    /// Whether decode mat-vec launches of one wave of warps keep two steps' loads in flight
+    /// per warp (`matvec1q8u_*`, the default; `FLOWGATE_CUDA_MV_TWO_STEPS=0` turns it off).
+    /// Either way the sums run in the same order: the results are the same.
+    pub fn set_mv_two_steps(&self, on: bool) {
+        self.mv_two_steps
+            .store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Whether decode mat-vecs of the formats that support it (Q4_K) quantise the activations
@@ -2798,6 +2844,18 @@ impl CudaBackend {
             let p = mv_jobs(chunk, |x| {
                 qptr(xs.iter().position(|v| *v == x).unwrap_or(0))
             });
+            // A launch whose warps (one per row) all fit on the device at once keeps two
+            // steps' loads in flight per warp; a longer one keeps more warps resident.
+            let warps: usize = chunk.iter().map(|j| j.0.rows).sum();
+            let k = match self.kernels.matvec1q8u.get(w0.kind) {
+                Some(Some(ku))
+                    if self.mv_two_steps.load(std::sync::atomic::Ordering::Relaxed)
+                        && warps <= ONE_WAVE_WARPS_PER_SM * self.sms =>
+                {
+                    ku
+                }
+                _ => k,
+            };
             // One warp per row, 8 warps per block (tools/device/matvec_bench.cu: 2 rows per
             // warp and 4-warp blocks were not faster).
             let cfg = LaunchConfig {

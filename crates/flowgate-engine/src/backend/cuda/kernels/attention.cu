@@ -70,6 +70,7 @@ extern "C" __global__ void attention(const float* __restrict__ q, const float* _
                                      int n_heads, int n_kv_heads, int head_dim, int window,
                                      float scale, int split_keys, int min_splits,
                                      u8* __restrict__ q8) {
+    grid_dep_launch();
     grid_dep_wait();
     extern __shared__ float sm[];
     int h = blockIdx.x, t = blockIdx.y, split = blockIdx.z;

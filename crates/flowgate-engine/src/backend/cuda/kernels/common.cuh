@@ -62,6 +62,29 @@ __device__ __forceinline__ void grid_dep_wait() {
 #endif
 }
 
+// Lets the next kernel on the stream, if launched for PDL, start now rather than when this
+// one ends: its blocks become resident beside this kernel's, and a mat-vec among them asks L2
+// for its weights (prefetch_l2) while this kernel runs, then waits in grid_dep_wait() for this
+// one to complete as before. Only the short kernels between mat-vecs call it (norms, RoPE,
+// attention, SiLU·mul, adds, quantisation, routing), so at most the next mat-vec's weights are
+// requested ahead: DRAM streams them while the short kernels are latency-bound. Safe for the
+// chain: the next kernel launches only once all of this one's blocks are resident, and its
+// grid_dep_wait() returns only after this grid has completed. Compiled in with
+// -DFG_EARLY_LAUNCH (FLOWGATE_CUDA_EARLY_LAUNCH=0 leaves it out).
+__device__ __forceinline__ void grid_dep_launch() {
+#if defined(FG_EARLY_LAUNCH) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+// The same for the decode mat-vecs, compiled in with -DFG_EARLY_LAUNCH_MV (experiment:
+// FLOWGATE_CUDA_EARLY_LAUNCH=2).
+__device__ __forceinline__ void grid_dep_launch_mv() {
+#if defined(FG_EARLY_LAUNCH_MV) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
 // Asks L2 to fetch [p, p + bytes) (128-byte lines spread over the 32 lanes of a warp): a
 // PDL kernel's weights, requested before grid_dep_wait().
 __device__ __forceinline__ void prefetch_l2(const void* p, u64 bytes, int lane) {

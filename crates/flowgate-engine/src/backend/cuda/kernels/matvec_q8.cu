@@ -24,6 +24,7 @@ struct QuantJobs {
 
 // One warp per 32 values: blockIdx.y is the job. n is a multiple of 32.
 extern "C" __global__ void quantize_q8(QuantJobs jobs, int n) {
+    grid_dep_launch();
     grid_dep_wait();
     int g = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     int lane = threadIdx.x & 31;
@@ -42,8 +43,28 @@ extern "C" __global__ void quantize_q8(QuantJobs jobs, int n) {
 // of nibbles: byte 32*j + l holds element 64*j + l (low) and 64*j + 32 + l (high)).
 // A lane takes 16 bytes of one block's quants: bytes 32*j + 16*h .. +16, i.e. 16 weights of
 // sub-block 2j and 16 of 2j+1; 8 lanes cover a block, a warp 4 blocks per step; R rows per
-// warp share the activation loads.
-template <int R>
+// warp share the activation loads. The block's 16-byte header (d, dmin and the scales) is one
+// 16-byte load (blocks are 144 bytes, rows a multiple of 16), its scale bytes picked from
+// registers (q4k_scale_min: scale_min_k4's formula), rather than a load per byte.
+// U steps are loaded before any is summed (U = 2 for products of one wave of warps, whose
+// warps otherwise wait for each step's loads in turn); the sums run in the same order for any
+// U, so the result does not depend on it.
+__device__ __forceinline__ int q4k_sbyte(uint4 hd, int k) {
+    u32 w = k < 4 ? hd.y : (k < 8 ? hd.z : hd.w);
+    return (int)((w >> (8 * (k & 3))) & 0xFF);
+}
+
+__device__ __forceinline__ void q4k_scale_min(int j, uint4 hd, int* sc, int* m) {
+    if (j < 4) {
+        *sc = q4k_sbyte(hd, j) & 63;
+        *m = q4k_sbyte(hd, j + 4) & 63;
+    } else {
+        *sc = (q4k_sbyte(hd, j + 4) & 0x0F) | ((q4k_sbyte(hd, j - 4) >> 6) << 4);
+        *m = (q4k_sbyte(hd, j + 4) >> 4) | ((q4k_sbyte(hd, j) >> 6) << 4);
+    }
+}
+
+template <int R, int U>
 __device__ __forceinline__ void mvq_q4_k(const u8* __restrict__ W, u64 row_bytes,
                                          const u8* __restrict__ xv, float* __restrict__ y,
                                          int rows, int cols, int r0, int lane) {
@@ -54,30 +75,51 @@ __device__ __forceinline__ void mvq_q4_k(const u8* __restrict__ W, u64 row_bytes
     float acc[R];
 #pragma unroll
     for (int r = 0; r < R; r++) acc[r] = 0.0f;
-    for (int blk = lane >> 3; blk < nb; blk += 4) {
-        int e = blk * 256 + 64 * j;
-        int4 a = *(const int4*)(xq + e + 16 * h);
-        int4 c = *(const int4*)(xq + e + 32 + 16 * h);
-        float dx0 = xd[e >> 5], dx1 = xd[(e >> 5) + 1];
-        int sa = dp4a(0x01010101, a.x, dp4a(0x01010101, a.y, dp4a(0x01010101, a.z, dp4a(0x01010101, a.w, 0))));
-        int sc = dp4a(0x01010101, c.x, dp4a(0x01010101, c.y, dp4a(0x01010101, c.z, dp4a(0x01010101, c.w, 0))));
+    for (int blk0 = lane >> 3; blk0 < nb; blk0 += 4 * U) {
+        int4 a[U], c[U];
+        float dx0[U], dx1[U];
+        uint4 q[U][R], hd[U][R];
 #pragma unroll
-        for (int r = 0; r < R; r++) {
-            if (R > 1 && r0 + r >= rows) break;
-            const u8* b = W + (u64)(r0 + r) * row_bytes + (u64)blk * 144;
-            uint4 q = *(const uint4*)(b + 16 + 32 * j + 16 * h);
-            u32 dm = *(const u32*)b;
-            const u8* s = b + 4;
-            int sc0, m0, sc1, m1;
-            scale_min_k4(2 * j, s, &sc0, &m0);
-            scale_min_k4(2 * j + 1, s, &sc1, &m1);
-            const int M = 0x0F0F0F0F;
-            int d0 = dp4a(q.x & M, a.x, dp4a(q.y & M, a.y, dp4a(q.z & M, a.z, dp4a(q.w & M, a.w, 0))));
-            int d1 = dp4a((q.x >> 4) & M, c.x,
-                          dp4a((q.y >> 4) & M, c.y, dp4a((q.z >> 4) & M, c.z, dp4a((q.w >> 4) & M, c.w, 0))));
-            float d = h2f((u16)(dm & 0xFFFF)), dmin = h2f((u16)(dm >> 16));
-            acc[r] += d * (dx0 * (float)(sc0 * d0) + dx1 * (float)(sc1 * d1)) -
-                      dmin * (dx0 * (float)(m0 * sa) + dx1 * (float)(m1 * sc));
+        for (int u = 0; u < U; u++) {
+            int blk = blk0 + 4 * u;
+            if (U > 1 && blk >= nb) break;
+            int e = blk * 256 + 64 * j;
+            a[u] = *(const int4*)(xq + e + 16 * h);
+            c[u] = *(const int4*)(xq + e + 32 + 16 * h);
+            dx0[u] = xd[e >> 5];
+            dx1[u] = xd[(e >> 5) + 1];
+#pragma unroll
+            for (int r = 0; r < R; r++) {
+                if (R > 1 && r0 + r >= rows) break;
+                const u8* b = W + (u64)(r0 + r) * row_bytes + (u64)blk * 144;
+                hd[u][r] = *(const uint4*)b;
+                q[u][r] = *(const uint4*)(b + 16 + 32 * j + 16 * h);
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            if (U > 1 && blk0 + 4 * u >= nb) break;
+            const int O = 0x01010101;
+            int sa = dp4a(O, a[u].x, dp4a(O, a[u].y, dp4a(O, a[u].z, dp4a(O, a[u].w, 0))));
+            int sc = dp4a(O, c[u].x, dp4a(O, c[u].y, dp4a(O, c[u].z, dp4a(O, c[u].w, 0))));
+#pragma unroll
+            for (int r = 0; r < R; r++) {
+                if (R > 1 && r0 + r >= rows) break;
+                uint4 qq = q[u][r];
+                int sc0, m0, sc1, m1;
+                q4k_scale_min(2 * j, hd[u][r], &sc0, &m0);
+                q4k_scale_min(2 * j + 1, hd[u][r], &sc1, &m1);
+                const int M = 0x0F0F0F0F;
+                int d0 = dp4a(qq.x & M, a[u].x,
+                              dp4a(qq.y & M, a[u].y, dp4a(qq.z & M, a[u].z, dp4a(qq.w & M, a[u].w, 0))));
+                int d1 = dp4a((qq.x >> 4) & M, c[u].x,
+                              dp4a((qq.y >> 4) & M, c[u].y,
+                                   dp4a((qq.z >> 4) & M, c[u].z, dp4a((qq.w >> 4) & M, c[u].w, 0))));
+                u32 dm = hd[u][r].x;
+                float d = h2f((u16)(dm & 0xFFFF)), dmin = h2f((u16)(dm >> 16));
+                acc[r] += d * (dx0[u] * (float)(sc0 * d0) + dx1[u] * (float)(sc1 * d1)) -
+                          dmin * (dx0[u] * (float)(m0 * sa) + dx1[u] * (float)(m1 * sc));
+            }
         }
     }
 #pragma unroll
@@ -89,8 +131,9 @@ __device__ __forceinline__ void mvq_q4_k(const u8* __restrict__ W, u64 row_bytes
 
 // Grouped launch: blockIdx.y is the job (MvJobs of matvec_quant.cu, x = a q8 vector); a block
 // of 8 warps covers 8·R rows; blocks past a job's rows exit.
-template <int R>
+template <int R, int U>
 __device__ __forceinline__ void mvq_q4_k_jobs(const MvJobs& jobs, u64 row_bytes, int cols) {
+    grid_dep_launch_mv();
     int j = blockIdx.y;
     int rows = jobs.rows[j];
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -100,16 +143,21 @@ __device__ __forceinline__ void mvq_q4_k_jobs(const MvJobs& jobs, u64 row_bytes,
     prefetch_l2((const u8*)jobs.w[j] + (u64)r0 * row_bytes, (u64)min(R, rows - r0) * row_bytes,
                 lane);
     grid_dep_wait();
-    mvq_q4_k<R>((const u8*)jobs.w[j], row_bytes, (const u8*)jobs.x[j], (float*)jobs.y[j], rows,
-                cols, r0, lane);
+    mvq_q4_k<R, U>((const u8*)jobs.w[j], row_bytes, (const u8*)jobs.x[j], (float*)jobs.y[j],
+                   rows, cols, r0, lane);
 }
 
 extern "C" __global__ void matvec1q8_q4_k(MvJobs jobs, u64 row_bytes, int cols) {
-    mvq_q4_k_jobs<1>(jobs, row_bytes, cols);
+    mvq_q4_k_jobs<1, 1>(jobs, row_bytes, cols);
+}
+
+// Two steps' loads in flight: for launches whose warps are all resident at once.
+extern "C" __global__ void matvec1q8u_q4_k(MvJobs jobs, u64 row_bytes, int cols) {
+    mvq_q4_k_jobs<1, 2>(jobs, row_bytes, cols);
 }
 
 extern "C" __global__ void matvec1q8r2_q4_k(MvJobs jobs, u64 row_bytes, int cols) {
-    mvq_q4_k_jobs<2>(jobs, row_bytes, cols);
+    mvq_q4_k_jobs<2, 1>(jobs, row_bytes, cols);
 }
 
 // Expert-indexed (see matvec1x in matvec_quant.cu): job j uses expert ids[j % k] of table ta
@@ -117,12 +165,13 @@ extern "C" __global__ void matvec1q8r2_q4_k(MvJobs jobs, u64 row_bytes, int cols
 extern "C" __global__ void matvec1q8x_q4_k(const u64* ta, const u64* tb, const int* ids, int k,
                                            const u8* xq, u64 x_stride, float* y, int rows,
                                            int cols, u64 row_bytes) {
+    grid_dep_launch_mv();
     grid_dep_wait();
     int j = blockIdx.y;
     const u8* W = (const u8*)(j < k ? ta : tb)[ids[j % k]];
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     int r0 = blockIdx.x * (blockDim.x >> 5) + warp;
     if (r0 >= rows) return;
-    mvq_q4_k<1>(W, row_bytes, xq + (u64)(j % k) * x_stride, y + (u64)j * rows, rows, cols, r0,
-                lane);
+    mvq_q4_k<1, 1>(W, row_bytes, xq + (u64)(j % k) * x_stride, y + (u64)j * rows, rows, cols,
+                   r0, lane);
 }

@@ -90,6 +90,7 @@ __device__ __forceinline__ void router_topk_warp(const float* logits, int n, int
 
 extern "C" __global__ void router_topk(const float* logits, int n, int k, int renorm, int* ids,
                                        float* w) {
+    grid_dep_launch();
     grid_dep_wait();
     logits += (u64)blockIdx.x * n;
     ids += (u64)blockIdx.x * k;
@@ -135,6 +136,7 @@ extern "C" __global__ void router_topk(const float* logits, int n, int k, int re
 
 // out[i] = Σ_j w[j] · ys[j·n + i]: the chosen experts' outputs weighted by their routing weights.
 extern "C" __global__ void moe_combine(const float* ys, const float* w, int k, int n, float* out) {
+    grid_dep_launch();
     grid_dep_wait();
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;

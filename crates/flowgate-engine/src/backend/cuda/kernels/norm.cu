@@ -22,6 +22,7 @@ __device__ __forceinline__ float rms_scale(float ss, int dim, float eps) {
 
 extern "C" __global__ void rms_norm(const float* x, const float* w, float* out, int dim,
                                     float eps) {
+    grid_dep_launch();
     grid_dep_wait();
     const float* xr = x + (u64)blockIdx.x * dim;
     float* orow = out + (u64)blockIdx.x * dim;
@@ -50,6 +51,7 @@ __device__ __forceinline__ void norm_out(float* orow, u8* q8, int dim, int i, fl
 #define NORM_VALS 4  // values a thread keeps in registers (the host launches dim/4 threads)
 extern "C" __global__ void add_rms_norm(float* x, const float* y, const float* w, float* out,
                                         int dim, float eps, u8* q8) {
+    grid_dep_launch();
     grid_dep_wait();
     float* xr = x + (u64)blockIdx.x * dim;
     const float* yr = y + (u64)blockIdx.x * dim;
