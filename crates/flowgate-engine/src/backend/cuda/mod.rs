@@ -381,14 +381,17 @@ impl Kernels {
     /// (`grid_dep_launch` in common.cuh), so the next mat-vec asks for its weights while they run.
     fn load(
         cache: &flowgate_cuda::KernelCache,
-        early_launch: u32,
+        early_launch: bool,
     ) -> std::result::Result<Kernels, CudaError> {
         let mut options: Vec<String> = Vec::new();
-        if early_launch >= 1 {
+        if early_launch {
             options.push("-DFG_EARLY_LAUNCH".to_string());
         }
-        if early_launch >= 2 {
-            options.push("-DFG_EARLY_LAUNCH_MV".to_string());
+        if let Ok(v) = std::env::var("FLOWGATE_CUDA_MV_PREFETCH") {
+            options.push(format!(
+                "-DFG_MV_PREFETCH={}",
+                v.parse::<u64>().unwrap_or(1 << 30)
+            ));
         }
         let module = |family: &str| {
             let src = kernel_source(family).unwrap_or_default();
@@ -721,11 +724,8 @@ impl CudaBackend {
         let cache = flowgate_cuda::KernelCache::new(&device);
         let (maj, min) = device.compute_capability().map_err(cuda_err)?;
         let pdl = maj >= 9 && std::env::var("FLOWGATE_CUDA_PDL").map_or(true, |v| v != "0");
-        let early_launch = if pdl {
-            std::env::var("FLOWGATE_CUDA_EARLY_LAUNCH").map_or(1, |v| v.parse().unwrap_or(1))
-        } else {
-            0
-        };
+        let early_launch =
+            pdl && std::env::var("FLOWGATE_CUDA_EARLY_LAUNCH").map_or(true, |v| v != "0");
         let kernels = Kernels::load(&cache, early_launch).map_err(cuda_err)?;
         let alloc = DeviceAllocator::new(&device, budget);
         let dev_name = device.name().unwrap_or_else(|_| "unknown".into());

@@ -70,8 +70,7 @@ extern "C" __global__ void attention(const float* __restrict__ q, const float* _
                                      int n_heads, int n_kv_heads, int head_dim, int window,
                                      float scale, int split_keys, int min_splits,
                                      u8* __restrict__ q8) {
-    grid_dep_launch();
-    grid_dep_wait();
+    grid_dep_enter();
     extern __shared__ float sm[];
     int h = blockIdx.x, t = blockIdx.y, split = blockIdx.z;
     int nw = blockDim.x >> 5, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;

@@ -77,12 +77,11 @@ __device__ __forceinline__ void grid_dep_launch() {
 #endif
 }
 
-// The same for the decode mat-vecs, compiled in with -DFG_EARLY_LAUNCH_MV (experiment:
-// FLOWGATE_CUDA_EARLY_LAUNCH=2).
-__device__ __forceinline__ void grid_dep_launch_mv() {
-#if defined(FG_EARLY_LAUNCH_MV) && __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
+// Entry of a short kernel between mat-vecs: lets the next kernel launch, then waits for the
+// previous one.
+__device__ __forceinline__ void grid_dep_enter() {
+    grid_dep_launch();
+    grid_dep_wait();
 }
 
 // Asks L2 to fetch [p, p + bytes) (128-byte lines spread over the 32 lanes of a warp): a

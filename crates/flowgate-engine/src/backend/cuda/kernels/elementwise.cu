@@ -1,8 +1,7 @@
 // Element-wise kernels: residual adds, row biases, the fused SiLU·mul of SwiGLU, and the row
 // gathers/scatters of MoE token grouping.
 extern "C" __global__ void add(float* x, const float* y, u64 n) {
-    grid_dep_launch();
-    grid_dep_wait();
+    grid_dep_enter();
     u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) x[i] += y[i];
 }
@@ -11,8 +10,7 @@ extern "C" __global__ void add(float* x, const float* y, u64 n) {
 // row), added on the device.
 extern "C" __global__ void add_sigmoid_gated(float* out, const float* y, const float* g, int dim,
                                              u64 n) {
-    grid_dep_launch();
-    grid_dep_wait();
+    grid_dep_enter();
     u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) out[i] += (1.0f / (1.0f + expf(-g[i / dim]))) * y[i];
 }
@@ -26,8 +24,7 @@ extern "C" __global__ void add_row_bias(float* x, const float* b, u64 n, int wid
 // layout and rounding: a warp's 32 consecutive values form one group) for the decode mat-vec
 // that reads it next.
 extern "C" __global__ void silu_mul(float* g, const float* u, u64 n, u8* q8) {
-    grid_dep_launch();
-    grid_dep_wait();
+    grid_dep_enter();
     u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) {
         float a = g[i];

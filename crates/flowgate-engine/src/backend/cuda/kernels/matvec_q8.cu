@@ -24,8 +24,7 @@ struct QuantJobs {
 
 // One warp per 32 values: blockIdx.y is the job. n is a multiple of 32.
 extern "C" __global__ void quantize_q8(QuantJobs jobs, int n) {
-    grid_dep_launch();
-    grid_dep_wait();
+    grid_dep_enter();
     int g = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     int lane = threadIdx.x & 31;
     if (g * 32 >= n) return;
@@ -133,15 +132,17 @@ __device__ __forceinline__ void mvq_q4_k(const u8* __restrict__ W, u64 row_bytes
 // of 8 warps covers 8·R rows; blocks past a job's rows exit.
 template <int R, int U>
 __device__ __forceinline__ void mvq_q4_k_jobs(const MvJobs& jobs, u64 row_bytes, int cols) {
-    grid_dep_launch_mv();
     int j = blockIdx.y;
     int rows = jobs.rows[j];
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     int r0 = (blockIdx.x * (blockDim.x >> 5) + warp) * R;
     if (r0 >= rows) return;
     // The weights do not depend on the previous kernel: ask for them while it finishes.
-    prefetch_l2((const u8*)jobs.w[j] + (u64)r0 * row_bytes, (u64)min(R, rows - r0) * row_bytes,
-                lane);
+#ifndef FG_MV_PREFETCH
+#define FG_MV_PREFETCH 2304
+#endif
+    prefetch_l2((const u8*)jobs.w[j] + (u64)r0 * row_bytes,
+                min((u64)FG_MV_PREFETCH, (u64)min(R, rows - r0) * row_bytes), lane);
     grid_dep_wait();
     mvq_q4_k<R, U>((const u8*)jobs.w[j], row_bytes, (const u8*)jobs.x[j], (float*)jobs.y[j],
                    rows, cols, r0, lane);
@@ -165,7 +166,6 @@ extern "C" __global__ void matvec1q8r2_q4_k(MvJobs jobs, u64 row_bytes, int cols
 extern "C" __global__ void matvec1q8x_q4_k(const u64* ta, const u64* tb, const int* ids, int k,
                                            const u8* xq, u64 x_stride, float* y, int rows,
                                            int cols, u64 row_bytes) {
-    grid_dep_launch_mv();
     grid_dep_wait();
     int j = blockIdx.y;
     const u8* W = (const u8*)(j < k ? ta : tb)[ids[j % k]];

@@ -90,8 +90,7 @@ __device__ __forceinline__ void router_topk_warp(const float* logits, int n, int
 
 extern "C" __global__ void router_topk(const float* logits, int n, int k, int renorm, int* ids,
                                        float* w) {
-    grid_dep_launch();
-    grid_dep_wait();
+    grid_dep_enter();
     logits += (u64)blockIdx.x * n;
     ids += (u64)blockIdx.x * k;
     w += (u64)blockIdx.x * k;
@@ -136,8 +135,7 @@ extern "C" __global__ void router_topk(const float* logits, int n, int k, int re
 
 // out[i] = Σ_j w[j] · ys[j·n + i]: the chosen experts' outputs weighted by their routing weights.
 extern "C" __global__ void moe_combine(const float* ys, const float* w, int k, int n, float* out) {
-    grid_dep_launch();
-    grid_dep_wait();
+    grid_dep_enter();
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
     float s = 0.0f;

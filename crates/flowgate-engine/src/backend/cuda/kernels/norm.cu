@@ -22,8 +22,7 @@ __device__ __forceinline__ float rms_scale(float ss, int dim, float eps) {
 
 extern "C" __global__ void rms_norm(const float* x, const float* w, float* out, int dim,
                                     float eps) {
-    grid_dep_launch();
-    grid_dep_wait();
+    grid_dep_enter();
     const float* xr = x + (u64)blockIdx.x * dim;
     float* orow = out + (u64)blockIdx.x * dim;
     float ss = 0.0f;
@@ -51,23 +50,26 @@ __device__ __forceinline__ void norm_out(float* orow, u8* q8, int dim, int i, fl
 #define NORM_VALS 4  // values a thread keeps in registers (the host launches dim/4 threads)
 extern "C" __global__ void add_rms_norm(float* x, const float* y, const float* w, float* out,
                                         int dim, float eps, u8* q8) {
-    grid_dep_launch();
-    grid_dep_wait();
     float* xr = x + (u64)blockIdx.x * dim;
     const float* yr = y + (u64)blockIdx.x * dim;
     float* orow = out + (u64)blockIdx.x * dim;
     // The first NORM_VALS·blockDim values stay in registers with their weights (loaded before
-    // the reduction), so the second pass re-reads nothing; longer rows loop over the rest.
+    // the reduction; the weights, which no kernel writes, before waiting for the previous
+    // kernel), so the second pass re-reads nothing; longer rows loop over the rest.
     float v[NORM_VALS], wv[NORM_VALS];
+#pragma unroll
+    for (int c = 0; c < NORM_VALS; c++) {
+        int i = threadIdx.x + c * blockDim.x;
+        wv[c] = i < dim ? w[i] : 0.0f;
+    }
+    grid_dep_enter();
     float ss = 0.0f;
 #pragma unroll
     for (int c = 0; c < NORM_VALS; c++) {
         int i = threadIdx.x + c * blockDim.x;
         v[c] = 0.0f;
-        wv[c] = 0.0f;
         if (i < dim) {
             v[c] = xr[i] + yr[i];
-            wv[c] = w[i];
             xr[i] = v[c];
             ss += v[c] * v[c];
         }

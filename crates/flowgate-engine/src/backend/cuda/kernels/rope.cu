@@ -33,8 +33,7 @@ extern "C" __global__ void qk_rope_kv(float* q, float* k, const float* v, const 
                                       float* vc, const float* inv_freq, int n_heads,
                                       int n_kv_heads, int head_dim, int pos,
                                       const int* __restrict__ pos_dev, int interleaved) {
-    grid_dep_launch();
-    grid_dep_wait();
+    grid_dep_enter();
     __shared__ float part[32];
     // A recorded decode step reads its position from device memory.
     if (pos_dev) pos = *pos_dev;
