@@ -31,6 +31,9 @@
 //!   32-block's largest magnitude: measured 2e-3 to 4e-3 on random data), the grouped launch
 //!   (distinct and shared inputs) equal to single launches, and whole Q4_K models vs their F32
 //!   twins ≤ 5e-2 — the bound the CPU, which rounds activations the same way, is held to.
+//!   One step's loads in flight instead of two gives the same products bit for bit; the
+//!   decode add + RMSNorm over several blocks matches the one-block kernel (residual bit for
+//!   bit, normed row ≤ 1e-6, the product on its q8 form ≤ 1e-3).
 //! - Decode steps replayed as CUDA graphs equal steps queued launch by launch bit for bit, on
 //!   eleven models (dense, MoE, a shared expert's gate, a sliding window, Q4_K with and
 //!   without 8-bit activations, F32
@@ -501,6 +504,58 @@ fn fused_q8_forms_equal_separate_quantisation() {
         "output projection of the decode attention"
     );
     assert!(fused.0.iter().any(|v| *v != 0.0) && fused.2.iter().any(|v| *v != 0.0));
+}
+
+/// The decode add + RMSNorm spread over dim/256 blocks (`set_norm_rows1(true)`, the default)
+/// against the one-block kernel, on random rows: the new residual bit for bit, the normed row
+/// within a relative (L2) error of 1e-6 (the sum of squares runs in another order), and the
+/// product that reads its q8 form within 1e-3 (a value on a rounding boundary may quantise one
+/// step apart); a width that is not a multiple of 256 keeps the one-block kernel.
+#[test]
+fn split_decode_norm_matches_one_block() {
+    let Some(gpu) = cuda() else { return };
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x4A11);
+    for dim in [4096usize, 2048, 768, 1000] {
+        let (x, y, w) = (
+            randv(&mut rng, dim),
+            randv(&mut rng, dim),
+            randv(&mut rng, dim),
+        );
+        let next = gpu
+            .weight(random_weight(
+                &mut rng,
+                DType::Q4K,
+                300,
+                dim.next_multiple_of(256),
+            ))
+            .unwrap();
+        let (yb, wb) = (gpu.buf_from(&y).unwrap(), gpu.buf_from(&w).unwrap());
+        let run = |split: bool| {
+            gpu.set_norm_rows1(split);
+            let mut xb = gpu.buf_from(&x).unwrap();
+            let (mut h, mut p) = (gpu.buf_zeros(dim).unwrap(), gpu.buf_zeros(0).unwrap());
+            gpu.add_rms_norm(&mut xb, &yb, &wb, dim, 1e-5, &mut h);
+            if dim % 256 == 0 {
+                let before = gpu.q8_reused();
+                gpu.matmul(&next, &h, 1, &mut p);
+                assert_eq!(gpu.q8_reused() - before, 1, "the product read the q8 form");
+            }
+            gpu.check().unwrap();
+            (gpu.to_host(&xb), gpu.to_host(&h), gpu.to_host(&p))
+        };
+        let (one, split) = (run(false), run(true));
+        gpu.set_norm_rows1(true);
+        assert_eq!(split.0, one.0, "residual, dim {dim}");
+        let e = rel_err(&split.1, &one.1);
+        assert!(e <= 1e-6, "normed row, dim {dim}: relative error {e}");
+        assert!(split.1.iter().any(|v| *v != 0.0));
+        if dim % 256 == 0 {
+            let e = rel_err(&split.2, &one.2);
+            assert!(e <= 1e-3, "next product, dim {dim}: relative error {e}");
+        } else {
+            assert_eq!(split.1, one.1, "one-block kernel either way, dim {dim}");
+        }
+    }
 }
 
 /// Prefill routing on the device (`route_tokens`: the router's GEMM, one top-k block per

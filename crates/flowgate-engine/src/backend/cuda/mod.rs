@@ -326,9 +326,10 @@ const ONE_WAVE_WARPS_PER_SM: usize = 48;
 /// each may start (and the mat-vecs prefetch their weights into L2) while the kernel before
 /// it finishes. The decode step is a chain of ~10 such kernels per layer.
 /// `FLOWGATE_CUDA_PDL=0` turns it off.
-const PDL_KERNELS: [&str; 13] = [
+const PDL_KERNELS: [&str; 14] = [
     "rms_norm",
     "add_rms_norm",
+    "add_rms_norm_rows1",
     "qk_rope_kv",
     "attention",
     "router_topk",
@@ -360,6 +361,8 @@ struct Kernels {
     dequant: Vec<K>,
     rms_norm: K,
     add_rms_norm: K,
+    /// The decode form (one row) over several blocks.
+    add_rms_norm_rows1: K,
     rope: K,
     qk_rope_kv: K,
     attention: K,
@@ -378,7 +381,9 @@ struct Kernels {
 
 impl Kernels {
     /// `early_launch`: the short kernels between mat-vecs let the next kernel start at once
-    /// (`grid_dep_launch` in common.cuh), so the next mat-vec asks for its weights while they run.
+    /// (`grid_dep_launch` in common.cuh), so the next mat-vec asks for its weights while they
+    /// run. `FLOWGATE_CUDA_MV_PREFETCH=BYTES` sets how much of its row a decode mat-vec warp
+    /// asks L2 for ahead (`FG_MV_PREFETCH` in matvec_q8.cu).
     fn load(
         cache: &flowgate_cuda::KernelCache,
         early_launch: bool,
@@ -388,10 +393,12 @@ impl Kernels {
             options.push("-DFG_EARLY_LAUNCH".to_string());
         }
         if let Ok(v) = std::env::var("FLOWGATE_CUDA_MV_PREFETCH") {
-            options.push(format!(
-                "-DFG_MV_PREFETCH={}",
-                v.parse::<u64>().unwrap_or(1 << 30)
-            ));
+            match v.parse::<u64>() {
+                Ok(n) => options.push(format!("-DFG_MV_PREFETCH={n}")),
+                Err(_) => tracing::warn!(
+                    "FLOWGATE_CUDA_MV_PREFETCH={v} is not a byte count: using the default"
+                ),
+            }
         }
         let module = |family: &str| {
             let src = kernel_source(family).unwrap_or_default();
@@ -458,6 +465,7 @@ impl Kernels {
             dequant,
             rms_norm: k(&norm, "rms_norm")?,
             add_rms_norm: k(&norm, "add_rms_norm")?,
+            add_rms_norm_rows1: k(&norm, "add_rms_norm_rows1")?,
             rope: k(&rope, "rope")?,
             qk_rope_kv: k(&rope, "qk_rope_kv")?,
             attention: k(&attn, "attention")?,
@@ -564,6 +572,9 @@ pub struct CudaBackend {
     /// Whether one-wave decode mat-vecs use `matvec1q8u_*` (`FLOWGATE_CUDA_MV_TWO_STEPS=0`
     /// turns it off).
     mv_two_steps: std::sync::atomic::AtomicBool,
+    /// Whether a one-row add + RMSNorm spreads over several blocks (`add_rms_norm_rows1`;
+    /// `FLOWGATE_CUDA_NORM_ROWS1=0` turns it off).
+    norm_rows1: std::sync::atomic::AtomicBool,
     /// The device expert cache sparse layers page through (`--vram-budget`).
     pager: Mutex<Option<Arc<ExpertPager>>>,
     /// Operations queued so far (kernels, copies, memsets, GEMMs): a q8 vector made by a
@@ -763,6 +774,9 @@ impl CudaBackend {
             tf32: std::env::var("FLOWGATE_CUDA_TF32").map_or(true, |v| v != "0"),
             prefill_attention: std::sync::atomic::AtomicU8::new(PrefillAttention::from_env() as u8),
             attn_counters: Mutex::new(None),
+            norm_rows1: std::sync::atomic::AtomicBool::new(
+                std::env::var("FLOWGATE_CUDA_NORM_ROWS1").map_or(true, |v| v != "0"),
+            ),
             mv_two_steps: std::sync::atomic::AtomicBool::new(
                 std::env::var("FLOWGATE_CUDA_MV_TWO_STEPS").map_or(true, |v| v != "0"),
             ),
@@ -782,6 +796,14 @@ impl CudaBackend {
             graph_taint: Mutex::new(None),
             pdl,
         })
+    }
+
+    /// Whether a one-row add + RMSNorm (decode) spreads over dim/256 blocks (the default;
+    /// `FLOWGATE_CUDA_NORM_ROWS1=0` turns it off): same values up to the order of the sum of
+    /// squares.
+    pub fn set_norm_rows1(&self, on: bool) {
+        self.norm_rows1
+            .store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Whether decode mat-vec launches of one wave of warps keep two steps' loads in flight
@@ -1547,6 +1569,39 @@ impl Backend for CudaBackend {
         } else {
             None
         };
+        // One row (decode): spread over dim/256 blocks (`add_rms_norm_rows1`), which write the
+        // new residual into a fresh buffer that then becomes `x`.
+        if x.len == dim
+            && dim.is_multiple_of(256)
+            && x.ptr() != out.ptr()
+            && self.norm_rows1.load(std::sync::atomic::Ordering::Relaxed)
+        {
+            let Ok(mut xo) = self.new_buf(dim) else {
+                self.fail("allocating the residual stream".to_string());
+                return;
+            };
+            self.launch(
+                &self.kernels.add_rms_norm_rows1,
+                LaunchConfig {
+                    grid_dim: ((dim / 256) as u32, 1, 1),
+                    block_dim: (256, 1, 1),
+                    shared_mem_bytes: 0,
+                },
+                &[
+                    Arg::P(x.ptr()),
+                    Arg::P(y.ptr()),
+                    Arg::P(w.ptr()),
+                    Arg::P(xo.ptr()),
+                    Arg::P(out.ptr()),
+                    Arg::P(q8.as_ref().map_or(0, |b| b.ptr())),
+                    Arg::I(dim as i32),
+                    Arg::F(eps),
+                ],
+            );
+            std::mem::swap(x, &mut xo);
+            self.set_q8_fresh(out.ptr(), dim, q8);
+            return;
+        }
         self.launch(
             &self.kernels.add_rms_norm,
             cfg,

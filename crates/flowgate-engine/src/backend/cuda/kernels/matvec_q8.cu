@@ -44,7 +44,7 @@ extern "C" __global__ void quantize_q8(QuantJobs jobs, int n) {
 // sub-block 2j and 16 of 2j+1; 8 lanes cover a block, a warp 4 blocks per step; R rows per
 // warp share the activation loads. The block's 16-byte header (d, dmin and the scales) is one
 // 16-byte load (blocks are 144 bytes, rows a multiple of 16), its scale bytes picked from
-// registers (q4k_scale_min: scale_min_k4's formula), rather than a load per byte.
+// registers (q4k_scale_min), rather than a load per byte.
 // U steps are loaded before any is summed (U = 2 for products of one wave of warps, whose
 // warps otherwise wait for each step's loads in turn); the sums run in the same order for any
 // U, so the result does not depend on it.
@@ -54,13 +54,7 @@ __device__ __forceinline__ int q4k_sbyte(uint4 hd, int k) {
 }
 
 __device__ __forceinline__ void q4k_scale_min(int j, uint4 hd, int* sc, int* m) {
-    if (j < 4) {
-        *sc = q4k_sbyte(hd, j) & 63;
-        *m = q4k_sbyte(hd, j + 4) & 63;
-    } else {
-        *sc = (q4k_sbyte(hd, j + 4) & 0x0F) | ((q4k_sbyte(hd, j - 4) >> 6) << 4);
-        *m = (q4k_sbyte(hd, j + 4) >> 4) | ((q4k_sbyte(hd, j) >> 6) << 4);
-    }
+    scale_min_k4_by(j, [hd](int k) { return q4k_sbyte(hd, k); }, sc, m);
 }
 
 template <int R, int U>

@@ -88,3 +88,30 @@ extern "C" __global__ void add_rms_norm(float* x, const float* y, const float* w
     for (int i = threadIdx.x + NORM_VALS * blockDim.x; i < dim; i += blockDim.x)
         norm_out(orow, q8, dim, i, xr[i] * r * w[i]);
 }
+
+// The decode form of add_rms_norm (one row of `dim` values, a multiple of 256), over dim/256
+// blocks of 256 threads instead of one block: every block sums the squares of the whole row
+// x + y (the same values in the same order, so every block gets the same scale), then writes
+// its own 256 values: the new residual into xo (not x: other blocks still read x) and the
+// normed values into out, with their q8 groups when q8 is non-null. A single block's serial
+// latency (its loads, reductions and 4 values of quantisation per thread) was the cost of
+// add_rms_norm in decode: 5.7 µs on the H100 against 2.7 for a trivial kernel.
+extern "C" __global__ void add_rms_norm_rows1(const float* x, const float* y, const float* w,
+                                              float* xo, float* out, u8* q8, int dim,
+                                              float eps) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    float wi = w[i];
+    grid_dep_enter();
+    float ss = 0.0f, own = 0.0f;
+    int per = dim / blockDim.x;
+#pragma unroll 8
+    for (int k = 0; k < per; k++) {
+        int e = threadIdx.x + k * blockDim.x;
+        float t = x[e] + y[e];
+        ss += t * t;
+        if (k == blockIdx.x) own = t;
+    }
+    float r = rms_scale(ss, dim, eps);
+    xo[i] = own;
+    norm_out(out, q8, dim, i, own * r * wi);
+}

@@ -16,14 +16,21 @@
 #define DT_Q5_K 9
 #define DT_Q6_K 10
 
-__device__ __forceinline__ void scale_min_k4(int j, const u8* s, int* sc, int* m) {
+// (`byte(k)` gives scale byte k: read from memory here, picked from registers by the 8-bit
+// mat-vec, which loads a block's header at once.)
+template <class Byte>
+__device__ __forceinline__ void scale_min_k4_by(int j, Byte byte, int* sc, int* m) {
     if (j < 4) {
-        *sc = s[j] & 63;
-        *m = s[j + 4] & 63;
+        *sc = byte(j) & 63;
+        *m = byte(j + 4) & 63;
     } else {
-        *sc = (s[j + 4] & 0x0F) | ((s[j - 4] >> 6) << 4);
-        *m = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+        *sc = (byte(j + 4) & 0x0F) | ((byte(j - 4) >> 6) << 4);
+        *m = (byte(j + 4) >> 4) | ((byte(j) >> 6) << 4);
     }
+}
+
+__device__ __forceinline__ void scale_min_k4(int j, const u8* s, int* sc, int* m) {
+    scale_min_k4_by(j, [s](int k) { return (int)s[k]; }, sc, m);
 }
 
 template <int DT>
