@@ -317,8 +317,9 @@ struct K {
     pdl: bool,
 }
 
-/// Warps per SM up to which a decode mat-vec launch counts as one wave (`matvec1q8u_*`): the
-/// 8-bit kernel's registers allow about 48 resident per SM.
+/// Warps (one per row) per SM up to which a decode mat-vec launch counts as one wave and uses
+/// `matvec1q8u_*`: on the H100 the q/k/v, output and down products of dense8b (≤ 6144 rows on
+/// 132 SMs) do, its gate/up pair (28,672 rows) does not (two steps gained nothing there).
 const ONE_WAVE_WARPS_PER_SM: usize = 48;
 
 /// Kernels that call `grid_dep_wait()` (common.cuh) before touching memory an earlier kernel
