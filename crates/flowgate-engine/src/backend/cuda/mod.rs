@@ -322,6 +322,31 @@ struct K {
 /// 132 SMs) do, its gate/up pair (28,672 rows) does not (two steps gained nothing there).
 const ONE_WAVE_WARPS_PER_SM: usize = 48;
 
+/// How the decode attention splits the keys: about `keys_per_warp` keys per warp of a split,
+/// at most `max` splits (≤ 128, `MAXSPLITS` in attention.cu). Defaults 2 and 128
+/// (`FLOWGATE_CUDA_ATTN_KEYS_PER_WARP`, `FLOWGATE_CUDA_ATTN_MAX_SPLITS` change them).
+#[derive(Clone, Copy)]
+struct AttnSplits {
+    keys_per_warp: usize,
+    max: usize,
+}
+
+impl AttnSplits {
+    fn from_env() -> AttnSplits {
+        let var = |name: &str| {
+            std::env::var(name)
+                .ok()
+                .and_then(|v| v.parse::<usize>().ok())
+        };
+        AttnSplits {
+            keys_per_warp: var("FLOWGATE_CUDA_ATTN_KEYS_PER_WARP")
+                .filter(|&k| k > 0)
+                .unwrap_or(2),
+            max: var("FLOWGATE_CUDA_ATTN_MAX_SPLITS").map_or(128, |v| v.clamp(1, 128)),
+        }
+    }
+}
+
 /// Kernels that call `grid_dep_wait()` (common.cuh) before touching memory an earlier kernel
 /// may still use: on Hopper they are launched with programmatic stream serialisation, so
 /// each may start (and the mat-vecs prefetch their weights into L2) while the kernel before
@@ -573,6 +598,8 @@ pub struct CudaBackend {
     /// Whether one-wave decode mat-vecs use `matvec1q8u_*` (`FLOWGATE_CUDA_MV_TWO_STEPS=0`
     /// turns it off).
     mv_two_steps: std::sync::atomic::AtomicBool,
+    /// How decode attention splits its keys.
+    attn_splits: AttnSplits,
     /// Whether a one-row add + RMSNorm spreads over several blocks (`add_rms_norm_rows1`;
     /// `FLOWGATE_CUDA_NORM_ROWS1=0` turns it off).
     norm_rows1: std::sync::atomic::AtomicBool,
@@ -778,6 +805,7 @@ impl CudaBackend {
             norm_rows1: std::sync::atomic::AtomicBool::new(
                 std::env::var("FLOWGATE_CUDA_NORM_ROWS1").map_or(true, |v| v != "0"),
             ),
+            attn_splits: AttnSplits::from_env(),
             mv_two_steps: std::sync::atomic::AtomicBool::new(
                 std::env::var("FLOWGATE_CUDA_MV_TWO_STEPS").map_or(true, |v| v != "0"),
             ),
@@ -2040,15 +2068,23 @@ impl Backend for CudaBackend {
             Some(w) if w > 0 => (p.start_pos + p.n_tokens).min(w),
             _ => p.start_pos + p.n_tokens,
         };
-        // Decode: about 8 keys per warp (the per-key chain of loads, shuffles and exps is
-        // latency-bound), at least two blocks per SM, at most 64 splits; the kernel works the
-        // same number out from its position (`split_keys`, `min_splits`), so that a recorded
-        // step (position read from the step slot) launches the most and idles the rest.
+        // Decode: about 2 keys per warp (the per-key chain of loads, shuffles and exps is
+        // latency-bound: many short splits beat few long ones), at least two blocks per SM, at
+        // most 128 splits (`AttnSplits`); the kernel works the same number out from its
+        // position (`split_keys`, `min_splits`), so that a recorded step (position read from
+        // the step slot) launches the most and idles the rest.
         let warps = 4usize;
         let want = (2 * self.sms).div_ceil(blocks);
-        const MAX_SPLITS: usize = 64;
-        let split_keys = if p.n_tokens == 1 { 8 * warps } else { 0 };
-        let min_splits = want.min(MAX_SPLITS);
+        let AttnSplits {
+            keys_per_warp,
+            max: max_splits,
+        } = self.attn_splits;
+        let split_keys = if p.n_tokens == 1 {
+            keys_per_warp * warps
+        } else {
+            0
+        };
+        let min_splits = want.min(max_splits);
         let pos_dev = match self.recording_step() {
             Some(step) if p.n_tokens == 1 => step + 4,
             Some(_) => {
@@ -2058,11 +2094,11 @@ impl Backend for CudaBackend {
             None => 0,
         };
         let splits = if pos_dev != 0 {
-            MAX_SPLITS
+            max_splits
         } else if p.n_tokens == 1 {
-            want.max(keys.div_ceil(split_keys)).min(MAX_SPLITS)
+            want.max(keys.div_ceil(split_keys)).min(max_splits)
         } else {
-            want.min(keys.div_ceil(64)).clamp(1, MAX_SPLITS)
+            want.min(keys.div_ceil(64)).clamp(1, max_splits)
         };
         let shmem = ((2 * warps + warps * hd) * 4) as u32;
         let window = match p.window {
