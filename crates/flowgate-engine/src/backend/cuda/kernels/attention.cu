@@ -13,7 +13,7 @@
 // where a separate combine kernel cost a second launch per layer.
 #define MAXD 8  // head_dim <= 256
 
-#define MAXSPLITS 128  // the host launches at most 128 splits (MAX_SPLITS in cuda/mod.rs)
+#define MAXSPLITS 128  // the host launches at most 128 splits (AttnSplits in cuda/mod.rs)
 
 // Writes output element i (= (t·n_heads + h)·head_dim + d) of the attention, and with q8
 // non-null (one token, head_dim a multiple of 32: a warp's 32 consecutive elements are one
