@@ -21,6 +21,8 @@ OUT=${OUT:-/tmp/fg_out}
 mkdir -p "$OUT"
 export LD_LIBRARY_PATH=/usr/local/cuda/targets/x86_64-linux/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 export XDG_CACHE_HOME=/tmp/fg_cache
+# The parity tests fail, rather than skip, when the CUDA backend does not start here.
+export FLOWGATE_REQUIRE_CUDA=1
 steps=${*:-tests dense8b moe30b}
 BIN=${BIN:-.devbin/cuda}
 rc=0

@@ -34,6 +34,9 @@
 //!   One step's loads in flight instead of two gives the same products bit for bit; the
 //!   decode add + RMSNorm over several blocks matches the one-block kernel (residual bit for
 //!   bit, normed row ≤ 1e-6, the product on its q8 form ≤ 1e-3).
+//! - One decode token's RoPE, per-head norms and cache store folded into the attention kernel
+//!   equal `qk_rope_kv` then `attention`: ≤ 1e-6 (≤ 1e-5 with per-head norms), the stored
+//!   row checked through the next token's attention.
 //! - Decode steps replayed as CUDA graphs equal steps queued launch by launch bit for bit, on
 //!   eleven models (dense, MoE, a shared expert's gate, a sliding window, Q4_K with and
 //!   without 8-bit activations, F32
@@ -56,14 +59,26 @@ use flowgate_engine::weights::HostTensor;
 use flowgate_formats::{DType, RopeStyle};
 use rand::{Rng, SeedableRng};
 
+/// The CUDA backend, or `None` (the test then skips) where there is none. On the GPU machine
+/// `tools/device/check.sh` sets `FLOWGATE_REQUIRE_CUDA=1`: there a backend that fails to start
+/// (a kernel that does not compile, say) fails the test instead of skipping it.
 fn cuda() -> Option<CudaBackend> {
+    let required = std::env::var("FLOWGATE_REQUIRE_CUDA").is_ok_and(|v| v == "1");
     if !Cuda::available() {
+        assert!(
+            !required,
+            "FLOWGATE_REQUIRE_CUDA=1 but no CUDA driver library"
+        );
         eprintln!("SKIPPED: CUDA driver library not found (no GPU on this machine)");
         return None;
     }
     match CudaBackend::new(0) {
         Ok(b) => Some(b),
         Err(e) => {
+            assert!(
+                !required,
+                "FLOWGATE_REQUIRE_CUDA=1 but the backend failed: {e}"
+            );
             eprintln!("SKIPPED: no usable CUDA device: {e}");
             None
         }
@@ -666,6 +681,107 @@ fn fused_qk_rope_kv_matches_basic_operations() {
                 close("fused q", &outs[0].0, &outs[1].0, 1e-6);
                 close("fused attention", &outs[0].1, &outs[1].1, 1e-6);
                 eprintln!("qk_rope_kv {style:?} norms={with_norms} tokens={n}: matches");
+            }
+        }
+    }
+}
+
+/// One decode token's RoPE, per-head norms and cache store folded into the attention kernel
+/// (`set_rope_in_attention(true)`, the default) against `qk_rope_kv` then `attention`, on
+/// random inputs: head dims 64, 128 and 256, groups of 4 and 1, both rope styles, with and
+/// without norms, at positions 0 (no cache), 5 (one split), 37 and 700 (many splits; one
+/// block holds the token's own key) and past a 64-key window. The attention output within a
+/// relative (L2) error of 1e-6 (1e-5 with norms: their sums of squares run in another order);
+/// the next token's attention over the cache (both paths unfolded) checks the stored row the
+/// same way.
+#[test]
+fn rope_in_attention_matches_two_launches() {
+    let Some(gpu) = cuda() else { return };
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x40BE);
+    let cap = 1024usize;
+    for (nh, nkv, hd) in [(32usize, 8usize, 128usize), (16, 4, 64), (8, 8, 256)] {
+        let inv_freq: Vec<f32> = (0..hd / 2)
+            .map(|i| 1.0 / 10000f32.powf(2.0 * i as f32 / hd as f32))
+            .collect();
+        let past_k = randv(&mut rng, cap * nkv * hd);
+        let past_v = randv(&mut rng, cap * nkv * hd);
+        for (pos, window) in [
+            (0usize, None),
+            (5, None),
+            (37, None),
+            (700, None),
+            (700, Some(64)),
+        ] {
+            for style in [RopeStyle::Halves, RopeStyle::Interleaved] {
+                for with_norms in [false, true] {
+                    // Two tokens: the first at `pos` (folded or not), the second at pos + 1
+                    // (never folded) reads the first one's cache row.
+                    let qs = [randv(&mut rng, nh * hd), randv(&mut rng, nh * hd)];
+                    let ks = [randv(&mut rng, nkv * hd), randv(&mut rng, nkv * hd)];
+                    let vs = [randv(&mut rng, nkv * hd), randv(&mut rng, nkv * hd)];
+                    let qn = gpu.buf_from(&randv(&mut rng, hd)).unwrap();
+                    let kn = gpu.buf_from(&randv(&mut rng, hd)).unwrap();
+                    let norms = with_norms.then_some((&qn, &kn, 1e-6f32));
+                    let mut outs = Vec::new();
+                    for fold in [true, false] {
+                        let mut kv = gpu.kv_alloc(nkv, hd, cap).unwrap();
+                        if pos > 0 {
+                            let n = pos * nkv * hd;
+                            let (pk, pv) = (
+                                gpu.buf_from(&past_k[..n]).unwrap(),
+                                gpu.buf_from(&past_v[..n]).unwrap(),
+                            );
+                            gpu.kv_write(&mut kv, &pk, &pv, pos, 0);
+                        }
+                        let mut out = Vec::new();
+                        for step in 0..2 {
+                            gpu.set_rope_in_attention(fold && step == 0);
+                            let at = pos + step;
+                            let r = flowgate_engine::backend::QkRope {
+                                n_tokens: 1,
+                                start_pos: at,
+                                n_heads: nh,
+                                n_kv_heads: nkv,
+                                head_dim: hd,
+                                inv_freq: &inv_freq,
+                                style,
+                            };
+                            let p = AttnParams {
+                                n_tokens: 1,
+                                start_pos: at,
+                                n_heads: nh,
+                                n_kv_heads: nkv,
+                                head_dim: hd,
+                                window,
+                                scale: 1.0 / (hd as f32).sqrt(),
+                            };
+                            let mut qb = gpu.buf_from(&qs[step]).unwrap();
+                            let mut kb = gpu.buf_from(&ks[step]).unwrap();
+                            let vb = gpu.buf_from(&vs[step]).unwrap();
+                            let mut att = gpu.buf_zeros(0).unwrap();
+                            gpu.rope_attention(
+                                &mut qb, &mut kb, &vb, &mut kv, norms, &r, p, &mut att,
+                            );
+                            gpu.check().unwrap();
+                            out.push(gpu.to_host(&att));
+                        }
+                        outs.push(out);
+                    }
+                    gpu.set_rope_in_attention(true);
+                    let tol = if with_norms { 1e-5 } else { 1e-6 };
+                    let case = format!(
+                        "{nh}/{nkv} heads of {hd}, pos {pos}, window {window:?}, {style:?}, \
+                         norms {with_norms}"
+                    );
+                    assert!(outs[0][0].iter().any(|v| *v != 0.0), "{case}");
+                    close(
+                        &format!("folded step, {case}"),
+                        &outs[0][0],
+                        &outs[1][0],
+                        tol,
+                    );
+                    close(&format!("next step, {case}"), &outs[0][1], &outs[1][1], tol);
+                }
             }
         }
     }

@@ -220,6 +220,26 @@ pub trait Backend: Send + Sync + Sized {
         qk_rope_kv_unfused(self, q, k, v, kv, norms, r);
     }
 
+    /// [`Backend::qk_rope_kv`] then [`Backend::attention`] of the same tokens (`r` and `p`
+    /// agree on tokens, positions and heads): a backend may fold the first into the second
+    /// (one launch per decode layer where it does). `q` and `k` are left unspecified: only the
+    /// cache and `out` carry results.
+    #[allow(clippy::too_many_arguments)]
+    fn rope_attention(
+        &self,
+        q: &mut Self::Buf,
+        k: &mut Self::Buf,
+        v: &Self::Buf,
+        kv: &mut Self::Kv,
+        norms: Option<(&Self::Buf, &Self::Buf, f32)>,
+        r: &QkRope<'_>,
+        p: AttnParams,
+        out: &mut Self::Buf,
+    ) {
+        self.qk_rope_kv(q, k, v, kv, norms, r);
+        self.attention(q, kv, p, out);
+    }
+
     /// `x += y`, then `out = rms_norm(x) · w` (rows of `dim`): a residual add and the norm
     /// that follows it, one pass where the backend fuses them.
     fn add_rms_norm(

@@ -134,7 +134,6 @@ impl<B: Backend> Attention<B> {
             inv_freq,
             style: s.rope.style,
         };
-        b.qk_rope_kv(&mut sc.q, &mut sc.k, &sc.v, kv, norms, &rope);
         let p = AttnParams {
             n_tokens: n,
             start_pos: start,
@@ -144,7 +143,16 @@ impl<B: Backend> Attention<B> {
             window: s.sliding_window,
             scale: 1.0 / (s.head_dim as f32).sqrt(),
         };
-        b.attention(&sc.q, kv, p, &mut sc.attn);
+        b.rope_attention(
+            &mut sc.q,
+            &mut sc.k,
+            &sc.v,
+            kv,
+            norms,
+            &rope,
+            p,
+            &mut sc.attn,
+        );
         b.matmul(&self.wo, &sc.attn, n, &mut sc.out);
         Ok(&sc.out)
     }

@@ -22,7 +22,10 @@
 //!   instead of quantising again, valid only while nothing else has been queued (`seq`).
 //!   Prefill SwiGLU of quantised experts dequantises gate and up into one tile for one GEMM.
 //! - **Attention.** Decode: split-K over the cache with the last block merging
-//!   (`attention.cu`). Prefill: a flash-attention-style kernel (`attention_prefill.cu`: 64
+//!   (`attention.cu`); the kernel also does the token's per-head norms, RoPE (from a
+//!   (cos, sin) table per position, `rope_table`) and KV store (`rope_attention`: one launch
+//!   where `qk_rope_kv` and `attention` were two; `FLOWGATE_CUDA_ROPE_IN_ATTENTION=0` keeps
+//!   them). Prefill: a flash-attention-style kernel (`attention_prefill.cu`: 64
 //!   query rows per block, grouped-query heads sharing the key tiles, FP32, online softmax)
 //!   for head dims 64 and 128; `FLOWGATE_CUDA_ATTN=basic` (or
 //!   [`CudaBackend::set_prefill_attention`]) keeps the one-query kernel for comparison.
@@ -347,6 +350,26 @@ impl AttnSplits {
     }
 }
 
+/// The largest (cos, sin) table the folded decode RoPE builds (a cache of 131,072 positions
+/// at head dim 128); longer caches keep `qk_rope_kv`.
+const ROPE_TABLE_MAX_BYTES: usize = 64 << 20;
+
+/// `qk_rope_kv`'s work folded into the decode attention kernel (`rope_attention`): the
+/// unrotated k and v of the token, the optional per-head norm weights (0: none), the rotation
+/// (1: pairs (i, i + d/2), 2: pairs (2i, 2i + 1)). `FLOWGATE_CUDA_ROPE_IN_ATTENTION=0` keeps the
+/// two launches.
+#[derive(Clone, Copy)]
+struct RopeInAttention {
+    mode: i32,
+    k: u64,
+    v: u64,
+    qn: u64,
+    kn: u64,
+    eps: f32,
+    /// The (cos, sin) table of every position of the cache (`rope_cs_table`).
+    cs: u64,
+}
+
 /// Kernels that call `grid_dep_wait()` (common.cuh) before touching memory an earlier kernel
 /// may still use: on Hopper they are launched with programmatic stream serialisation, so
 /// each may start (and the mat-vecs prefetch their weights into L2) while the kernel before
@@ -390,6 +413,7 @@ struct Kernels {
     /// The decode form (one row) over several blocks.
     add_rms_norm_rows1: K,
     rope: K,
+    rope_table: K,
     qk_rope_kv: K,
     attention: K,
     /// Tiled prefill attention (`attention_prefill.cu`): head dim 64 with 64-key tiles, head
@@ -493,6 +517,7 @@ impl Kernels {
             add_rms_norm: k(&norm, "add_rms_norm")?,
             add_rms_norm_rows1: k(&norm, "add_rms_norm_rows1")?,
             rope: k(&rope, "rope")?,
+            rope_table: k(&rope, "rope_table")?,
             qk_rope_kv: k(&rope, "qk_rope_kv")?,
             attention: k(&attn, "attention")?,
             attention_prefill: {
@@ -586,6 +611,10 @@ pub struct CudaBackend {
     alloc: DeviceAllocator,
     error: Mutex<Option<String>>,
     rope_freqs: Mutex<Option<(Vec<f32>, CudaBuf)>>,
+    /// (cos, sin) tables of the folded decode RoPE (`rope_cs_table`): the pairs' frequencies,
+    /// the positions covered, the table. Kept for the backend's life: a recorded step may
+    /// hold a table's address.
+    rope_tables: Mutex<Vec<(Vec<f32>, usize, CudaBuf)>>,
     name: String,
     sms: usize,
     profile: Option<Mutex<Profile>>,
@@ -603,6 +632,9 @@ pub struct CudaBackend {
     /// Whether a one-row add + RMSNorm spreads over several blocks (`add_rms_norm_rows1`;
     /// `FLOWGATE_CUDA_NORM_ROWS1=0` turns it off).
     norm_rows1: std::sync::atomic::AtomicBool,
+    /// Whether decode folds `qk_rope_kv` into the attention kernel (`RopeInAttention`;
+    /// `FLOWGATE_CUDA_ROPE_IN_ATTENTION=0` turns it off).
+    rope_in_attention: std::sync::atomic::AtomicBool,
     /// The device expert cache sparse layers page through (`--vram-budget`).
     pager: Mutex<Option<Arc<ExpertPager>>>,
     /// Operations queued so far (kernels, copies, memsets, GEMMs): a q8 vector made by a
@@ -798,6 +830,7 @@ impl CudaBackend {
             alloc,
             error: Mutex::new(None),
             rope_freqs: Mutex::new(None),
+            rope_tables: Mutex::new(Vec::new()),
             sms,
             tf32: std::env::var("FLOWGATE_CUDA_TF32").map_or(true, |v| v != "0"),
             prefill_attention: std::sync::atomic::AtomicU8::new(PrefillAttention::from_env() as u8),
@@ -806,6 +839,9 @@ impl CudaBackend {
                 std::env::var("FLOWGATE_CUDA_NORM_ROWS1").map_or(true, |v| v != "0"),
             ),
             attn_splits: AttnSplits::from_env(),
+            rope_in_attention: std::sync::atomic::AtomicBool::new(
+                std::env::var("FLOWGATE_CUDA_ROPE_IN_ATTENTION").map_or(true, |v| v != "0"),
+            ),
             mv_two_steps: std::sync::atomic::AtomicBool::new(
                 std::env::var("FLOWGATE_CUDA_MV_TWO_STEPS").map_or(true, |v| v != "0"),
             ),
@@ -832,6 +868,15 @@ impl CudaBackend {
     /// squares.
     pub fn set_norm_rows1(&self, on: bool) {
         self.norm_rows1
+            .store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether one decode token's RoPE (with its per-head norms) and KV store run inside the
+    /// attention kernel (the default; `FLOWGATE_CUDA_ROPE_IN_ATTENTION=0` turns it off): the
+    /// same operations on the same values, the per-head norms' sums of squares in another
+    /// order.
+    pub fn set_rope_in_attention(&self, on: bool) {
+        self.rope_in_attention
             .store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
@@ -1414,6 +1459,52 @@ impl CudaBackend {
             }
             r0 += tr;
         }
+    }
+
+    /// The (cos, sin) table (`rope_table` in rope.cu) of frequencies `inv_freq` for positions
+    /// `0..positions`, built on first use; `None` while recording a step (the build would only
+    /// be recorded) or past `ROPE_TABLE_MAX_BYTES`.
+    fn rope_cs_table(&self, inv_freq: &[f32], positions: usize) -> Option<u64> {
+        let half = inv_freq.len();
+        if let Some((_, _, b)) = lock(&self.rope_tables)
+            .iter()
+            .find(|(f, n, _)| f.as_slice() == inv_freq && *n >= positions)
+        {
+            return Some(b.ptr());
+        }
+        let floats = positions.checked_mul(half)?.checked_mul(2)?;
+        if floats * 4 > ROPE_TABLE_MAX_BYTES || positions > i32::MAX as usize {
+            return None;
+        }
+        if self.recording_step().is_some() {
+            self.taint_recording("building the rope table");
+            return None;
+        }
+        let f = self.inv_freq_buf(inv_freq)?;
+        let table = match self.new_buf(floats) {
+            Ok(b) => b,
+            Err(e) => {
+                self.fail(e.to_string());
+                return None;
+            }
+        };
+        self.launch(
+            &self.kernels.rope_table,
+            LaunchConfig {
+                grid_dim: ((positions * half).div_ceil(256) as u32, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            },
+            &[
+                Arg::P(table.ptr()),
+                Arg::P(f),
+                Arg::I(half as i32),
+                Arg::I(positions as i32),
+            ],
+        );
+        let p = table.ptr();
+        lock(&self.rope_tables).push((inv_freq.to_vec(), positions, table));
+        Some(p)
     }
 
     fn inv_freq_buf(&self, inv_freq: &[f32]) -> Option<u64> {
@@ -2044,126 +2135,70 @@ impl Backend for CudaBackend {
     }
 
     fn attention(&self, q: &CudaBuf, kv: &CudaKv, p: AttnParams, out: &mut CudaBuf) {
-        let hd = p.head_dim;
-        if hd == 0 || hd > 256 || p.n_kv_heads == 0 || !p.n_heads.is_multiple_of(p.n_kv_heads) {
-            self.fail(format!(
-                "attention: head_dim {hd} (at most 256), {} heads over {} kv heads",
-                p.n_heads, p.n_kv_heads
-            ));
-            return;
-        }
-        if p.start_pos + p.n_tokens > kv.capacity || q.len < p.n_tokens * p.n_heads * hd {
-            self.fail("attention: query or positions past the cache".into());
-            return;
-        }
-        if !self.ensure(out, p.n_tokens * p.n_heads * hd) || p.n_tokens == 0 {
-            return;
-        }
-        if self.attention_tiled(q, kv, &p, out) {
-            return;
-        }
-        // Split the keys when there are too few (token, head) blocks to fill the GPU.
-        let blocks = p.n_heads * p.n_tokens;
-        let keys = match p.window {
-            Some(w) if w > 0 => (p.start_pos + p.n_tokens).min(w),
-            _ => p.start_pos + p.n_tokens,
+        self.attention_launch(q, kv, p, out, None);
+    }
+
+    /// One decode token: `qk_rope_kv`'s work inside the attention kernel (one launch per layer
+    /// instead of two) where the shape allows; otherwise the two calls.
+    fn rope_attention(
+        &self,
+        q: &mut CudaBuf,
+        k: &mut CudaBuf,
+        v: &CudaBuf,
+        kv: &mut CudaKv,
+        norms: Option<(&CudaBuf, &CudaBuf, f32)>,
+        r: &QkRope<'_>,
+        p: AttnParams,
+        out: &mut CudaBuf,
+    ) {
+        let hd = r.head_dim;
+        let kvw = r.n_kv_heads * hd;
+        let mode = match r.style {
+            RopeStyle::Interleaved => 2,
+            _ => 1,
         };
-        // Decode: about 2 keys per warp (the per-key chain of loads, shuffles and exps is
-        // latency-bound: many short splits beat few long ones), at least two blocks per SM, at
-        // most 128 splits (`AttnSplits`); the kernel works the same number out from its
-        // position (`split_keys`, `min_splits`), so that a recorded step (position read from
-        // the step slot) launches the most and idles the rest.
-        let warps = 4usize;
-        let want = (2 * self.sms).div_ceil(blocks);
-        let AttnSplits {
-            keys_per_warp,
-            max: max_splits,
-        } = self.attn_splits;
-        let split_keys = if p.n_tokens == 1 {
-            keys_per_warp * warps
-        } else {
-            0
-        };
-        let min_splits = want.min(max_splits);
-        let pos_dev = match self.recording_step() {
-            Some(step) if p.n_tokens == 1 => step + 4,
-            Some(_) => {
-                self.taint_recording("attention over several tokens");
-                0
-            }
-            None => 0,
-        };
-        let splits = if pos_dev != 0 {
-            max_splits
-        } else if p.n_tokens == 1 {
-            want.max(keys.div_ceil(split_keys)).min(max_splits)
-        } else {
-            want.min(keys.div_ceil(64)).clamp(1, max_splits)
-        };
-        let shmem = ((2 * warps + warps * hd) * 4) as u32;
-        let window = match p.window {
-            Some(w) if w > 0 => w as i32,
-            _ => 0,
-        };
-        let part = if splits > 1 {
-            match self.new_buf(blocks * splits * (hd + 2)) {
-                Ok(b) => Some(b),
-                Err(e) => {
-                    self.fail(e.to_string());
-                    return;
-                }
-            }
+        let fold = self
+            .rope_in_attention
+            .load(std::sync::atomic::Ordering::Relaxed)
+            && r.n_tokens == 1
+            && p.n_tokens == 1
+            && p.start_pos == r.start_pos
+            && p.n_heads == r.n_heads
+            && p.n_kv_heads == r.n_kv_heads
+            && p.head_dim == hd
+            && hd.is_multiple_of(if mode == 1 { 64 } else { 32 })
+            && (32..=256).contains(&hd)
+            && r.n_kv_heads > 0
+            && r.n_heads.is_multiple_of(r.n_kv_heads)
+            && r.inv_freq.len() >= hd / 2
+            && q.len >= r.n_heads * hd
+            && k.len >= kvw
+            && v.len >= kvw
+            && kv.width == kvw
+            && r.start_pos < kv.capacity
+            && norms.is_none_or(|(qn, kn, _)| qn.len >= hd && kn.len >= hd);
+        // (Without the rope table, as while recording a step before it was built, or for a
+        // cache too long for one, the two calls.)
+        let table = if fold {
+            self.rope_cs_table(&r.inv_freq[..hd / 2], kv.capacity)
         } else {
             None
         };
-        let counters = if splits > 1 {
-            match self.attn_counters(blocks) {
-                Some(c) => c,
-                None => return,
-            }
-        } else {
-            0
+        let Some(cs) = table else {
+            self.qk_rope_kv(q, k, v, kv, norms, r);
+            return self.attention_launch(q, kv, p, out, None);
         };
-        // One token: the output's q8 form too, for the output projection's 8-bit mat-vec.
-        let cols = p.n_heads * hd;
-        let q8 = if p.n_tokens == 1 && hd.is_multiple_of(32) && self.q8_on_any(cols) {
-            self.new_buf(q8_bytes(cols).div_ceil(4)).ok()
-        } else {
-            None
+        let (qn, kn, eps) = norms.map_or((0, 0, 0.0), |(a, b, e)| (a.ptr(), b.ptr(), e));
+        let rope = RopeInAttention {
+            mode,
+            k: k.ptr(),
+            v: v.ptr(),
+            qn,
+            kn,
+            eps,
+            cs,
         };
-        let cfg = LaunchConfig {
-            grid_dim: (p.n_heads as u32, p.n_tokens as u32, splits as u32),
-            block_dim: (32 * warps as u32, 1, 1),
-            shared_mem_bytes: shmem,
-        };
-        self.launch(
-            &self.kernels.attention,
-            cfg,
-            &[
-                Arg::P(q.ptr()),
-                Arg::P(kv.k.ptr()),
-                Arg::P(kv.v.ptr()),
-                Arg::P(out.ptr()),
-                Arg::P(part.as_ref().map_or(0, |b| b.ptr())),
-                Arg::P(counters),
-                Arg::I(p.start_pos as i32),
-                Arg::P(pos_dev),
-                Arg::I(p.n_heads as i32),
-                Arg::I(p.n_kv_heads as i32),
-                Arg::I(hd as i32),
-                Arg::I(window),
-                Arg::F(p.scale),
-                Arg::I(split_keys as i32),
-                Arg::I(min_splits as i32),
-                Arg::P(q8.as_ref().map_or(0, |b| b.ptr())),
-            ],
-        );
-        if q8.is_some() {
-            self.set_q8_fresh(out.ptr(), cols, q8);
-        }
-        // `part` goes back to the pool after the launch: stream order keeps it intact until
-        // the kernel (which merges it) has finished.
-        drop(part);
+        self.attention_launch(q, kv, p, out, Some(rope));
     }
 
     fn gather_rows(&self, x: &CudaBuf, dim: usize, idx: &[usize]) -> Result<CudaBuf> {
@@ -2720,6 +2755,147 @@ impl CudaBackend {
         Ok(out)
     }
 
+    /// Attention over the KV cache with attention.cu (decode, and prefill shapes the tiled
+    /// kernel does not take); with `rope` (one token) the kernel also does `qk_rope_kv`'s work.
+    fn attention_launch(
+        &self,
+        q: &CudaBuf,
+        kv: &CudaKv,
+        p: AttnParams,
+        out: &mut CudaBuf,
+        rope: Option<RopeInAttention>,
+    ) {
+        let hd = p.head_dim;
+        if hd == 0 || hd > 256 || p.n_kv_heads == 0 || !p.n_heads.is_multiple_of(p.n_kv_heads) {
+            self.fail(format!(
+                "attention: head_dim {hd} (at most 256), {} heads over {} kv heads",
+                p.n_heads, p.n_kv_heads
+            ));
+            return;
+        }
+        if p.start_pos + p.n_tokens > kv.capacity || q.len < p.n_tokens * p.n_heads * hd {
+            self.fail("attention: query or positions past the cache".into());
+            return;
+        }
+        if !self.ensure(out, p.n_tokens * p.n_heads * hd) || p.n_tokens == 0 {
+            return;
+        }
+        if self.attention_tiled(q, kv, &p, out) {
+            return;
+        }
+        // Split the keys when there are too few (token, head) blocks to fill the GPU.
+        let blocks = p.n_heads * p.n_tokens;
+        let keys = match p.window {
+            Some(w) if w > 0 => (p.start_pos + p.n_tokens).min(w),
+            _ => p.start_pos + p.n_tokens,
+        };
+        // Decode: about 2 keys per warp (the per-key chain of loads, shuffles and exps is
+        // latency-bound: many short splits beat few long ones), at least two blocks per SM, at
+        // most 128 splits (`AttnSplits`); the kernel works the same number out from its
+        // position (`split_keys`, `min_splits`), so that a recorded step (position read from
+        // the step slot) launches the most and idles the rest.
+        let warps = 4usize;
+        let want = (2 * self.sms).div_ceil(blocks);
+        let AttnSplits {
+            keys_per_warp,
+            max: max_splits,
+        } = self.attn_splits;
+        let split_keys = if p.n_tokens == 1 {
+            keys_per_warp * warps
+        } else {
+            0
+        };
+        let min_splits = want.min(max_splits);
+        let pos_dev = match self.recording_step() {
+            Some(step) if p.n_tokens == 1 => step + 4,
+            Some(_) => {
+                self.taint_recording("attention over several tokens");
+                0
+            }
+            None => 0,
+        };
+        let splits = if pos_dev != 0 {
+            max_splits
+        } else if p.n_tokens == 1 {
+            want.max(keys.div_ceil(split_keys)).min(max_splits)
+        } else {
+            want.min(keys.div_ceil(64)).clamp(1, max_splits)
+        };
+        let shmem = ((2 * warps + warps * hd) * 4) as u32;
+        let window = match p.window {
+            Some(w) if w > 0 => w as i32,
+            _ => 0,
+        };
+        let part = if splits > 1 {
+            match self.new_buf(blocks * splits * (hd + 2)) {
+                Ok(b) => Some(b),
+                Err(e) => {
+                    self.fail(e.to_string());
+                    return;
+                }
+            }
+        } else {
+            None
+        };
+        let counters = if splits > 1 {
+            match self.attn_counters(blocks) {
+                Some(c) => c,
+                None => return,
+            }
+        } else {
+            0
+        };
+        // One token: the output's q8 form too, for the output projection's 8-bit mat-vec.
+        let cols = p.n_heads * hd;
+        let q8 = if p.n_tokens == 1 && hd.is_multiple_of(32) && self.q8_on_any(cols) {
+            self.new_buf(q8_bytes(cols).div_ceil(4)).ok()
+        } else {
+            None
+        };
+        let cfg = LaunchConfig {
+            grid_dim: (p.n_heads as u32, p.n_tokens as u32, splits as u32),
+            block_dim: (32 * warps as u32, 1, 1),
+            shared_mem_bytes: shmem,
+        };
+        self.launch(
+            &self.kernels.attention,
+            cfg,
+            &[
+                Arg::P(q.ptr()),
+                Arg::P(kv.k.ptr()),
+                Arg::P(kv.v.ptr()),
+                Arg::P(out.ptr()),
+                Arg::P(part.as_ref().map_or(0, |b| b.ptr())),
+                Arg::P(counters),
+                Arg::I(p.start_pos as i32),
+                Arg::P(pos_dev),
+                Arg::I(p.n_heads as i32),
+                Arg::I(p.n_kv_heads as i32),
+                Arg::I(hd as i32),
+                Arg::I(window),
+                Arg::F(p.scale),
+                Arg::I(split_keys as i32),
+                Arg::I(min_splits as i32),
+                Arg::P(q8.as_ref().map_or(0, |b| b.ptr())),
+                Arg::I(rope.map_or(0, |r| r.mode)),
+                Arg::P(rope.map_or(0, |r| r.k)),
+                Arg::P(rope.map_or(0, |r| r.v)),
+                Arg::P(rope.map_or(0, |r| r.qn)),
+                Arg::P(rope.map_or(0, |r| r.kn)),
+                Arg::F(rope.map_or(0.0, |r| r.eps)),
+                Arg::P(rope.map_or(0, |r| r.cs)),
+                Arg::P(kv.k.ptr()),
+                Arg::P(kv.v.ptr()),
+            ],
+        );
+        if q8.is_some() {
+            self.set_q8_fresh(out.ptr(), cols, q8);
+        }
+        // `part` goes back to the pool after the launch: stream order keeps it intact until
+        // the kernel (which merges it) has finished.
+        drop(part);
+    }
+
     /// Attention for several query tokens with the tiled kernel, when the mode and the shape
     /// allow (see [`PrefillAttention`]); false when the caller should use the one-query kernel.
     fn attention_tiled(&self, q: &CudaBuf, kv: &CudaKv, p: &AttnParams, out: &CudaBuf) -> bool {
@@ -2774,7 +2950,6 @@ impl CudaBackend {
         self.kernels.matvec1q8.get(w.kind)?.as_ref()
     }
 
-    /// Whether products of format `kind` and width `cols` run on 8-bit activations.
     /// Whether a decode mat-vec of `cols` columns may read 8-bit activations (for producers
     /// that make the q8 form in passing).
     fn q8_on_any(&self, cols: usize) -> bool {
@@ -2784,6 +2959,7 @@ impl CudaBackend {
             && cols.is_multiple_of(256)
     }
 
+    /// Whether products of format `kind` and width `cols` run on 8-bit activations.
     fn q8_on(&self, kind: usize, cols: usize) -> Option<()> {
         let on = self
             .q8_activations

@@ -63,13 +63,106 @@ __device__ __forceinline__ void combine_splits(const float* __restrict__ part,
     }
 }
 
+// RoPE of pairs (i, i + head_dim/2) of a head held by a warp (element lane + 32j in r[j]):
+// with H = head_dim / 64 the pairs are r[j], r[j + H], and cs[j] holds their (cos, sin).
+template <int H>
+__device__ __forceinline__ void rope_halves(float (&r)[MAXD], const float2 (&cs)[MAXD]) {
+#pragma unroll
+    for (int j = 0; j < H; j++) {
+        float c = cs[j].x, s = cs[j].y;
+        float va = r[j], vb = r[j + H];
+        r[j] = va * c - vb * s;
+        r[j + H] = vb * c + va * s;
+    }
+}
+
+// qk_rope_kv's work on one head held by a warp (element d = lane + 32j in r[j], head_dim a
+// multiple of 32, and of 64 for rope == 1): with `norm`, the per-head RMSNorm with weights
+// w[j], then RoPE with element d's pair's (cos, sin) in cs[j], rope == 1: pairs
+// (i, i + head_dim/2); 2: pairs (2i, 2i + 1), adjacent lanes. The operations and their
+// order are qk_rope_kv's but for the norm's sum of squares. Everything it reads is in
+// registers, loaded by the kernel together with the query, so that its first keys wait for
+// one memory round trip, not one per step. (cosf and sinf here, rather than a table, made
+// the kernel 5 µs longer; loading the table and weights step by step, 1.4 µs.)
+__device__ __forceinline__ void rope_head(float (&r)[MAXD], int head_dim, bool norm,
+                                          const float (&w)[MAXD], float eps,
+                                          const float2 (&cs)[MAXD], int rope, int lane) {
+    if (norm) {
+        float ss = 0.0f;
+#pragma unroll
+        for (int j = 0; j < MAXD; j++)
+            if (32 * j < head_dim) ss += r[j] * r[j];
+        ss = warp_sum(ss);
+        float rs = (float)(1.0 / sqrt((double)ss / (double)head_dim + (double)eps));
+#pragma unroll
+        for (int j = 0; j < MAXD; j++)
+            if (32 * j < head_dim) r[j] = r[j] * rs * w[j];
+    }
+    if (rope == 2) {
+#pragma unroll
+        for (int j = 0; j < MAXD; j++) {
+            if (32 * j >= head_dim) break;
+            float o = __shfl_xor_sync(0xffffffffu, r[j], 1);
+            float c = cs[j].x, s = cs[j].y;
+            r[j] = (lane & 1) ? r[j] * c + o * s : r[j] * c - o * s;
+        }
+        return;
+    }
+    switch (head_dim >> 6) {
+        case 1: rope_halves<1>(r, cs); break;
+        case 2: rope_halves<2>(r, cs); break;
+        case 3: rope_halves<3>(r, cs); break;
+        case 4: rope_halves<4>(r, cs); break;
+    }
+}
+
+// Where fold_key finds value element d (= lane + 32j) of a key: its cache row, or registers.
+struct VFromCache {
+    const float* __restrict__ vr;
+    __device__ __forceinline__ float operator()(int, int d) const { return vr[d]; }
+};
+struct VFromRegs {
+    const float (&v)[MAXD];
+    __device__ __forceinline__ float operator()(int j, int) const { return v[j]; }
+};
+
+// One key into a warp's running max m, sum l and weighted values acc (element lane + 32j in
+// acc[j]): s holds the lane's part of q·k, scaled once summed over the warp.
+template <class VAt>
+__device__ __forceinline__ void fold_key(float s, float scale, float& m, float& l,
+                                         float (&acc)[MAXD], int lane, int head_dim, VAt vat) {
+    s = warp_sum(s) * scale;
+    float mn = fmaxf(m, s);
+    float corr = expf(m - mn);
+    float p = expf(s - mn);
+    l = l * corr + p;
+#pragma unroll
+    for (int j = 0; j < MAXD; j++) {
+        int d = lane + 32 * j;
+        if (d < head_dim) acc[j] = acc[j] * corr + p * vat(j, d);
+    }
+    m = mn;
+}
+
+// With rope != 0 (one token, the host checks the shape: head_dim a multiple of 32, of 64 for
+// rope == 1; cs the rope table) the kernel does qk_rope_kv's work too, and q, kin, vin are
+// the q/k/v products as they come: each block normalises (qn, kn non-null) and rotates its
+// query head in registers, the block whose key range holds the token's own position `pos`
+// does the same for that key's head, takes it and vin's values from registers, and (one
+// block per key head) stores them in cache row `pos` through Kw, Vw. No block of the launch reads that row from the
+// cache, so the read-only loads of K and V never meet the write.
 extern "C" __global__ void attention(const float* __restrict__ q, const float* __restrict__ K,
                                      const float* __restrict__ V, float* __restrict__ out,
                                      float* __restrict__ part, int* __restrict__ counters,
                                      int start_pos, const int* __restrict__ pos_dev,
                                      int n_heads, int n_kv_heads, int head_dim, int window,
                                      float scale, int split_keys, int min_splits,
-                                     u8* __restrict__ q8) {
+                                     u8* __restrict__ q8, int rope,
+                                     const float* __restrict__ kin,
+                                     const float* __restrict__ vin,
+                                     const float* __restrict__ qn, const float* __restrict__ kn,
+                                     float eps, const float2* __restrict__ cs, float* Kw,
+                                     float* Vw) {
     grid_dep_enter();
     extern __shared__ float sm[];
     int h = blockIdx.x, t = blockIdx.y, split = blockIdx.z;
@@ -100,6 +193,57 @@ extern "C" __global__ void attention(const float* __restrict__ q, const float* _
         acc[j] = 0.0f;
     }
     float m = -INFINITY, l = 0.0f;
+    // The token's own key and value (rope != 0, in the block whose range holds pos).
+    bool own = rope && lo <= pos && pos < hi;
+    if (rope) {
+        // The cache rows of this warp's first 4 keys (lanes 8k..8k+7: key k, a 128-byte line
+        // of its K and V rows each), asked of L1 now: the loop below starts only once the
+        // rotation is done, and would otherwise wait for them then.
+        int key = lo + warp + nw * (lane >> 3), line = lane & 7;
+        if (key < (own ? pos : hi) && 32 * line < head_dim) {
+            u64 e = (u64)key * width + (u64)kvh * head_dim + 32 * line;
+            asm volatile("prefetch.global.L1 [%0];" ::"l"(K + e));
+            asm volatile("prefetch.global.L1 [%0];" ::"l"(V + e));
+        }
+    }
+    float kn_r[MAXD], vn_r[MAXD];
+    if (rope) {
+        // All of rope_head's inputs at once: the (cos, sin) of each element's pair at this
+        // position (rope_table: head_dim / 2 pairs per position), the norm weights, the own
+        // key and value.
+        float2 csr[MAXD];
+        float qw[MAXD], kw[MAXD];
+        const float2* cs_row = cs + (u64)pos * (head_dim / 2);
+        int half = head_dim / 2;
+        u64 src = ((u64)t * n_kv_heads + kvh) * head_dim;
+#pragma unroll
+        for (int j = 0; j < MAXD; j++) {
+            int d = lane + 32 * j;
+            bool in = d < head_dim;
+            int pair = rope == 1 ? (d < half ? d : d - half) : d >> 1;
+            csr[j] = in ? cs_row[pair] : make_float2(1.0f, 0.0f);
+            qw[j] = in && qn ? qn[d] : 1.0f;
+            kw[j] = in && own && kn ? kn[d] : 1.0f;
+            kn_r[j] = in && own ? kin[src + d] : 0.0f;
+            vn_r[j] = in && own ? vin[src + d] : 0.0f;
+        }
+        rope_head(qr, head_dim, qn != nullptr, qw, eps, csr, rope, lane);
+        if (own) {
+            rope_head(kn_r, head_dim, kn != nullptr, kw, eps, csr, rope, lane);
+            if (warp == 0 && h % group == 0) {
+                u64 row = (u64)pos * width + (u64)kvh * head_dim;
+#pragma unroll
+                for (int j = 0; j < MAXD; j++) {
+                    int d = lane + 32 * j;
+                    if (d < head_dim) {
+                        Kw[row + d] = kn_r[j];
+                        Vw[row + d] = vn_r[j];
+                    }
+                }
+            }
+            hi = pos;  // the cache loop stops before it
+        }
+    }
     // Unrolled so that the loads of several keys are in flight at once (each key's score is
     // a chain of a load, a shuffle reduction and two exps).
 #pragma unroll 4
@@ -112,17 +256,15 @@ extern "C" __global__ void attention(const float* __restrict__ q, const float* _
             int d = lane + 32 * j;
             if (d < head_dim) s += qr[j] * kr[d];
         }
-        s = warp_sum(s) * scale;
-        float mn = fmaxf(m, s);
-        float corr = expf(m - mn);
-        float p = expf(s - mn);
-        l = l * corr + p;
+        fold_key(s, scale, m, l, acc, lane, head_dim, VFromCache{vr});
+    }
+    // The own key comes last to the warp whose turn it is, as it would from the cache.
+    if (own && warp == (pos - lo) % nw) {
+        float s = 0.0f;
 #pragma unroll
-        for (int j = 0; j < MAXD; j++) {
-            int d = lane + 32 * j;
-            if (d < head_dim) acc[j] = acc[j] * corr + p * vr[d];
-        }
-        m = mn;
+        for (int j = 0; j < MAXD; j++)
+            if (32 * j < head_dim) s += qr[j] * kn_r[j];
+        fold_key(s, scale, m, l, acc, lane, head_dim, VFromRegs{vn_r});
     }
     // Merge warps: sm = [nw maxes][nw sums][nw * head_dim accumulators].
     float* sm_m = sm;

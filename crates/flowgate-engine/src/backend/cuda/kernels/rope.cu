@@ -84,3 +84,16 @@ extern "C" __global__ void qk_rope_kv(float* q, float* k, const float* v, const 
         vc[row + ib] = vs[ib];
     }
 }
+
+// The (cos, sin) of every position p < n_pos and rotated pair i < half, at cs[p·half + i]:
+// the angle (float)p · inv_freq[i] and its cosf and sinf, as rope and qk_rope_kv compute
+// them. The decode attention kernel (attention.cu), which does qk_rope_kv's work itself,
+// reads them instead of computing them on its way to the first key.
+extern "C" __global__ void rope_table(float2* cs, const float* inv_freq, int half, int n_pos) {
+    u64 idx = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= (u64)n_pos * half) return;
+    int i = (int)(idx % half);
+    int p = (int)(idx / half);
+    float a = (float)p * inv_freq[i];
+    cs[idx] = make_float2(cosf(a), sinf(a));
+}
