@@ -2,7 +2,8 @@
 //!
 //! `bench decode` measures prefill and decode like llama-bench (`pp` = one prompt of N random
 //! tokens in one pass, `tg` = N tokens decoded one by one, each the median of `--reps` runs after
-//! a warm-up), and compares decode with the machine's own memory bandwidth measured in the same
+//! a warm-up; each decoded token is the greedy argmax of the previous step's logits, read back
+//! to the host as a generation loop does, where llama-bench feeds random tokens), and compares decode with the machine's own memory bandwidth measured in the same
 //! run: bytes of weights read per token × tok/s, over a multi-threaded read of a 1 GiB buffer.
 //! When the model has one of the synthetic shapes of ANCHORS.md, llama.cpp's recorded figure for
 //! it is shown too (recorded, not measured in this run: say so wherever it is quoted).
