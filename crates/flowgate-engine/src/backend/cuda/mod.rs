@@ -350,6 +350,9 @@ impl AttnSplits {
     }
 }
 
+/// Reads back to the host of at least this many bytes go through page-locked staging.
+const PINNED_READ_MIN: usize = 64 << 10;
+
 /// The largest (cos, sin) table the folded decode RoPE builds (a cache of 131,072 positions
 /// at head dim 128); longer caches keep `qk_rope_kv`.
 const ROPE_TABLE_MAX_BYTES: usize = 64 << 20;
@@ -642,6 +645,9 @@ pub struct CudaBackend {
     seq: std::sync::atomic::AtomicU64,
     /// The q8 form of the last one-row `add_rms_norm` output (see [`Q8Fresh`]).
     q8_fresh: Mutex<Option<Q8Fresh>>,
+    /// Page-locked staging for reads back to the host of at least `PINNED_READ_MIN` bytes
+    /// (a decode step's logits): grown on demand, kept.
+    read_back: Mutex<Option<flowgate_cuda::PinnedBuffer>>,
     /// Whether a weight of a format with an 8-bit-activation kernel was loaded (only then do
     /// producers make q8 forms).
     q8_weights: std::sync::atomic::AtomicBool,
@@ -848,6 +854,7 @@ impl CudaBackend {
             pager: Mutex::new(None),
             seq: std::sync::atomic::AtomicU64::new(0),
             q8_fresh: Mutex::new(None),
+            read_back: Mutex::new(None),
             q8_weights: std::sync::atomic::AtomicBool::new(false),
             q8_reused: std::sync::atomic::AtomicU64::new(0),
             q8_activations: std::sync::atomic::AtomicBool::new(
@@ -1231,16 +1238,24 @@ impl CudaBackend {
         }
         let res = (|| {
             self.device.bind()?;
-            // SAFETY: `ptr` holds `len` floats; `out` is exclusively borrowed until the
-            // stream synchronisation below completes the copy.
-            let r = unsafe {
-                sys::cuMemcpyDtoHAsync_v2(
-                    out.as_mut_ptr().cast(),
-                    ptr,
-                    len * 4,
-                    self.stream.cu_stream(),
-                )
+            // Large reads land in page-locked memory first: a copy into pageable memory goes
+            // through the driver's own staging, slower, while the GPU waits for the next step.
+            let mut staging = lock(&self.read_back);
+            if len * 4 >= PINNED_READ_MIN && staging.as_ref().is_none_or(|b| b.len() < len * 4) {
+                *staging =
+                    flowgate_cuda::PinnedBuffer::new(&self.device, (len * 4).next_power_of_two())
+                        .ok();
+            }
+            let pinned = staging.as_mut().filter(|_| len * 4 >= PINNED_READ_MIN);
+            let dst: *mut std::ffi::c_void = match &pinned {
+                Some(b) => b.as_slice().as_ptr().cast_mut().cast(),
+                None => out.as_mut_ptr().cast(),
             };
+            // SAFETY: `ptr` holds `len` floats; `dst` (the staging buffer, at least len * 4
+            // bytes, held locked, or `out`) is not touched until the stream synchronisation
+            // below completes the copy.
+            let r =
+                unsafe { sys::cuMemcpyDtoHAsync_v2(dst, ptr, len * 4, self.stream.cu_stream()) };
             let waited = self.host_clock();
             let sync = self.stream.synchronize();
             self.host_time("(host) waiting in to_host", waited);
@@ -1250,7 +1265,13 @@ impl CudaBackend {
                     msg: format!("{r:?}"),
                 });
             }
-            sync
+            sync?;
+            if let Some(b) = pinned {
+                for (o, c) in out.iter_mut().zip(b.as_slice().chunks_exact(4)) {
+                    *o = f32::from_ne_bytes([c[0], c[1], c[2], c[3]]);
+                }
+            }
+            Ok(())
         })();
         if let Err(e) = res {
             self.fail(e.to_string());
