@@ -34,6 +34,7 @@
 //!   One step's loads in flight instead of two gives the same products bit for bit; the
 //!   decode add + RMSNorm over several blocks matches the one-block kernel (residual bit for
 //!   bit, normed row ≤ 1e-6, the product on its q8 form ≤ 1e-3).
+//! - Reads back to the host (page-locked staging from 64 KiB) return the values written.
 //! - One decode token's RoPE, per-head norms and cache store folded into the attention kernel
 //!   equal `qk_rope_kv` then `attention`: ≤ 1e-6 (≤ 1e-5 with per-head norms), the stored
 //!   row checked through the next token's attention.
@@ -683,6 +684,22 @@ fn fused_qk_rope_kv_matches_basic_operations() {
                 eprintln!("qk_rope_kv {style:?} norms={with_norms} tokens={n}: matches");
             }
         }
+    }
+}
+
+/// Reads back to the host, below and above the size that goes through page-locked staging
+/// (64 KiB; a decode step's logits), in both orders (the staging buffer grown, then reused for
+/// a smaller read): the values written, bit for bit.
+#[test]
+fn reads_back_exactly_through_staging() {
+    let Some(gpu) = cuda() else { return };
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x8EAD);
+    for n in [1000usize, 128_256, 16_383, 16_384, 151_936, 4096, 128_256] {
+        let v = randv(&mut rng, n);
+        let b = gpu.buf_from(&v).unwrap();
+        let back = gpu.to_host(&b);
+        gpu.check().unwrap();
+        assert_eq!(back, v, "{n} floats");
     }
 }
 

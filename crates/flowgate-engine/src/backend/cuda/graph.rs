@@ -100,7 +100,7 @@ pub(super) struct Graphs {
 impl Graphs {
     pub(super) fn new() -> Graphs {
         Graphs {
-            on: std::env::var("FLOWGATE_CUDA_GRAPHS").map_or(true, |v| v != "0"),
+            on: super::switch_on("FLOWGATE_CUDA_GRAPHS"),
             step: None,
             recording: None,
             graphs: Vec::new(),

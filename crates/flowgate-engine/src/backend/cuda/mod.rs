@@ -350,6 +350,12 @@ impl AttnSplits {
     }
 }
 
+/// Whether an on-by-default switch of the environment (`FLOWGATE_CUDA_…`) is on: anything
+/// but `0`, or unset.
+fn switch_on(name: &str) -> bool {
+    std::env::var(name).map_or(true, |v| v != "0")
+}
+
 /// Reads back to the host of at least this many bytes go through page-locked staging.
 const PINNED_READ_MIN: usize = 64 << 10;
 
@@ -359,9 +365,9 @@ const ROPE_TABLE_MAX_BYTES: usize = 64 << 20;
 
 /// `qk_rope_kv`'s work folded into the decode attention kernel (`rope_attention`): the
 /// unrotated k and v of the token, the optional per-head norm weights (0: none), the rotation
-/// (1: pairs (i, i + d/2), 2: pairs (2i, 2i + 1)). `FLOWGATE_CUDA_ROPE_IN_ATTENTION=0` keeps the
-/// two launches.
-#[derive(Clone, Copy)]
+/// (1: pairs (i, i + d/2), 2: pairs (2i, 2i + 1); 0, the default: none, plain attention).
+/// `FLOWGATE_CUDA_ROPE_IN_ATTENTION=0` keeps the two launches.
+#[derive(Clone, Copy, Default)]
 struct RopeInAttention {
     mode: i32,
     k: u64,
@@ -800,9 +806,8 @@ impl CudaBackend {
         let blas = Blas::new(&stream).map_err(cuda_err)?;
         let cache = flowgate_cuda::KernelCache::new(&device);
         let (maj, min) = device.compute_capability().map_err(cuda_err)?;
-        let pdl = maj >= 9 && std::env::var("FLOWGATE_CUDA_PDL").map_or(true, |v| v != "0");
-        let early_launch =
-            pdl && std::env::var("FLOWGATE_CUDA_EARLY_LAUNCH").map_or(true, |v| v != "0");
+        let pdl = maj >= 9 && switch_on("FLOWGATE_CUDA_PDL");
+        let early_launch = pdl && switch_on("FLOWGATE_CUDA_EARLY_LAUNCH");
         let kernels = Kernels::load(&cache, early_launch).map_err(cuda_err)?;
         let alloc = DeviceAllocator::new(&device, budget);
         let dev_name = device.name().unwrap_or_else(|_| "unknown".into());
@@ -838,28 +843,24 @@ impl CudaBackend {
             rope_freqs: Mutex::new(None),
             rope_tables: Mutex::new(Vec::new()),
             sms,
-            tf32: std::env::var("FLOWGATE_CUDA_TF32").map_or(true, |v| v != "0"),
+            tf32: switch_on("FLOWGATE_CUDA_TF32"),
             prefill_attention: std::sync::atomic::AtomicU8::new(PrefillAttention::from_env() as u8),
             attn_counters: Mutex::new(None),
-            norm_rows1: std::sync::atomic::AtomicBool::new(
-                std::env::var("FLOWGATE_CUDA_NORM_ROWS1").map_or(true, |v| v != "0"),
-            ),
+            norm_rows1: std::sync::atomic::AtomicBool::new(switch_on("FLOWGATE_CUDA_NORM_ROWS1")),
             attn_splits: AttnSplits::from_env(),
-            rope_in_attention: std::sync::atomic::AtomicBool::new(
-                std::env::var("FLOWGATE_CUDA_ROPE_IN_ATTENTION").map_or(true, |v| v != "0"),
-            ),
-            mv_two_steps: std::sync::atomic::AtomicBool::new(
-                std::env::var("FLOWGATE_CUDA_MV_TWO_STEPS").map_or(true, |v| v != "0"),
-            ),
+            rope_in_attention: std::sync::atomic::AtomicBool::new(switch_on(
+                "FLOWGATE_CUDA_ROPE_IN_ATTENTION",
+            )),
+            mv_two_steps: std::sync::atomic::AtomicBool::new(switch_on(
+                "FLOWGATE_CUDA_MV_TWO_STEPS",
+            )),
             pager: Mutex::new(None),
             seq: std::sync::atomic::AtomicU64::new(0),
             q8_fresh: Mutex::new(None),
             read_back: Mutex::new(None),
             q8_weights: std::sync::atomic::AtomicBool::new(false),
             q8_reused: std::sync::atomic::AtomicU64::new(0),
-            q8_activations: std::sync::atomic::AtomicBool::new(
-                std::env::var("FLOWGATE_CUDA_Q8").map_or(true, |v| v != "0"),
-            ),
+            q8_activations: std::sync::atomic::AtomicBool::new(switch_on("FLOWGATE_CUDA_Q8")),
             profile: std::env::var_os("FLOWGATE_CUDA_PROFILE")
                 .filter(|v| !v.is_empty() && v != "0")
                 .map(|_| Mutex::new(Profile::default())),
@@ -2786,6 +2787,8 @@ impl CudaBackend {
         out: &mut CudaBuf,
         rope: Option<RopeInAttention>,
     ) {
+        // None: mode 0, the kernel's plain attention.
+        let rope = rope.unwrap_or_default();
         let hd = p.head_dim;
         if hd == 0 || hd > 256 || p.n_kv_heads == 0 || !p.n_heads.is_multiple_of(p.n_kv_heads) {
             self.fail(format!(
@@ -2898,13 +2901,13 @@ impl CudaBackend {
                 Arg::I(split_keys as i32),
                 Arg::I(min_splits as i32),
                 Arg::P(q8.as_ref().map_or(0, |b| b.ptr())),
-                Arg::I(rope.map_or(0, |r| r.mode)),
-                Arg::P(rope.map_or(0, |r| r.k)),
-                Arg::P(rope.map_or(0, |r| r.v)),
-                Arg::P(rope.map_or(0, |r| r.qn)),
-                Arg::P(rope.map_or(0, |r| r.kn)),
-                Arg::F(rope.map_or(0.0, |r| r.eps)),
-                Arg::P(rope.map_or(0, |r| r.cs)),
+                Arg::I(rope.mode),
+                Arg::P(rope.k),
+                Arg::P(rope.v),
+                Arg::P(rope.qn),
+                Arg::P(rope.kn),
+                Arg::F(rope.eps),
+                Arg::P(rope.cs),
                 Arg::P(kv.k.ptr()),
                 Arg::P(kv.v.ptr()),
             ],
