@@ -1361,6 +1361,19 @@ fn vram_paging_with_one_slot_per_layer_matches_resident() {
             );
             assert!(ec <= 5e-2, "{}: CPU experts {ec:.2e}", path.display());
             assert!(st.cpu_computed > 0, "no expert ran on the CPU");
+            // The cost model's split (each layer's CPU share started by the page-in once the
+            // GPU's copies are queued): the same bound, whatever share it picks.
+            pager.set_cpu_experts(CpuExperts::Auto).unwrap();
+            pager.reset_stats();
+            let (_, ad, _) = run(&paged.model, &tokens, 0);
+            let st = pager.stats();
+            let ea = rel_err(&ad, &fd);
+            eprintln!(
+                "  auto split: decode {ea:.1e} vs resident; {} of {} misses on the CPU",
+                st.cpu_computed,
+                st.total_misses()
+            );
+            assert!(ea <= 5e-2, "{}: auto split {ea:.2e}", path.display());
             if routing == Routing::Router {
                 // Speculative prefetch (the next layer's router on this layer's input, copies
                 // on a stream of their own into the same single slot the layer's misses then

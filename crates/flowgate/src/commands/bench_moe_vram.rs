@@ -61,8 +61,11 @@ struct VramRun {
     cpu_per_token: f64,
     cpu_ms_per_token: f64,
     /// Seconds to copy one expert (measured at provisioning) and to compute j = 0..=k on the
-    /// CPU (measured when CPU experts are first on, then a moving average of decode).
+    /// CPU (a line fitted to what calibration, then decode, measured).
     costs: Option<(f64, Vec<f64>)>,
+    /// How late the link's first copy and the CPU share start after a layer's routes reach
+    /// the host (seconds, moving averages).
+    lags: (f64, f64),
     cpu_threads: usize,
     paged: bool,
     slots: usize,
@@ -167,6 +170,13 @@ pub fn moe_vram(a: &MoeArgs, file: &ModelFile) -> Result<()> {
                 std::hint::black_box(argmax(&lg));
             }
             let dt = t0.elapsed().as_secs_f64();
+            if let Some(t) = l.pager.as_ref().and_then(|p| p.timeline_report(a.gen)) {
+                eprintln!(
+                    "device timeline of the paged layers, {} budget, cpu experts {}:\n{t}",
+                    fmt_size(budget),
+                    mode.name()
+                );
+            }
             let n = a.gen.max(1) as f64;
             let (slots, fraction, paged) = match l.device_plan() {
                 Some(p) => (p.n_slots, p.fraction(), true),
@@ -217,6 +227,7 @@ pub fn moe_vram(a: &MoeArgs, file: &ModelFile) -> Result<()> {
                 cpu_per_token: cpu_n,
                 cpu_ms_per_token: cpu_t,
                 costs: l.pager.as_ref().and_then(|p| p.costs()),
+                lags: l.pager.as_ref().map_or((0.0, 0.0), |p| p.split_lags()),
                 cpu_threads: l.pager.as_ref().map_or(0, |p| p.cpu_threads()),
                 paged,
                 slots,
@@ -255,6 +266,8 @@ pub fn moe_vram(a: &MoeArgs, file: &ModelFile) -> Result<()> {
                 "cpu_experts_per_token": r.cpu_per_token,
                 "cpu_ms_per_token": r.cpu_ms_per_token,
                 "expert_copy_us": r.costs.as_ref().map(|c| 1e6 * c.0),
+                "copy_start_lag_us": 1e6 * r.lags.0,
+                "cpu_start_lag_us": 1e6 * r.lags.1,
                 "cpu_expert_threads": r.cpu_threads,
                 "cpu_experts_ms": r.costs.as_ref().map(|c| c.1.iter().map(|t| 1e3 * t).collect::<Vec<_>>()),
                 "paged": r.paged,
@@ -368,7 +381,7 @@ pub fn moe_vram(a: &MoeArgs, file: &ModelFile) -> Result<()> {
     if let Some((copy, cpu)) = measured.and_then(|r| r.costs.clone()) {
         outln!();
         outln!(
-            "measured: one expert copied host->device in {:.0} us; j experts of a token on the CPU ({} threads, after decode's moving average): {}",
+            "measured: one expert copied host->device in {:.0} us; j experts of a token on the CPU ({} threads, the line fitted to calibration and decode): {}",
             1e6 * copy,
             measured.map_or(0, |r| r.cpu_threads),
             cpu.iter()
@@ -378,6 +391,13 @@ pub fn moe_vram(a: &MoeArgs, file: &ModelFile) -> Result<()> {
                 .collect::<Vec<_>>()
                 .join(", ")
         );
+        if let Some((link, cpu)) = measured.map(|r| r.lags) {
+            outln!(
+                "after a layer's routes reach the host, its first copy is queued after {:.0} us and its CPU share starts after {:.0} us (averages)",
+                1e6 * link,
+                1e6 * cpu
+            );
+        }
     }
     outln!();
     outln!("driver used: device memory in use on the GPU (cuMemGetInfo), CUDA context and cuBLAS workspace included, as nvidia-smi counts it.");

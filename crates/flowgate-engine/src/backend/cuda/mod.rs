@@ -74,6 +74,7 @@ use crate::weights::HostTensor;
 pub use flowgate_cuda::{Cuda, DeviceSpec, Resolved};
 
 mod graph;
+mod layer_timeline;
 mod paging;
 mod pinned_tier;
 pub use paging::{CpuExperts, ExpertPager, PagedLayer};
@@ -2705,6 +2706,11 @@ impl CudaBackend {
                 Arg::P(out.ptr()),
             ],
         );
+        if let Some((p, _)) = paged {
+            p.pager
+                .timeline
+                .mark(&self.device, &self.stream, layer_timeline::Mark::Products);
+        }
         self.check()
     }
 }

@@ -23,16 +23,20 @@
 //!   read the evicted slots, before the products that read the new ones), then the products
 //!   run. A layer whose quota is smaller than `k` runs its experts in waves of the quota.
 //!   Prefill routes on the host and takes the experts wave by wave as weight views of the slots.
+//! - **Copies**: an expert whose three parts lie evenly spaced in host memory (a layer's merged
+//!   gate, up and down tensors back to back) goes in one 2-D copy, else in three ([`copy_plan`]).
 //! - **Statistics**: hits and misses per layer, bytes copied, evictions, and the device time
 //!   spent copying (events around each layer's copies, read when the statistics are asked for).
+//!   With `FLOWGATE_PAGING_TIMELINE=1`, the device time between fixed points of every paged
+//!   layer as well ([`super::layer_timeline`]).
 //! - **Missed experts on the CPU** (Fiddler's idea; `--cpu-experts auto|all|off`, the CLI's
 //!   default `auto`): copying an expert over PCIe and computing it on the host's cores take
 //!   comparable time, so when a token's layer misses m experts, j of them are computed on the
 //!   CPU (from the same page-locked host copies, with the CPU backend's kernels) while the
 //!   other m − j are copied and computed on the GPU. `auto` picks j minimising
 //!   max(T_cpu(j), (m − j)·t_copy), with t_copy measured when the cache is provisioned and
-//!   T_cpu(1..k) when CPU experts are first switched on, then following the times measured in
-//!   decode (a moving average). The CPU share runs on a [`Team`] of spinning workers (one
+//!   T_cpu(j) a line a + b·j fitted to the times measured when CPU experts are first switched
+//!   on, then to those measured in decode ([`CpuFit`]). The CPU share runs on a [`Team`] of spinning workers (one
 //!   [`ExpertSum`] job per layer: gate and up rows, then down rows summed over the experts)
 //!   while this thread goes on queueing; the last worker writes the sum into page-locked
 //!   memory and raises a [`HostFlag`] to the share's sequence number, on which the stream
@@ -67,6 +71,7 @@ use flowgate_formats::catalog::names;
 use flowgate_formats::{DType, ModelSpec};
 use flowgate_io::AlignedBuf;
 
+use super::layer_timeline::{LayerTimeline, Mark};
 use super::pinned_tier::{PinnedTier, Resident};
 use super::{cuda_err, dtype_index, lock, Arg, CudaBackend, CudaExperts, CudaWeight, WMem};
 use crate::backend::cpu::experts::ExpertSum;
@@ -238,6 +243,16 @@ pub struct ExpertPager {
     /// Measured at provisioning: seconds to copy one expert, and to compute j experts on the
     /// CPU (index j, 0..=k).
     cost: Mutex<Option<(f64, Vec<f64>)>>,
+    /// The line behind the CPU part of `cost` ([`CpuFit`]).
+    cpu_fit: Mutex<CpuFit>,
+    /// When the routes being served came back to the host, and how long after that (seconds,
+    /// moving averages) a layer's first copy was queued and its CPU share started: the two
+    /// sides of the split start that much late.
+    routes_at: Mutex<Option<Instant>>,
+    lags: Mutex<Lags>,
+    /// The CPU share of the layer being queued, not started yet: [`CudaBackend::page_in`]
+    /// starts it once the layer's copies are all queued (see [`CudaBackend::moe_split`]).
+    pending_share: Mutex<Option<Box<dyn FnOnce() + Send>>>,
     /// The CPU share's weighted sum (`hidden` floats, page-locked), and a CPU failure not
     /// reported yet.
     cpu_out: Mutex<PinnedBuffer>,
@@ -260,6 +275,8 @@ pub struct ExpertPager {
     guess: Mutex<Option<(usize, Vec<usize>)>>,
     /// Per layer: the prefetch in flight for it.
     inflight: Mutex<Vec<Option<Inflight>>>,
+    /// Device time between fixed points of each paged layer (`FLOWGATE_PAGING_TIMELINE=1`).
+    pub(super) timeline: LayerTimeline,
 }
 
 /// A prefetch in flight for one layer: copies on the copy stream, then `done`.
@@ -305,6 +322,150 @@ fn expert_view(
     map.get(&own)
         .cloned()
         .ok_or_else(|| flowgate_formats::FormatError::MissingTensor(own).into())
+}
+
+/// The CPU share's cost model: `T(j) = a + b·j` seconds for `j` experts, fitted by least
+/// squares to the times measured (at calibration, then every share decode computes), each new
+/// sample scaling the weight of the older ones by [`CpuFit::DECAY`]. One line through all the
+/// samples instead of a moving average per `j`: decode mostly asks for 2 or 3 experts, and a
+/// single slow share used to leave `T(3)` above `T(4)` for many tokens, so that the share
+/// shrank to 2 experts where 3 paid (moe30b, 3 GiB, H100: 96 CPU experts per token instead of
+/// ~140, see docs/benchmarks.md).
+#[derive(Clone, Debug, Default)]
+struct CpuFit {
+    /// Decayed sums: weight, j, j², t, j·t.
+    w: f64,
+    sj: f64,
+    sjj: f64,
+    st: f64,
+    sjt: f64,
+    /// The last line: (a, b).
+    line: Option<(f64, f64)>,
+}
+
+impl CpuFit {
+    const DECAY: f64 = 0.98;
+
+    /// Adds `t` seconds for `j` experts and refits.
+    fn add(&mut self, j: usize, t: f64) {
+        let j = j as f64;
+        for v in [
+            &mut self.w,
+            &mut self.sj,
+            &mut self.sjj,
+            &mut self.st,
+            &mut self.sjt,
+        ] {
+            *v *= Self::DECAY;
+        }
+        self.w += 1.0;
+        self.sj += j;
+        self.sjj += j * j;
+        self.st += t;
+        self.sjt += j * t;
+        let (mj, mt) = (self.sj / self.w, self.st / self.w);
+        let var = self.sjj / self.w - mj * mj;
+        let b = if var > 0.05 {
+            (self.sjt / self.w - mj * mt) / var
+        } else {
+            // Samples of (nearly) one j alone do not say the slope: keep the last one.
+            self.line.map_or(mt / mj.max(1.0), |l| l.1)
+        };
+        // A slope of at least a tenth of the mean time per expert: more experts never cost less.
+        let b = b.max(0.1 * mt / mj.max(1.0));
+        self.line = Some(((mt - b * mj).max(0.0), b));
+    }
+
+    /// T(j) for j = 0..=k (T(0) = 0), once there is a line.
+    fn table(&self, k: usize) -> Option<Vec<f64>> {
+        let (a, b) = self.line?;
+        Some(
+            (0..=k)
+                .map(|j| if j == 0 { 0.0 } else { a + b * j as f64 })
+                .collect(),
+        )
+    }
+
+    /// T(j) predicted, if there is a line.
+    fn predict(&self, j: usize) -> Option<f64> {
+        self.line.map(|(a, b)| a + b * j as f64)
+    }
+}
+
+/// How late each side of a layer's split starts after its routes reach the host (seconds,
+/// moving averages): the first copy is queued after `copy`, the CPU share starts after `cpu`
+/// (once the GPU's copies are queued).
+#[derive(Clone, Copy, Debug, Default)]
+struct Lags {
+    copy: f64,
+    cpu: f64,
+}
+
+impl Lags {
+    /// Adds a sample of `t` seconds to `v`, capped at `cap`: a longer lag is a hiccup (the
+    /// queueing thread preempted, a page fault), not what the next layer will see. Uncapped,
+    /// one such sample of 1.2 ms once put every miss of a run on the CPU (H100, moe30b at
+    /// 8 GiB: 48 tok/s instead of ~75), and a model that then never copies never measures
+    /// the link's lag again.
+    fn note(v: &mut f64, t: f64, cap: f64) {
+        let t = t.min(cap);
+        *v = if *v == 0.0 { t } else { 0.9 * *v + 0.1 * t };
+    }
+}
+
+/// How many of `misses` missed experts to compute on the CPU: the `j` that finishes the layer
+/// soonest, counted from the routes' arrival on the host — the CPU's `j` experts
+/// (`cpu[j]` seconds) after its start lag, the link's `misses − j` copies (`copy` seconds
+/// each) after its own.
+fn split(misses: usize, copy: f64, cpu: &[f64], lags: Lags) -> usize {
+    let cost = |j: usize| {
+        let c = match j {
+            0 => 0.0,
+            _ => lags.cpu + cpu.get(j).copied().unwrap_or(f64::INFINITY),
+        };
+        let g = match misses - j {
+            0 => 0.0,
+            n => lags.copy + n as f64 * copy,
+        };
+        c.max(g)
+    };
+    (0..=misses.min(cpu.len().saturating_sub(1)))
+        .min_by(|&a, &b| cost(a).total_cmp(&cost(b)))
+        .unwrap_or(0)
+}
+
+/// How one expert's three parts go from host memory into a slot.
+#[derive(Debug, PartialEq, Eq)]
+enum CopyPlan {
+    /// The parts lie back to back on the host and in the slot (no padding between them): one
+    /// copy of this many bytes.
+    Contiguous(usize),
+    /// Parts of one size, evenly spaced on the host (a layer's merged gate, up and down
+    /// tensors back to back, as in the synthetic files) and in the slot: one 2-D copy of
+    /// three rows. One copy instead of three: 52 against 57 µs an expert on the H100 box.
+    Pitched { src_pitch: usize },
+    /// Anything else: three copies.
+    Parts,
+}
+
+/// The copies for an expert whose parts are at `host` (gate, up, down).
+fn copy_plan(host: &[u64; 3], s: &ExpertShape) -> CopyPlan {
+    let rel = |i: usize| host[i].checked_sub(host[0]);
+    let packed = (1..3).all(|i| s.off[i] - s.off[i - 1] == s.part[i - 1] as u64);
+    if packed && (1..3).all(|i| rel(i) == Some(s.off[i] - s.off[0])) {
+        return CopyPlan::Contiguous((s.off[2] - s.off[0]) as usize + s.part[2]);
+    }
+    let width = s.part[0];
+    let dst_pitch = s.off[1] - s.off[0];
+    let even = s.part.iter().all(|&p| p == width) && s.off[2] - s.off[1] == dst_pitch;
+    match (rel(1), rel(2)) {
+        (Some(p), Some(p2)) if even && p >= width as u64 && p2 == 2 * p && p <= i32::MAX as u64 => {
+            CopyPlan::Pitched {
+                src_pitch: p as usize,
+            }
+        }
+        _ => CopyPlan::Parts,
+    }
 }
 
 fn align256(n: usize) -> usize {
@@ -578,6 +739,10 @@ impl ExpertPager {
             n_used: m.n_experts_used.min(PAGE_MAX),
             cpu_mode: AtomicU8::new(CpuExperts::Off as u8),
             cost: Mutex::new(None),
+            cpu_fit: Mutex::new(CpuFit::default()),
+            routes_at: Mutex::new(None),
+            lags: Mutex::new(Lags::default()),
+            pending_share: Mutex::new(None),
             cpu_out: Mutex::new(
                 PinnedBuffer::new(&backend.device, 4 * spec.hidden).map_err(cuda_err)?,
             ),
@@ -593,6 +758,7 @@ impl ExpertPager {
             predicted: Mutex::new(None),
             guess: Mutex::new(None),
             inflight: Mutex::new((0..spec.n_layers).map(|_| None).collect()),
+            timeline: LayerTimeline::from_env(),
         }))
     }
 
@@ -804,18 +970,51 @@ impl ExpertPager {
             }
             cpu.push(best);
         }
+        // Decode's model is the line through these (each j's best of three).
+        let fitted = {
+            let mut fit = lock(&self.cpu_fit);
+            *fit = CpuFit::default();
+            for (j, &t) in cpu.iter().enumerate().skip(1) {
+                fit.add(j, t);
+            }
+            fit.table(cpu.len() - 1)
+        };
         tracing::info!(
             threads = self.cpu_threads(),
             cpu_us = ?cpu.iter().map(|t| (1e6 * t) as u64).collect::<Vec<_>>(),
             "j experts of a token on the CPU, measured"
         );
         if let Some(c) = lock(&self.cost).as_mut() {
-            c.1 = cpu;
+            c.1 = fitted.unwrap_or(cpu);
         }
         Ok(())
     }
 
     /// The failure of a CPU share of experts since the last call, if any.
+    /// Starts the layer's CPU share if one waits (see `pending_share`), noting its lag.
+    fn start_share(&self) {
+        let f = lock(&self.pending_share).take();
+        if let Some(f) = f {
+            self.note_lag(|l| &mut l.cpu);
+            f();
+        }
+    }
+
+    /// A layer's first copy is queued: notes the link's lag.
+    fn note_first_copy(&self) {
+        self.note_lag(|l| &mut l.copy);
+    }
+
+    /// Notes the time since the routes came back in one of the lags, capped at four copies'
+    /// time.
+    fn note_lag(&self, which: impl FnOnce(&mut Lags) -> &mut f64) {
+        let Some(t) = *lock(&self.routes_at) else {
+            return;
+        };
+        let cap = 4.0 * lock(&self.cost).as_ref().map_or(0.0, |c| c.0);
+        Lags::note(which(&mut lock(&self.lags)), t.elapsed().as_secs_f64(), cap);
+    }
+
     pub fn take_failure(&self) -> Option<String> {
         lock(&self.failure).take()
     }
@@ -856,6 +1055,13 @@ impl ExpertPager {
         *lock(&self.predicted) = Some((layer, k, buf));
     }
 
+    /// How late, after a layer's routes reach the host, its first copy is queued and its CPU
+    /// share starts (seconds, moving averages; 0 before any was measured).
+    pub fn split_lags(&self) -> (f64, f64) {
+        let l = *lock(&self.lags);
+        (l.copy, l.cpu)
+    }
+
     /// The measured costs: seconds per expert copy, and seconds for j CPU experts (j = 0..=k).
     pub fn costs(&self) -> Option<(f64, Vec<f64>)> {
         lock(&self.cost).clone()
@@ -869,17 +1075,12 @@ impl ExpertPager {
             CpuExperts::All => return misses,
             CpuExperts::Auto => {}
         }
+        let lags = *lock(&self.lags);
         let g = lock(&self.cost);
         let Some((copy, cpu)) = g.as_ref() else {
             return 0;
         };
-        let cost = |j: usize| {
-            let c = cpu.get(j).copied().unwrap_or(f64::INFINITY);
-            c.max((misses - j) as f64 * copy)
-        };
-        (0..=misses.min(cpu.len() - 1))
-            .min_by(|&a, &b| cost(a).total_cmp(&cost(b)))
-            .unwrap_or(0)
+        split(misses, *copy, cpu, lags)
     }
 
     /// The plan, once provisioned.
@@ -911,9 +1112,16 @@ impl ExpertPager {
         s
     }
 
+    /// Device time between the fixed points of paged layers since the last call (or reset),
+    /// per token over `tokens` tokens, as lines; `None` unless `FLOWGATE_PAGING_TIMELINE=1`.
+    pub fn timeline_report(&self, tokens: usize) -> Option<String> {
+        self.timeline.report(tokens)
+    }
+
     /// Zeroes the statistics; residency is kept.
     pub fn reset_stats(&self) {
         let _ = self.stats();
+        let _ = self.timeline.report(1);
         *lock(&self.copy_time) = Duration::ZERO;
         if let Some(s) = lock(&self.slots).as_mut() {
             s.map.reset_stats();
@@ -970,6 +1178,9 @@ impl CudaBackend {
             return Err(EngineError::Invalid(format!("read back of {k} routes")));
         }
         self.device.bind().map_err(cuda_err)?;
+        pager
+            .timeline
+            .mark(&self.device, &self.stream, Mark::Routes);
         let base = dst.as_mut_ptr();
         let route_bytes = if with_weights { 8 * k } else { 4 * k };
         // A prediction queued since the last read-back comes back with it.
@@ -996,6 +1207,8 @@ impl CudaBackend {
             }
         }
         self.stream.synchronize().map_err(cuda_err)?;
+        *lock(&pager.routes_at) = Some(Instant::now());
+        pager.timeline.routes_read();
         self.check()?;
         if let Some(f) = pager.take_failure() {
             return Err(EngineError::Invalid(format!("experts on the CPU: {f}")));
@@ -1074,67 +1287,57 @@ impl CudaBackend {
             .filter(|i| !on_cpu.contains(i))
             .map(|i| routes[i])
             .collect();
-        // The GPU's part first: it runs while the host computes.
-        if gpu.is_empty() {
-            // A prefetch for this layer ends here all the same (none of it was used).
-            let table = match lock(&pager.slots).as_mut() {
-                Some(sl) => self.settle_prefetch(pager, p.layer, &[], &mut sl.map)?,
-                None => Vec::new(),
-            };
-            if !table.is_empty() {
-                let mut upd = MoePage::empty();
-                for (x, base) in table {
-                    upd.push(x, base);
-                }
-                self.launch_page(e, &upd, 0, 0);
-            }
-            if !self.ensure(out, e.hidden) {
-                return self.check();
-            }
-            self.memset0(out.ptr(), e.hidden);
-        } else if let (Some(r), 0) = (routed, j) {
-            // Nothing for the CPU: the routes already on the device serve as they are.
-            let ids: Vec<usize> = gpu.iter().map(|r| r.0).collect();
-            self.moe_experts(e, r, gpu.len(), Some(&ids), h, out)?;
-        } else {
-            let upd = MoePage::routes(&gpu)
-                .ok_or_else(|| EngineError::Invalid("too many routes".into()))?;
-            let routed = self.new_buf(2 * gpu.len())?;
-            self.launch_page(e, &upd, routed.ptr(), routed.ptr() + 4 * gpu.len() as u64);
-            let ids: Vec<usize> = gpu.iter().map(|r| r.0).collect();
-            self.moe_experts(e, &routed, gpu.len(), Some(&ids), h, out)?;
-        }
-        if j == 0 {
-            return Ok(());
-        }
-        // The CPU's part runs on the team while this thread goes on queueing; the stream
-        // waits until the share's sequence number is in the flag (the device polls it), then
-        // copies the sum in and adds it.
+        // The CPU's part runs on the team while this thread goes on queueing. It starts once
+        // the GPU's copies are all queued (page_in starts it; below, when nothing is copied).
+        // Submitting it before the copies, or after the first, so that the team starts
+        // sooner, lost at 3 GiB (moe30b, H100: 44.0 / 46.7 against 53.4 / 48.6 tok/s; 49.8 /
+        // 45.7 against 53.2 / 51.2): this thread queues slower while the team works, and the
+        // copies wait; after the products' launches as well, it started ~100 µs after the
+        // routes. The stream waits until the share's sequence number is in the flag (the
+        // device polls it), then copies the sum in and adds it.
         let job = Arc::new(CpuJob::default());
-        let seq = pager
-            .cpu_seq
-            .fetch_add(1, Ordering::Relaxed)
-            .wrapping_add(1);
-        let experts: Vec<(usize, f32)> = on_cpu.iter().map(|&i| routes[i]).collect();
-        let ids: Vec<usize> = experts.iter().map(|x| x.0).collect();
-        let w = pager.host()?.cpu_weights(p.layer, &ids, pager.n_experts)?;
-        let ws = w
-            .weights
-            .into_iter()
-            .zip(&experts)
-            .map(|(w, x)| (w, x.1))
-            .collect();
-        let done = cpu_share_done(
-            pager.clone(),
-            p.layer,
-            experts.len(),
-            seq,
-            job.clone(),
-            w.lease,
-        );
-        pager
-            .team()?
-            .submit(Arc::new(ExpertSum::new(ws, h_host, done)));
+        let share = (j > 0).then(|| {
+            let seq = pager
+                .cpu_seq
+                .fetch_add(1, Ordering::Relaxed)
+                .wrapping_add(1);
+            let experts: Vec<(usize, f32)> = on_cpu.iter().map(|&i| routes[i]).collect();
+            let (pager2, layer, job2, x) = (pager.clone(), p.layer, job.clone(), h_host.to_vec());
+            let start = move || {
+                let ids: Vec<usize> = experts.iter().map(|x| x.0).collect();
+                let n = experts.len();
+                let submit = || -> Result<()> {
+                    let w = pager2.host()?.cpu_weights(layer, &ids, pager2.n_experts)?;
+                    let ws = w
+                        .weights
+                        .into_iter()
+                        .zip(&experts)
+                        .map(|(w, x)| (w, x.1))
+                        .collect();
+                    let done = cpu_share_done(pager2.clone(), layer, n, seq, job2.clone(), w.lease);
+                    pager2
+                        .team()?
+                        .submit(Arc::new(ExpertSum::new(ws, &x, done)));
+                    Ok(())
+                };
+                if let Err(err) = submit() {
+                    // The flag still goes up (the stream never waits forever); the failure
+                    // comes out at the next read-back.
+                    cpu_share_done(pager2.clone(), layer, n, seq, job2.clone(), None)(Err(
+                        err.to_string()
+                    ));
+                }
+            };
+            *lock(&pager.pending_share) = Some(Box::new(start));
+            seq
+        });
+        let gpu_part = self.moe_split_gpu(e, p, routed, &gpu, j, h, out);
+        // Started by now unless nothing was copied (or the GPU's part failed first).
+        pager.start_share();
+        gpu_part?;
+        let Some(seq) = share else {
+            return Ok(());
+        };
         let mut gated = false;
         if !pager.host_gate.load(Ordering::Relaxed) {
             // SAFETY: the job just submitted always raises the flag to `seq` when it ends
@@ -1180,7 +1383,59 @@ impl CudaBackend {
             }
         }
         self.add(out, &cpu_part);
+        pager
+            .timeline
+            .mark(&self.device, &self.stream, Mark::Joined);
         self.check()
+    }
+
+    /// The GPU's part of [`CudaBackend::moe_split`]: the experts `gpu` (routes) copied where
+    /// they miss and computed into `out` (zeros when there are none).
+    #[allow(clippy::too_many_arguments)]
+    fn moe_split_gpu(
+        &self,
+        e: &CudaExperts,
+        p: &PagedLayer,
+        routed: Option<&super::CudaBuf>,
+        gpu: &[(usize, f32)],
+        j: usize,
+        h: &super::CudaBuf,
+        out: &mut super::CudaBuf,
+    ) -> Result<()> {
+        let pager = &p.pager;
+        if gpu.is_empty() {
+            // A prefetch for this layer ends here all the same (none of it was used).
+            let table = match lock(&pager.slots).as_mut() {
+                Some(sl) => self.settle_prefetch(pager, p.layer, &[], &mut sl.map)?,
+                None => Vec::new(),
+            };
+            if !table.is_empty() {
+                let mut upd = MoePage::empty();
+                for (x, base) in table {
+                    upd.push(x, base);
+                }
+                self.launch_page(e, &upd, 0, 0);
+            }
+            if !self.ensure(out, e.hidden) {
+                return self.check();
+            }
+            self.memset0(out.ptr(), e.hidden);
+            pager
+                .timeline
+                .mark(&self.device, &self.stream, Mark::Products);
+        } else if let (Some(r), 0) = (routed, j) {
+            // Nothing for the CPU: the routes already on the device serve as they are.
+            let ids: Vec<usize> = gpu.iter().map(|r| r.0).collect();
+            self.moe_experts(e, r, gpu.len(), Some(&ids), h, out)?;
+        } else {
+            let upd = MoePage::routes(gpu)
+                .ok_or_else(|| EngineError::Invalid("too many routes".into()))?;
+            let routed = self.new_buf(2 * gpu.len())?;
+            self.launch_page(e, &upd, routed.ptr(), routed.ptr() + 4 * gpu.len() as u64);
+            let ids: Vec<usize> = gpu.iter().map(|r| r.0).collect();
+            self.moe_experts(e, &routed, gpu.len(), Some(&ids), h, out)?;
+        }
+        Ok(())
     }
 
     /// Ends `layer`'s prefetch in flight, if any, before the layer's own work is queued: the
@@ -1366,6 +1621,9 @@ impl CudaBackend {
                         Event::new(&self.device).map_err(cuda_err)?,
                     );
                     ev.0.record(&self.stream).map_err(cuda_err)?;
+                    pager
+                        .timeline
+                        .mark(&self.device, &self.stream, Mark::CopiesStart);
                     events = Some(ev);
                 }
                 let _timer = self.profile_span("expert copy host->device");
@@ -1374,7 +1632,12 @@ impl CudaBackend {
                 // long as the pager; a RAM cache's are held below until an event after the
                 // copy), and the stream orders the copy before any later use of the slot.
                 match unsafe { self.copy_expert(&self.stream, base, src, &s) } {
-                    Ok(n) => copied += n,
+                    Ok(n) => {
+                        if copied == 0 {
+                            pager.note_first_copy();
+                        }
+                        copied += n
+                    }
                     Err(r) => {
                         for a in &misses[c * batch + i..] {
                             slots.map.invalidate(a.slot);
@@ -1395,6 +1658,11 @@ impl CudaBackend {
             }
             host.hold(fetched.lease, &self.device, &self.stream)?;
         }
+        // The link has its work: the layer's CPU share (if any) starts now, while this thread
+        // queues the products. The routes' arrival has served (a later page-in, e.g. a
+        // prefill's, is not late after it).
+        pager.start_share();
+        *lock(&pager.routes_at) = None;
         slots.map.stats_mut().bytes_read += copied;
         drop(guard);
         if upd.n > 0 {
@@ -1402,6 +1670,9 @@ impl CudaBackend {
         }
         if let Some((a, b)) = events {
             b.record(&self.stream).map_err(cuda_err)?;
+            pager
+                .timeline
+                .mark(&self.device, &self.stream, Mark::CopiesEnd);
             let mut ev = lock(&pager.copy_events);
             ev.push((a, b));
             if ev.len() >= 4096 {
@@ -1412,7 +1683,8 @@ impl CudaBackend {
         Ok(())
     }
 
-    /// Queues the three host→device copies of one expert into the slot at `base`; returns
+    /// Queues the host→device copies of one expert into the slot at `base` (one copy where
+    /// [`copy_plan`] finds the three parts laid out evenly on the host, else three); returns
     /// the bytes queued.
     ///
     /// # Safety
@@ -1426,23 +1698,65 @@ impl CudaBackend {
         host: &[u64; 3],
         s: &ExpertShape,
     ) -> std::result::Result<u64, sys::CUresult> {
-        let mut n = 0;
-        for ((&src, &off), &len) in host.iter().zip(&s.off).zip(&s.part) {
-            // SAFETY: the caller's contract covers both ranges.
-            let r = unsafe {
-                sys::cuMemcpyHtoDAsync_v2(
-                    base + off,
-                    src as *const std::ffi::c_void,
-                    len,
-                    stream.cu_stream(),
-                )
-            };
-            if r != sys::CUresult::CUDA_SUCCESS {
-                return Err(r);
+        let r = match copy_plan(host, s) {
+            CopyPlan::Contiguous(len) => {
+                // SAFETY: the caller's contract covers the slot; the `len` host bytes from the
+                // first part are exactly the three parts, back to back (checked by copy_plan).
+                unsafe {
+                    sys::cuMemcpyHtoDAsync_v2(
+                        base + s.off[0],
+                        host[0] as *const std::ffi::c_void,
+                        len,
+                        stream.cu_stream(),
+                    )
+                }
             }
-            n += len as u64;
+            CopyPlan::Pitched { src_pitch } => {
+                let c = sys::CUDA_MEMCPY2D {
+                    srcXInBytes: 0,
+                    srcY: 0,
+                    srcMemoryType: sys::CUmemorytype::CU_MEMORYTYPE_HOST,
+                    srcHost: host[0] as *const std::ffi::c_void,
+                    srcDevice: 0,
+                    srcArray: std::ptr::null_mut(),
+                    srcPitch: src_pitch,
+                    dstXInBytes: 0,
+                    dstY: 0,
+                    dstMemoryType: sys::CUmemorytype::CU_MEMORYTYPE_DEVICE,
+                    dstHost: std::ptr::null_mut(),
+                    dstDevice: base + s.off[0],
+                    dstArray: std::ptr::null_mut(),
+                    dstPitch: (s.off[1] - s.off[0]) as usize,
+                    WidthInBytes: s.part[0],
+                    Height: 3,
+                };
+                // SAFETY: three rows of `part` bytes each, at host[0] + i·src_pitch (= host[i],
+                // checked by copy_plan: the caller's page-locked parts) and at the slot's
+                // part offsets (inside the slot).
+                unsafe { sys::cuMemcpy2DAsync_v2(&c, stream.cu_stream()) }
+            }
+            CopyPlan::Parts => {
+                for ((&src, &off), &len) in host.iter().zip(&s.off).zip(&s.part) {
+                    // SAFETY: the caller's contract covers both ranges.
+                    let r = unsafe {
+                        sys::cuMemcpyHtoDAsync_v2(
+                            base + off,
+                            src as *const std::ffi::c_void,
+                            len,
+                            stream.cu_stream(),
+                        )
+                    };
+                    if r != sys::CUresult::CUDA_SUCCESS {
+                        return Err(r);
+                    }
+                }
+                sys::CUresult::CUDA_SUCCESS
+            }
+        };
+        if r != sys::CUresult::CUDA_SUCCESS {
+            return Err(r);
         }
-        Ok(n)
+        Ok(s.part.iter().sum::<usize>() as u64)
     }
 
     /// One `moe_page` launch: table entries, and routes written to `ids`/`w` when `upd.k > 0`.
@@ -1601,12 +1915,175 @@ fn cpu_share_done(
             st.cpu_time += took;
         }
         // The cost model follows what the CPU really takes in decode (cold weights), starting
-        // from the calibration; one outlier moves it at most 2×.
-        if let Some((_, cpu)) = lock(&pager.cost).as_mut() {
-            if let Some(t) = cpu.get_mut(j) {
-                let took = took.as_secs_f64().clamp(0.5 * *t, 2.0 * *t);
-                *t = 0.8 * *t + 0.2 * took;
+        // from the calibration; one outlier counts as at most twice (half) the prediction.
+        let table = {
+            let mut fit = lock(&pager.cpu_fit);
+            let took = match fit.predict(j) {
+                Some(t) => took.as_secs_f64().clamp(0.5 * t, 2.0 * t),
+                None => took.as_secs_f64(),
+            };
+            fit.add(j, took);
+            fit.table(pager.n_used)
+        };
+        if let (Some((_, cpu)), Some(t)) = (lock(&pager.cost).as_mut(), table) {
+            if cpu.len() > 1 {
+                *cpu = t;
             }
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shape(bytes: [usize; 3], dtypes: [DType; 3]) -> ExpertShape {
+        ExpertShape::new("t", dtypes, bytes, 768, 2048).unwrap()
+    }
+
+    #[test]
+    fn copy_plan_takes_one_copy_only_where_the_host_layout_allows() {
+        // moe30b's Q4_K expert: three parts of 884,736 bytes (a multiple of 256: no padding).
+        let p = 884_736usize;
+        let s = shape([p; 3], [DType::Q4K; 3]);
+        let n = 128 * p as u64;
+        let x = 1u64 << 32;
+        // Back to back, as in a slot: one copy of the three parts.
+        assert_eq!(
+            copy_plan(&[x, x + p as u64, x + 2 * p as u64], &s),
+            CopyPlan::Contiguous(3 * p)
+        );
+        // A layer's merged tensors back to back (the synthetic files): one 2-D copy.
+        assert_eq!(
+            copy_plan(
+                &[
+                    x + 5 * p as u64,
+                    x + n + 5 * p as u64,
+                    x + 2 * n + 5 * p as u64
+                ],
+                &s
+            ),
+            CopyPlan::Pitched {
+                src_pitch: n as usize
+            }
+        );
+        // Uneven spacing, a part before the first, parts in another order (llama.cpp's files
+        // hold gate, down, up), or a pitch past what a 2-D copy takes: three copies.
+        for host in [
+            [x, x + n, x + 2 * n + 256],
+            [x, x - n, x + n],
+            [x, x + 2 * n, x + n],
+            [x, x + (3u64 << 30), x + (6u64 << 30)],
+            [x, x + 100, x + 200],
+        ] {
+            assert_eq!(copy_plan(&host, &s), CopyPlan::Parts, "{host:?}");
+        }
+        // Parts of different sizes (a Q6_K down) are never pitched; padded parts laid out as
+        // in a slot go as three rows (the padding between them is not the expert's, and is
+        // not read), never as one range.
+        let q6 = 768 * 2048 / 256 * 210;
+        let s2 = shape([p, p, q6], [DType::Q4K, DType::Q4K, DType::Q6K]);
+        assert_eq!(copy_plan(&[x, x + n, x + 2 * n], &s2), CopyPlan::Parts);
+        let s3 = ExpertShape::new("t", [DType::F32; 3], [4000; 3], 1, 1000).unwrap();
+        assert_eq!(s3.off, [0, 4096, 8192]);
+        assert_eq!(
+            copy_plan(&[x, x + 4096, x + 8192], &s3),
+            CopyPlan::Pitched { src_pitch: 4096 }
+        );
+        // Packed on the host, padded in the slot: rows of 4000 bytes at two pitches.
+        assert_eq!(
+            copy_plan(&[x, x + 4000, x + 8000], &s3),
+            CopyPlan::Pitched { src_pitch: 4000 }
+        );
+    }
+
+    #[test]
+    fn cpu_fit_finds_the_line_and_survives_one_j() {
+        let mut f = CpuFit::default();
+        assert!(f.table(8).is_none());
+        // Exact samples of 45 µs + 57 µs per expert.
+        for j in 1..=8 {
+            f.add(j, 45e-6 + 57e-6 * j as f64);
+        }
+        let t = f.table(8).unwrap();
+        assert_eq!(t[0], 0.0);
+        for (j, v) in t.iter().enumerate().skip(1) {
+            assert!((v - (45e-6 + 57e-6 * j as f64)).abs() < 1e-9, "{j}: {v}");
+        }
+        // Decode then sees only j = 2, slower than predicted: the line goes through the new
+        // T(2), its slope stays near the calibrated one (what is left of the calibration's
+        // samples still weighs), and T stays increasing in j.
+        for _ in 0..200 {
+            f.add(2, 200e-6);
+        }
+        let t = f.table(8).unwrap();
+        assert!((t[2] - 200e-6).abs() < 2e-6, "{t:?}");
+        assert!((t[3] - t[2] - 57e-6).abs() < 12e-6, "{t:?}");
+        for _ in 0..300 {
+            f.add(2, 200e-6);
+        }
+        let t2 = f.table(8).unwrap();
+        assert!((t2[2] - 200e-6).abs() < 1e-6, "{t2:?}");
+        assert!(t2.windows(2).all(|w| w[1] > w[0]), "{t2:?}");
+        // One slow share among many fast ones moves the line a little, not T(3) above T(4).
+        let mut g = CpuFit::default();
+        for r in 0..100 {
+            let j = 2 + r % 2;
+            g.add(j, 45e-6 + 57e-6 * j as f64);
+        }
+        g.add(3, 400e-6);
+        let t = g.table(8).unwrap();
+        assert!(t.windows(2).all(|w| w[1] > w[0]), "{t:?}");
+        assert!(t[3] < 240e-6, "{t:?}");
+        // Nonsense samples (faster with more experts) still give a rising line.
+        let mut h = CpuFit::default();
+        for j in 1..=8 {
+            h.add(j, 300e-6 - 20e-6 * j as f64);
+        }
+        let t = h.table(8).unwrap();
+        assert!(t.windows(2).all(|w| w[1] > w[0]), "{t:?}");
+    }
+
+    #[test]
+    fn split_balances_the_link_and_the_cpu_from_the_routes() {
+        // 54 µs a copy; the CPU 45 µs + 60 µs an expert (the H100 box's figures).
+        let cpu: Vec<f64> = (0..=8)
+            .map(|j| {
+                if j == 0 {
+                    0.0
+                } else {
+                    45e-6 + 60e-6 * j as f64
+                }
+            })
+            .collect();
+        let none = Lags::default();
+        assert_eq!(split(0, 54e-6, &cpu, none), 0);
+        // One miss: copying it (54) beats the CPU (105).
+        assert_eq!(split(1, 54e-6, &cpu, none), 0);
+        // Seven misses: 3 on the CPU (225) against 4 copies (216).
+        assert_eq!(split(7, 54e-6, &cpu, none), 3);
+        // The CPU starting 100 µs after the routes and the link 20 µs after: fewer for the CPU.
+        let late = Lags {
+            copy: 20e-6,
+            cpu: 100e-6,
+        };
+        assert_eq!(split(7, 54e-6, &cpu, late), 2);
+        // Never more than the table covers, nor than the misses.
+        assert_eq!(split(12, 1.0, &cpu, none), 8);
+        assert_eq!(split(3, 1.0, &cpu, none), 3);
+        assert_eq!(split(3, 1.0, &[0.0], none), 0);
+    }
+
+    #[test]
+    fn a_lag_sample_is_capped() {
+        let mut v = 0.0;
+        Lags::note(&mut v, 1.2e-3, 216e-6);
+        assert_eq!(v, 216e-6);
+        for _ in 0..100 {
+            Lags::note(&mut v, 30e-6, 216e-6);
+        }
+        assert!((v - 30e-6).abs() < 1e-7, "{v}");
+        Lags::note(&mut v, 1.0, 216e-6);
+        assert!(v < 50e-6, "{v}");
+    }
 }
