@@ -63,8 +63,8 @@ struct VramRun {
     /// Seconds to copy one expert (measured at provisioning) and to compute j = 0..=k on the
     /// CPU (a line fitted to what calibration, then decode, measured).
     costs: Option<(f64, Vec<f64>)>,
-    /// How late the link's first copy and the CPU share start after a layer's routes reach
-    /// the host (seconds, moving averages).
+    /// The fixed parts of a split layer: the GPU's part beyond its copies, and how late the
+    /// CPU share starts after the routes reach the host (seconds, moving averages).
     lags: (f64, f64),
     cpu_threads: usize,
     paged: bool,
@@ -266,7 +266,7 @@ pub fn moe_vram(a: &MoeArgs, file: &ModelFile) -> Result<()> {
                 "cpu_experts_per_token": r.cpu_per_token,
                 "cpu_ms_per_token": r.cpu_ms_per_token,
                 "expert_copy_us": r.costs.as_ref().map(|c| 1e6 * c.0),
-                "copy_start_lag_us": 1e6 * r.lags.0,
+                "gpu_fixed_us": 1e6 * r.lags.0,
                 "cpu_start_lag_us": 1e6 * r.lags.1,
                 "cpu_expert_threads": r.cpu_threads,
                 "cpu_experts_ms": r.costs.as_ref().map(|c| c.1.iter().map(|t| 1e3 * t).collect::<Vec<_>>()),
@@ -391,10 +391,10 @@ pub fn moe_vram(a: &MoeArgs, file: &ModelFile) -> Result<()> {
                 .collect::<Vec<_>>()
                 .join(", ")
         );
-        if let Some((link, cpu)) = measured.map(|r| r.lags) {
+        if let Some((gpu, cpu)) = measured.map(|r| r.lags) {
             outln!(
-                "after a layer's routes reach the host, its first copy is queued after {:.0} us and its CPU share starts after {:.0} us (averages)",
-                1e6 * link,
+                "a split layer's GPU part takes {:.0} us beyond its copies; its CPU share starts {:.0} us after the routes reach the host (averages)",
+                1e6 * gpu,
                 1e6 * cpu
             );
         }

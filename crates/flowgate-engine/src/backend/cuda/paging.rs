@@ -250,6 +250,11 @@ pub struct ExpertPager {
     /// sides of the split start that much late.
     routes_at: Mutex<Option<Instant>>,
     lags: Mutex<Lags>,
+    /// Two events around the last layer's GPU part (recorded when it started being queued
+    /// and after its products) and the copies it made, read at the next split layer (by then
+    /// the stream has synchronised): [`Lags::gpu`].
+    side: OnceLock<(Event, Event)>,
+    side_copies: Mutex<Option<usize>>,
     /// The CPU share of the layer being queued, not started yet: [`CudaBackend::page_in`]
     /// starts it once the layer's copies are all queued (see [`CudaBackend::moe_split`]).
     pending_share: Mutex<Option<Box<dyn FnOnce() + Send>>>,
@@ -392,21 +397,25 @@ impl CpuFit {
     }
 }
 
-/// How late each side of a layer's split starts after its routes reach the host (seconds,
-/// moving averages): the first copy is queued after `copy`, the CPU share starts after `cpu`
+/// The fixed parts of each side of a layer's split (seconds, moving averages): the GPU's
+/// part takes `gpu` beyond its copies (measured on the device, from when the layer's work
+/// starts being queued to its products done: the queueing before the first copy, the
+/// products after the last); the CPU share starts `cpu` after the routes reach the host
 /// (once the GPU's copies are queued).
 #[derive(Clone, Copy, Debug, Default)]
 struct Lags {
-    copy: f64,
+    gpu: f64,
     cpu: f64,
 }
 
 impl Lags {
-    /// Adds a sample of `t` seconds to `v`, capped at `cap`: a longer lag is a hiccup (the
-    /// queueing thread preempted, a page fault), not what the next layer will see. Uncapped,
-    /// one such sample of 1.2 ms once put every miss of a run on the CPU (H100, moe30b at
-    /// 8 GiB: 48 tok/s instead of ~75), and a model that then never copies never measures
-    /// the link's lag again.
+    /// Adds a sample of `t` seconds to `v`, capped at `cap` (one copy's time): a longer lag
+    /// is a hiccup (the queueing thread preempted, a page fault), not what the next layer
+    /// will see, and a lag capped so never prices a side out. Uncapped, one sample of 1.2 ms
+    /// once put every miss of a run on the CPU (H100, moe30b at 8 GiB: 48 tok/s instead of
+    /// ~75); capped at four copies, a run of slow starts still took the CPU's lag to 209 µs
+    /// and the CPU share to 1.8 experts a token (56.7 tok/s): a model that then seldom picks
+    /// a side seldom measures it again. The lags measured are 20–50 µs, a copy 53–60 µs.
     fn note(v: &mut f64, t: f64, cap: f64) {
         let t = t.min(cap);
         *v = if *v == 0.0 { t } else { 0.9 * *v + 0.1 * t };
@@ -415,8 +424,8 @@ impl Lags {
 
 /// How many of `misses` missed experts to compute on the CPU: the `j` that finishes the layer
 /// soonest, counted from the routes' arrival on the host — the CPU's `j` experts
-/// (`cpu[j]` seconds) after its start lag, the link's `misses − j` copies (`copy` seconds
-/// each) after its own.
+/// (`cpu[j]` seconds) after its start lag, the GPU's `misses − j` copies (`copy` seconds
+/// each) plus its fixed part.
 fn split(misses: usize, copy: f64, cpu: &[f64], lags: Lags) -> usize {
     let cost = |j: usize| {
         let c = match j {
@@ -425,7 +434,7 @@ fn split(misses: usize, copy: f64, cpu: &[f64], lags: Lags) -> usize {
         };
         let g = match misses - j {
             0 => 0.0,
-            n => lags.copy + n as f64 * copy,
+            n => lags.gpu + n as f64 * copy,
         };
         c.max(g)
     };
@@ -742,6 +751,8 @@ impl ExpertPager {
             cpu_fit: Mutex::new(CpuFit::default()),
             routes_at: Mutex::new(None),
             lags: Mutex::new(Lags::default()),
+            side: OnceLock::new(),
+            side_copies: Mutex::new(None),
             pending_share: Mutex::new(None),
             cpu_out: Mutex::new(
                 PinnedBuffer::new(&backend.device, 4 * spec.hidden).map_err(cuda_err)?,
@@ -1000,18 +1011,36 @@ impl ExpertPager {
         }
     }
 
-    /// A layer's first copy is queued: notes the link's lag.
-    fn note_first_copy(&self) {
-        self.note_lag(|l| &mut l.copy);
+    /// The events around a split layer's GPU part (made once; `None` if the driver has none
+    /// to give, and the GPU's fixed part then stays unmeasured, 0).
+    fn side_events(&self, device: &flowgate_cuda::Device) -> Option<&(Event, Event)> {
+        if self.side.get().is_none() {
+            if let (Ok(a), Ok(b)) = (Event::new(device), Event::new(device)) {
+                let _ = self.side.set((a, b));
+            }
+        }
+        self.side.get()
     }
 
-    /// Notes the time since the routes came back in one of the lags, capped at four copies'
+    /// Reads the last split layer's GPU part (its events completed when the stream
+    /// synchronised for this layer's routes) into [`Lags::gpu`]: its time less its copies'.
+    fn read_side(&self, (a, b): &(Event, Event)) {
+        let Some(n) = lock(&self.side_copies).take() else {
+            return;
+        };
+        let Ok(ms) = a.elapsed_ms(b) else { return };
+        let copy = lock(&self.cost).as_ref().map_or(0.0, |c| c.0);
+        let t = (ms as f64 / 1e3 - n as f64 * copy).max(0.0);
+        Lags::note(&mut lock(&self.lags).gpu, t, copy);
+    }
+
+    /// Notes the time since the routes came back in one of the lags, capped at one copy's
     /// time.
     fn note_lag(&self, which: impl FnOnce(&mut Lags) -> &mut f64) {
         let Some(t) = *lock(&self.routes_at) else {
             return;
         };
-        let cap = 4.0 * lock(&self.cost).as_ref().map_or(0.0, |c| c.0);
+        let cap = lock(&self.cost).as_ref().map_or(0.0, |c| c.0);
         Lags::note(which(&mut lock(&self.lags)), t.elapsed().as_secs_f64(), cap);
     }
 
@@ -1055,11 +1084,12 @@ impl ExpertPager {
         *lock(&self.predicted) = Some((layer, k, buf));
     }
 
-    /// How late, after a layer's routes reach the host, its first copy is queued and its CPU
-    /// share starts (seconds, moving averages; 0 before any was measured).
+    /// The fixed parts of a split layer's two sides (seconds, moving averages; 0 before any
+    /// was measured): the GPU's part beyond its copies, and how late after the routes the
+    /// CPU share starts.
     pub fn split_lags(&self) -> (f64, f64) {
         let l = *lock(&self.lags);
-        (l.copy, l.cpu)
+        (l.gpu, l.cpu)
     }
 
     /// The measured costs: seconds per expert copy, and seconds for j CPU experts (j = 0..=k).
@@ -1331,9 +1361,19 @@ impl CudaBackend {
             *lock(&pager.pending_share) = Some(Box::new(start));
             seq
         });
+        // The GPU's part, between two events that measure its fixed part (see `Lags`).
+        let side = pager.side_events(&self.device).filter(|ev| {
+            pager.read_side(ev);
+            ev.0.record(&self.stream).is_ok()
+        });
         let gpu_part = self.moe_split_gpu(e, p, routed, &gpu, j, h, out);
         // Started by now unless nothing was copied (or the GPU's part failed first).
         pager.start_share();
+        if let (Some(ev), true) = (side, gpu_part.is_ok()) {
+            if ev.1.record(&self.stream).is_ok() {
+                *lock(&pager.side_copies) = Some(misses.len() - j);
+            }
+        }
         gpu_part?;
         let Some(seq) = share else {
             return Ok(());
@@ -1632,12 +1672,7 @@ impl CudaBackend {
                 // long as the pager; a RAM cache's are held below until an event after the
                 // copy), and the stream orders the copy before any later use of the slot.
                 match unsafe { self.copy_expert(&self.stream, base, src, &s) } {
-                    Ok(n) => {
-                        if copied == 0 {
-                            pager.note_first_copy();
-                        }
-                        copied += n
-                    }
+                    Ok(n) => copied += n,
                     Err(r) => {
                         for a in &misses[c * batch + i..] {
                             slots.map.invalidate(a.slot);
@@ -2062,9 +2097,10 @@ mod tests {
         assert_eq!(split(1, 54e-6, &cpu, none), 0);
         // Seven misses: 3 on the CPU (225) against 4 copies (216).
         assert_eq!(split(7, 54e-6, &cpu, none), 3);
-        // The CPU starting 100 µs after the routes and the link 20 µs after: fewer for the CPU.
+        // The CPU starting 100 µs after the routes, the GPU's part 20 µs beyond its copies:
+        // fewer for the CPU.
         let late = Lags {
-            copy: 20e-6,
+            gpu: 20e-6,
             cpu: 100e-6,
         };
         assert_eq!(split(7, 54e-6, &cpu, late), 2);
@@ -2077,13 +2113,13 @@ mod tests {
     #[test]
     fn a_lag_sample_is_capped() {
         let mut v = 0.0;
-        Lags::note(&mut v, 1.2e-3, 216e-6);
-        assert_eq!(v, 216e-6);
+        Lags::note(&mut v, 1.2e-3, 54e-6);
+        assert_eq!(v, 54e-6);
         for _ in 0..100 {
-            Lags::note(&mut v, 30e-6, 216e-6);
+            Lags::note(&mut v, 30e-6, 54e-6);
         }
         assert!((v - 30e-6).abs() < 1e-7, "{v}");
-        Lags::note(&mut v, 1.0, 216e-6);
-        assert!(v < 50e-6, "{v}");
+        Lags::note(&mut v, 1.0, 54e-6);
+        assert!((v - 32.4e-6).abs() < 1e-7, "{v}");
     }
 }
