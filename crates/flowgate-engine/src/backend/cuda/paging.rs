@@ -34,11 +34,13 @@
 //!   comparable time, so when a token's layer misses m experts, j of them are computed on the
 //!   CPU (from the same page-locked host copies, with the CPU backend's kernels) while the
 //!   other m − j are copied and computed on the GPU. `auto` picks j minimising
-//!   max(T_cpu(j), (m − j)·t_copy), with t_copy measured when the cache is provisioned and
-//!   T_cpu(j) a line a + b·j fitted to the times measured when CPU experts are first switched
-//!   on, then to those measured in decode ([`CpuFit`]). The CPU share runs on a [`Team`] of spinning workers (one
-//!   [`ExpertSum`] job per layer: gate and up rows, then down rows summed over the experts)
-//!   while this thread goes on queueing; the last worker writes the sum into page-locked
+//!   max(L_cpu + T_cpu(j), L_gpu + (m − j)·t_copy) ([`split`]), with t_copy measured when the
+//!   cache is provisioned, T_cpu(j) a line a + b·j fitted to the times measured when CPU
+//!   experts are first switched on and then in decode ([`CpuFit`]), and the two sides' fixed
+//!   parts L measured in decode ([`Lags`]). The CPU share starts once the layer's copies are
+//!   queued, and runs on a [`Team`] of spinning workers (one [`ExpertSum`] job per layer:
+//!   gate and up rows, then down rows summed over the experts) while this thread goes on
+//!   queueing; the last worker writes the sum into page-locked
 //!   memory and raises a [`HostFlag`] to the share's sequence number, on which the stream
 //!   waits (`cuStreamWaitValue32`: the GPU polls it, no host thread has to wake), then the
 //!   stream copies the sum in and adds it to the GPU's. Where the device cannot wait on host
@@ -245,10 +247,10 @@ pub struct ExpertPager {
     cost: Mutex<Option<(f64, Vec<f64>)>>,
     /// The line behind the CPU part of `cost` ([`CpuFit`]).
     cpu_fit: Mutex<CpuFit>,
-    /// When the routes being served came back to the host, and how long after that (seconds,
-    /// moving averages) a layer's first copy was queued and its CPU share started: the two
-    /// sides of the split start that much late.
+    /// When the routes being served came back to the host (the CPU share's lag is counted
+    /// from there).
     routes_at: Mutex<Option<Instant>>,
+    /// The fixed parts of the split's two sides ([`Lags`]).
     lags: Mutex<Lags>,
     /// Two events around the last layer's GPU part (recorded when it started being queued
     /// and after its products) and the copies it made, read at the next split layer (by then
