@@ -1327,8 +1327,8 @@ impl CudaBackend {
         // copies wait; after the products' launches as well, it started ~100 µs after the
         // routes. The stream waits until the share's sequence number is in the flag (the
         // device polls it), then copies the sum in and adds it.
-        let job = Arc::new(CpuJob::default());
         let share = (j > 0).then(|| {
+            let job = Arc::new(CpuJob::default());
             let seq = pager
                 .cpu_seq
                 .fetch_add(1, Ordering::Relaxed)
@@ -1361,7 +1361,7 @@ impl CudaBackend {
                 }
             };
             *lock(&pager.pending_share) = Some(Box::new(start));
-            seq
+            (seq, job)
         });
         // The GPU's part, between two events that measure its fixed part (see `Lags`).
         let side = pager.side_events(&self.device).filter(|ev| {
@@ -1377,7 +1377,7 @@ impl CudaBackend {
             }
         }
         gpu_part?;
-        let Some(seq) = share else {
+        let Some((seq, job)) = share else {
             return Ok(());
         };
         let mut gated = false;
