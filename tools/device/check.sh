@@ -10,11 +10,12 @@
 #   mkdir -p .devbin/cuda && strip --strip-debug -o .devbin/cuda/flowgate target/release/flowgate
 #   strip --strip-debug -o .devbin/cuda/fg_cuda_gpu target/release/deps/gpu-<hash>
 #   strip --strip-debug -o .devbin/cuda/fg_cuda_parity target/release/deps/cuda_parity-<hash>
-# Device: run `tools/device/check.sh [tests] [dense8b] [moe30b] [vram]` (default: the first
+# Device: run `tools/device/check.sh [tests] [dense8b] [moe30b] [vram] [split]` (default: the first
 #   three; `vram` runs `bench moe --vram-budget` on moe30b, 3 and 8 GiB, both routings
 #   (VRAM_BUDGETS, CPU_EXPERTS, ROUTINGS, RAM, COLD change that), and with SWEEP=1 a
 #   uniform-routing sweep with its plot; PROFILE=1
-#   adds a per-kernel decode profile, KEEP=1 keeps the synthetic models in /tmp) with
+#   adds a per-kernel decode profile, KEEP=1 keeps the synthetic models in /tmp; `split` runs
+#   the GPU layer split: dense8b under SPLIT_BUDGETS, moe30b under MOE_SPLIT_BUDGET) with
 #   carry [".devbin/cuda"]; logs land in $OUT.
 set -u -o pipefail
 OUT=${OUT:-/tmp/fg_out}
@@ -83,6 +84,37 @@ for step in $steps; do
         cat "$OUT/vram_sweep.json" | grep -E '"(vram_budget_bytes|decode_tps|hit_rate|expert_fraction)"'
       fi
       echo "vram total $(awk "BEGIN{print $(date +%s.%N) - $T0}") s"
+      ;;
+    split)
+      # The GPU layer split: dense8b under VRAM budgets too small for it (SPLIT_BUDGETS), next
+      # to the whole model on the GPU and on the CPU alone; and moe30b under a budget below
+      # its dense part (MOE_SPLIT_BUDGET), so that whole layers leave the GPU.
+      T0=$(date +%s.%N)
+      [ -f /tmp/dense8b.gguf ] || $BIN/flowgate synth --shape dense8b --out /tmp/dense8b.gguf 2>&1 | tail -n 1
+      gen=${SPLIT_GEN:-32}
+      {
+        pp=${SPLIT_PROMPT:-512}
+        echo "== dense8b whole on the GPU"
+        $BIN/flowgate bench decode /tmp/dense8b.gguf --device cuda --reps 1 --prompt $pp --gen $gen 2>&1 | grep -E "^(prefill|decode)"
+        for b in ${SPLIT_BUDGETS:-2GiB 3GiB 4GiB}; do
+          echo "== dense8b --vram-budget $b"
+          $BIN/flowgate bench decode /tmp/dense8b.gguf --device cuda --vram-budget $b \
+            --explain-placement --reps 1 --prompt $pp --gen $gen 2>&1 | grep -vE "^ *$|INFO" || rc=1
+        done
+        # The prompt's CPU layers on the CPU (no prefill offload), to compare.
+        echo "== dense8b --vram-budget 3GiB, FLOWGATE_PREFILL_OFFLOAD=0, pp64"
+        FLOWGATE_PREFILL_OFFLOAD=0 $BIN/flowgate bench decode /tmp/dense8b.gguf --device cuda --vram-budget 3GiB \
+          --reps 1 --prompt 64 --gen $gen 2>&1 | grep -E "^(prefill|decode)"
+        echo "== dense8b on the CPU"
+        $BIN/flowgate bench decode /tmp/dense8b.gguf --device cpu --reps 1 --prompt 64 --gen 16 2>&1 | grep -E "^(backend|prefill|decode)"
+      } 2>&1 | tee "$OUT/split_dense8b.txt"
+      [ -n "${KEEP:-}" ] || rm -f /tmp/dense8b.gguf
+      if [ -n "${MOE_SPLIT_BUDGET:-}" ]; then
+        [ -f /tmp/moe30b.gguf ] || $BIN/flowgate synth --shape moe30b --out /tmp/moe30b.gguf 2>&1 | tail -n 1
+        $BIN/flowgate bench decode /tmp/moe30b.gguf --device cuda --vram-budget $MOE_SPLIT_BUDGET \
+          --explain-placement --reps 1 --prompt 64 --gen $gen 2>&1 | grep -vE "^ *$" | tee "$OUT/split_moe30b.txt" || rc=1
+      fi
+      echo "split total $(awk "BEGIN{print $(date +%s.%N) - $T0}") s"
       ;;
     *) echo "unknown step $step"; rc=2 ;;
   esac

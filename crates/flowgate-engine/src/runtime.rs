@@ -76,6 +76,10 @@ pub struct Loaded<B: Backend = CpuBackend> {
     pub residency: Option<crate::residency::Residency>,
     /// The device expert tier when `--vram-budget` pages experts (its plan: [`Loaded::device_plan`]).
     pub pager: Option<Arc<ExpertPager>>,
+    /// Which layers run on the CPU when `--vram-budget` cannot hold the dense weights.
+    pub split: Option<crate::residency::LayerSplit>,
+    /// The CPU layers' weights, page-locked (a long prompt copies them to the device).
+    pub pinned: Option<crate::backend::cuda::PinnedArenas>,
 }
 
 impl<B: Backend> Loaded<B> {
@@ -183,11 +187,20 @@ pub fn load_on(path: &Path, opts: &LoadOptions, spec: DeviceSpec) -> Result<AnyL
 }
 
 /// Device memory kept free under `--vram-budget` for the KV cache (`ctx` positions, f32 keys
-/// and values) and activations: a 512-token prefill batch of every intermediate, twice (the
-/// activation pool keeps freed buffers for reuse), a 128 MiB prefill tile and the logits.
+/// and values) and activations ([`activation_reserve`]).
 pub fn device_reserve(spec: &flowgate_formats::ModelSpec, ctx: usize) -> u64 {
+    spec.n_layers as u64 * kv_layer_bytes(spec, ctx) + activation_reserve(spec)
+}
+
+/// One layer's KV cache of `ctx` positions (0: 4096), f32 keys and values.
+pub fn kv_layer_bytes(spec: &flowgate_formats::ModelSpec, ctx: usize) -> u64 {
     let ctx = if ctx == 0 { 4096 } else { ctx } as u64;
-    let kv = 2 * 4 * (spec.n_layers * spec.n_kv_heads * spec.head_dim) as u64 * ctx;
+    2 * 4 * (spec.n_kv_heads * spec.head_dim) as u64 * ctx
+}
+
+/// Activations under `--vram-budget`: a 512-token prefill batch of every intermediate, twice
+/// (the activation pool keeps freed buffers for reuse), a 128 MiB prefill tile and the logits.
+pub fn activation_reserve(spec: &flowgate_formats::ModelSpec) -> u64 {
     let (k, eff) = spec
         .moe
         .as_ref()
@@ -197,12 +210,13 @@ pub fn device_reserve(spec: &flowgate_formats::ModelSpec, ctx: usize) -> u64 {
         + 3 * spec.ffn.max(2 * k * eff)
         + 2 * k * spec.hidden;
     let act = 2 * 512 * 4 * per_token as u64;
-    kv + act + (128 << 20) + 8 * spec.vocab_size as u64
+    act + (128 << 20) + 8 * spec.vocab_size as u64
 }
 
 /// Loads on CUDA device `ordinal` with every device allocation charged to `budget` bytes. An
 /// MoE model that does not fit whole keeps its experts in page-locked host memory and pages
-/// them through a device cache of what the dense weights and [`device_reserve`] leave.
+/// them through a device cache of what the dense weights and [`device_reserve`] leave. A dense
+/// model that does not fit runs its leading layers on the CPU ([`crate::residency::LayerSplit`]).
 pub fn load_cuda_budget(
     path: &Path,
     opts: &LoadOptions,
@@ -217,25 +231,44 @@ pub fn load_cuda_budget(
     let total = file.catalog.total_bytes();
     if file.spec.moe.is_none() || (total + reserve <= budget && opts.expert_slots.is_none()) {
         if total + reserve > budget {
-            return Err(EngineError::Invalid(format!(
-                "--vram-budget {}: the weights take {} and the KV cache and activations {}; \
-                 a dense model is not paged (running dense layers on the CPU is not built)",
-                crate::residency::fmt_size(budget),
-                crate::residency::fmt_size(total),
-                crate::residency::fmt_size(reserve)
-            )));
+            let split =
+                crate::residency::LayerSplit::plan(&split_input(&file, opts.ctx, budget, false)?)?;
+            return load_layer_split(file, opts, backend, split);
         }
         return load_with(path, opts, backend);
     }
     let t0 = Instant::now();
     let (tokenizer, chat) = tokenizer_and_template(&file)?;
-    let (model, pager, residency) = match opts.ram_budget {
-        None => {
-            let (model, pager) = load_experts_pinned(&file, opts, backend, None)?;
+    let split = moe_layer_split(&file, opts, budget)?;
+    if let Some(s) = &split {
+        if !(s.n_host..s.n_layers).any(|l| file.spec.is_sparse_layer(l)) {
+            // No sparse layer left on the GPU: nothing to page.
+            let s = s.clone();
+            return load_layer_split(file, opts, backend, s);
+        }
+    }
+    let (model, pager, residency) = match (opts.ram_budget, &split) {
+        (None, _) => {
+            let n_host = split.as_ref().map_or(0, |s| s.n_host);
+            let (model, pager) = load_experts_pinned(&file, opts, backend, None, n_host)?;
             (model, pager, None)
         }
-        Some(ram) => load_three_tiers(&file, opts, backend, ram)?,
+        (Some(ram), None) => load_three_tiers(&file, opts, backend, ram)?,
+        (Some(_), Some(s)) => {
+            return Err(EngineError::Invalid(format!(
+                "--vram-budget {} cannot hold the dense weights of every layer, and running \
+                 {} of them on the CPU under --ram-budget is not supported: drop --ram-budget \
+                 (experts then stay in RAM) or raise --vram-budget",
+                crate::residency::fmt_size(budget),
+                s.n_host
+            )))
+        }
     };
+    // The KV cache of the CPU layers is in host RAM. (The split's `act_bytes` holds a margin
+    // for the slots' mapping in whole units on top of the activations: it is left to the slots.)
+    let reserve = split.as_ref().map_or(reserve, |s| {
+        s.kv_device_bytes + activation_reserve(&file.spec)
+    });
     let plan = pager.provision(&model.backend, reserve, opts.expert_slots)?;
     if let Some(m) = opts.cpu_experts {
         pager.set_cpu_experts(m)?;
@@ -254,6 +287,147 @@ pub fn load_cuda_budget(
         load_time: t0.elapsed(),
         residency,
         pager: Some(pager),
+        split,
+        pinned: None,
+    })
+}
+
+/// The GPU layer split of an MoE model whose experts are paged: `None` when the dense weights,
+/// one expert slot per sparse layer and [`device_reserve`] fit `budget` (no layer leaves the
+/// device), else the fewest leading layers, whole with their experts, to run on the CPU so
+/// that the rest fit with one slot each.
+fn moe_layer_split(
+    file: &ModelFile,
+    opts: &LoadOptions,
+    budget: u64,
+) -> Result<Option<crate::residency::LayerSplit>> {
+    use crate::residency::{layer_split, LayerSplit};
+    let mut split = LayerSplit::plan(&split_input(file, opts.ctx, budget, true)?)?;
+    if !split.is_split() {
+        return Ok(None);
+    }
+    // What the CPU layers really hold: their experts too.
+    let (whole, _, embd) = layer_split::layer_bytes(&file.spec, &file.catalog);
+    split.host_bytes = whole[..split.n_host].iter().sum::<u64>() + embd;
+    Ok(Some(split))
+}
+
+/// What [`LayerSplit::plan`](crate::residency::LayerSplit::plan) weighs for `file` under
+/// `budget` with a KV cache of `ctx` positions. `paged`: the model's experts are paged, so a
+/// sparse layer on the GPU holds its dense weights, one expert slot and its slot tables, and
+/// the slots' mapping in 2 MiB units (one unit per 64 MiB of slots, and one more) is counted.
+pub fn split_input(
+    file: &ModelFile,
+    ctx: usize,
+    budget: u64,
+    paged: bool,
+) -> Result<crate::residency::SplitInput> {
+    use crate::residency::{layer_split, ExpertLayout, SplitInput};
+    let spec = &file.spec;
+    let (mut layer_bytes, head_bytes, embd_bytes, act_bytes) = if paged {
+        let (l, h, e) = layer_split::dense_layer_bytes(spec, &file.catalog);
+        (l, h, e, activation_reserve(spec) + (3 << 20))
+    } else {
+        let (l, h, e) = layer_split::layer_bytes(spec, &file.catalog);
+        (l, h, e, activation_reserve(spec))
+    };
+    if paged {
+        let slot = ExpertLayout::new(spec, &file.catalog)?.slot_bytes;
+        let n_experts = spec.moe.as_ref().map_or(0, |m| m.n_experts) as u64;
+        for (l, b) in layer_bytes.iter_mut().enumerate() {
+            if spec.is_sparse_layer(l) {
+                *b += slot + 24 * n_experts + slot / 32;
+            }
+        }
+    }
+    Ok(SplitInput {
+        budget,
+        layer_bytes,
+        kv_layer_bytes: kv_layer_bytes(spec, ctx),
+        head_bytes,
+        embd_bytes,
+        act_bytes,
+        // A dense model's CPU layers run on the GPU for long prompts (sparse ones stay).
+        staging: !paged && spec.moe.is_none(),
+    })
+}
+
+/// Loads a GPU layer split with no expert paging (a dense model, or an MoE model whose sparse
+/// layers all run on the CPU): `split`'s leading layers on the CPU, from host RAM with their
+/// KV cache, the rest whole on the device.
+fn load_layer_split(
+    file: ModelFile,
+    opts: &LoadOptions,
+    backend: CudaBackend,
+    split: crate::residency::LayerSplit,
+) -> Result<Loaded<CudaBackend>> {
+    use crate::residency::Budget;
+    let t0 = Instant::now();
+    // Every weight passes through host RAM; the CPU layers' stay there.
+    let ram = opts.ram_budget.map(|b| Budget::new("RAM", b));
+    if let Some(r) = &ram {
+        r.charge(
+            file.catalog.total_bytes(),
+            "the weights on their way to the CPU and GPU layers",
+        )?;
+    }
+    let (tokenizer, chat) = tokenizer_and_template(&file)?;
+    // The CPU layers' tensors in arenas of their own (page-locked below), the GPU layers' in
+    // others that are freed once on the device.
+    let n_host = split.n_host;
+    let on_host = |t: &flowgate_formats::catalog::TensorInfo| {
+        t.name == flowgate_formats::catalog::names::TOKEN_EMBD
+            || crate::residency::layer_split::layer_of(&t.name).is_some_and(|l| l < n_host)
+    };
+    let threads = opts.loader_threads();
+    let mut tensors =
+        crate::weights::load_selected(&file.catalog, on_host, threads, opts.progress.clone())?;
+    let host_arenas: Vec<_> = tensors.values().map(|t| t.storage().clone()).collect();
+    let base: u64 = file
+        .catalog
+        .iter()
+        .filter(|t| on_host(t))
+        .map(|t| t.nbytes)
+        .sum();
+    let progress = opts.progress.clone().map(|p| {
+        let p: flowgate_io::Progress = Arc::new(move |done| p(base + done));
+        p
+    });
+    tensors.extend(crate::weights::load_selected(
+        &file.catalog,
+        |t| !on_host(t),
+        threads,
+        progress,
+    )?);
+    let pinned = crate::backend::cuda::PinnedArenas::pin(&backend, host_arenas)?;
+    let mut model = Model::with_layer_split(file.spec.clone(), backend, tensors, split.n_host)?;
+    // No room kept on the device for a CPU layer, or FLOWGATE_PREFILL_OFFLOAD=0 (to compare):
+    // prompts stay on the CPU.
+    if split.staging_bytes == 0
+        || std::env::var_os("FLOWGATE_PREFILL_OFFLOAD").is_some_and(|v| v == "0")
+    {
+        model.set_prefill_offload(None);
+    }
+    if let Some(r) = &ram {
+        r.release(file.catalog.total_bytes().saturating_sub(split.host_bytes));
+    }
+    tracing::info!(
+        cpu_layers = split.n_host,
+        gpu_layers = split.n_layers - split.n_host,
+        host_bytes = split.host_bytes,
+        device_bytes = split.device_bytes,
+        "GPU layer split under --vram-budget"
+    );
+    Ok(Loaded {
+        file,
+        model,
+        tokenizer,
+        chat,
+        load_time: t0.elapsed(),
+        residency: None,
+        pager: None,
+        split: Some(split),
+        pinned: Some(pinned),
     })
 }
 
@@ -264,6 +438,7 @@ fn load_experts_pinned(
     opts: &LoadOptions,
     backend: CudaBackend,
     ram: Option<&crate::residency::Budget>,
+    n_host: usize,
 ) -> Result<(Model<CudaBackend>, Arc<ExpertPager>)> {
     if let Some(b) = ram {
         b.charge(
@@ -277,9 +452,17 @@ fn load_experts_pinned(
         opts.loader_threads(),
         opts.progress.clone(),
     )?;
-    let pager = ExpertPager::new(&backend, &file.spec, &mut tensors, opts.cache_policy)?;
+    let pager = ExpertPager::new(
+        &backend,
+        &file.spec,
+        &mut tensors,
+        opts.cache_policy,
+        n_host,
+    )?;
     backend.set_expert_pager(pager.clone());
-    let model = Model::new(file.spec.clone(), backend, tensors)?;
+    let mut model = Model::with_layer_split(file.spec.clone(), backend, tensors, n_host)?;
+    // The split of a paged model keeps no room for a CPU layer: its prompts stay on the CPU.
+    model.set_prefill_offload(None);
     if let Some(b) = ram {
         // The dense weights' host copies are gone, now on the device.
         let experts = pager.experts_bytes();
@@ -319,7 +502,7 @@ fn load_three_tiers(
         policy: opts.cache_policy,
     };
     if plan.resident_all {
-        let (model, pager) = load_experts_pinned(file, opts, backend, Some(&budget))?;
+        let (model, pager) = load_experts_pinned(file, opts, backend, Some(&budget), 0)?;
         let res = crate::residency::Residency {
             plan,
             budget,
@@ -426,6 +609,8 @@ pub fn load_with<B: Backend>(path: &Path, opts: &LoadOptions, backend: B) -> Res
         load_time: t0.elapsed(),
         residency,
         pager: None,
+        split: None,
+        pinned: None,
     })
 }
 

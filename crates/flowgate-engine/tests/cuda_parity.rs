@@ -1647,3 +1647,119 @@ fn dirty_device_memory() {
     b.synchronize().unwrap();
     drop(bufs);
 }
+
+/// The GPU layer split: a model under a `--vram-budget` that holds only its last layers (with
+/// the output head, their KV cache and the activation reserve; for an MoE model, their dense
+/// weights and one expert slot each) runs the first ones on the CPU and matches the
+/// transformers reference as the whole model on the GPU does (relative error ≤ 1e-3, same
+/// greedy continuation), with the allocator's peak within the budget. The budget is made for
+/// one CPU layer, half of them, and all; the planner's pick is checked against it. A dense
+/// model's prompt runs its CPU layers on the GPU (copied in one at a time, in the room the plan
+/// keeps for that), its decode steps on the CPU: both are checked.
+#[test]
+fn layer_split_under_a_vram_budget_matches_transformers() {
+    if cuda().is_none() {
+        return;
+    }
+    let mut checked = 0;
+    for (name, gguf) in [
+        ("llama", "llama-f32"),
+        ("qwen3", ""),
+        ("qwen3_moe", "qwen3_moe-f32"),
+        ("mixtral", ""),
+    ] {
+        // The F32 GGUF files hold the HF fixtures' weights: one reference for both.
+        let dir = fixtures().join(name);
+        let r = reference_files(&dir.join("ref.json"), &dir.join("logits.f32"));
+        let path = if gguf.is_empty() {
+            dir
+        } else {
+            fixtures().join("gguf").join(format!("{gguf}.gguf"))
+        };
+        if !path.exists() {
+            continue;
+        }
+        let file = flowgate_formats::model::open(&path).unwrap();
+        let spec = &file.spec;
+        let ctx = 64;
+        // The planner's own weights (the CPU layers' bytes for a dense model; for an MoE
+        // model, whose experts are paged, dense weights and one slot per layer).
+        let input = runtime::split_input(&file, ctx, 0, spec.moe.is_some()).unwrap();
+        let (layers, head, embd, act) = (
+            input.layer_bytes.clone(),
+            input.head_bytes,
+            input.embd_bytes,
+            input.act_bytes,
+        );
+        let kv = input.kv_layer_bytes;
+        let n = spec.n_layers;
+        for want in [1, n / 2, n] {
+            // Room for layers `want..` exactly, and for a dense model one CPU layer more
+            // (a long prompt runs them on the GPU one at a time).
+            let staging = match input.staging {
+                true => layers[..want].iter().max().unwrap() + kv,
+                false => 0,
+            };
+            let budget = act + head + layers[want..].iter().map(|b| b + kv).sum::<u64>() + staging;
+            let opts = LoadOptions {
+                vram_budget: Some(budget),
+                ctx,
+                // The tiny MoE fixtures would fit whole in the activation reserve's margin:
+                // a cap on the slots makes them paged (and so split by the paging planner).
+                expert_slots: spec.moe.as_ref().map(|_| n),
+                ..Default::default()
+            };
+            let l = runtime::load_cuda_budget(&path, &opts, 0, budget)
+                .unwrap_or_else(|e| panic!("{name}, budget {budget}: {e}"));
+            let split = l
+                .split
+                .clone()
+                .unwrap_or_else(|| panic!("{name}, {want} layers: no layer split"));
+            assert_eq!(split.n_host, want, "{name}: {split:?}");
+            assert_eq!(l.model.n_host_layers(), want);
+            let (pre, dec, greedy) = run(&l.model, &r.tokens, r.greedy.len());
+            let (ep, ed) = (rel_err(&pre, &r.logits), rel_err(&dec, &r.logits));
+            let (_, peak) = l.model.backend.memory_in_use();
+            eprintln!(
+                "{name}, {want} of {n} layers on the CPU under {budget} bytes: prefill rel err \
+                 {ep:.2e}, decode {ed:.2e}, peak {peak}"
+            );
+            assert!(
+                ep <= 1e-3,
+                "{name} split {want}: prefill relative error {ep:.3e}"
+            );
+            assert!(
+                ed <= 1e-3,
+                "{name} split {want}: decode relative error {ed:.3e}"
+            );
+            assert_eq!(greedy, r.greedy, "{name} split {want}: greedy continuation");
+            assert!(
+                peak <= budget,
+                "{name}: peak {peak} over the budget {budget}"
+            );
+            assert!(split.explain().contains("GPU layer split"));
+            assert_eq!(split.staging_bytes, staging, "{name}");
+            // The fixtures' prompts are long enough for the prefill to run the CPU layers on
+            // the GPU (a dense model); decode ran them on the CPU.
+            assert!(r.tokens.len() >= flowgate_engine::models::PREFILL_OFFLOAD_MIN);
+            // The CPU layers hold all their weights in RAM, experts included.
+            let (whole, _, _) =
+                flowgate_engine::residency::layer_split::layer_bytes(spec, &file.catalog);
+            assert_eq!(
+                split.host_bytes,
+                whole[..want].iter().sum::<u64>() + embd,
+                "{name}"
+            );
+            match (&spec.moe, want < n) {
+                (Some(_), true) => {
+                    let plan = l.device_plan().expect("the GPU layers' experts are paged");
+                    assert!(plan.n_slots >= n - want, "{name}: {plan:?}");
+                }
+                // Every layer (sparse or not) on the CPU: nothing left to page.
+                _ => assert!(l.device_plan().is_none(), "{name}"),
+            }
+            checked += 1;
+        }
+    }
+    assert!(checked >= 6, "only {checked} splits were checked");
+}

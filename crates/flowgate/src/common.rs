@@ -118,13 +118,16 @@ impl ModelArgs {
 
 /// What `--explain-placement` prints: the residency plan, or why there is none.
 fn explain(l: &AnyLoaded) -> String {
-    let (plan, device, name) = flowgate_engine::with_loaded!(l, x => (
+    let (plan, device, split, name) = flowgate_engine::with_loaded!(l, x => (
         x.residency.as_ref().map(|r| (r.plan.explain(), r.budget.used(), r.budget.peak())),
         x.device_plan().map(|p| p.explain()),
+        x.split.as_ref().map(|s| s.explain()),
         x.model.backend_name()
     ));
-    if let Some(d) = device {
-        return format!("{d}  backend {name}\n");
+    if device.is_some() || split.is_some() {
+        // A split MoE model has both: which layers run where, then its expert cache.
+        let text: String = [split, device].into_iter().flatten().collect();
+        return format!("{text}  backend {name}\n");
     }
     match plan {
         Some((text, used, peak)) => format!(

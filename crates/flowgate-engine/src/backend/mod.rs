@@ -160,6 +160,9 @@ pub trait Backend: Send + Sync + Sized {
         n_tokens: usize,
         start_pos: usize,
     );
+    /// Keys and values of positions `start..start + n` (`n × n_kv_heads × head_dim` each) read
+    /// back to the host, after the work queued so far.
+    fn kv_read(&self, kv: &Self::Kv, start: usize, n: usize) -> Result<(Vec<f32>, Vec<f32>)>;
     /// Causal attention of `q` (`n_tokens × n_heads × head_dim`) over `kv`, into `out`.
     fn attention(&self, q: &Self::Buf, kv: &Self::Kv, p: AttnParams, out: &mut Self::Buf);
 

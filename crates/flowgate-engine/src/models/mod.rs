@@ -6,6 +6,13 @@
 //! expert). [`Model::forward`] runs a batch of tokens of one sequence through all layers, using
 //! and extending a [`KvCache`]: a prompt in one pass (prefill, matrix-matrix) or one token
 //! (decode).
+//!
+//! A model may be split across two devices ([`Model::with_layer_split`], `--vram-budget` too
+//! small for the dense weights): its leading layers, with the token embedding, run on the CPU
+//! backend from host RAM, and the hidden states go on to the model's backend for the rest.
+//! A long prompt instead runs those layers on the model's backend too, one at a time, their
+//! weights copied in for the pass ([`Model::set_prefill_offload`]): a prompt's matrix products
+//! are compute-bound, and the device does them far faster than the copy costs.
 
 pub mod llama;
 pub mod moe;
@@ -17,6 +24,7 @@ use std::sync::Arc;
 use flowgate_formats::catalog::names;
 use flowgate_formats::ModelSpec;
 
+use crate::backend::cpu::CpuBackend;
 use crate::backend::{Backend, StepGraph};
 use crate::error::{EngineError, Result};
 use crate::kv::KvCache;
@@ -47,14 +55,33 @@ pub(crate) struct Layer<B: Backend> {
     ffn: Ffn<B>,
 }
 
+/// The leading layers of a split model, on the CPU with the token embedding.
+struct HostLayers {
+    embd: <CpuBackend as Backend>::Weight,
+    layers: Vec<Layer<CpuBackend>>,
+    /// Each layer's tensors (views sharing the CPU weights' bytes), to build the layer on the
+    /// model's backend for a long prompt.
+    tensors: Vec<HashMap<String, HostTensor>>,
+    /// Prompts of at least this many tokens run these layers on the model's backend.
+    offload_min: Option<usize>,
+}
+
+/// Prompts from this many tokens run a split model's CPU layers on its backend (llama.cpp
+/// offloads a CPU layer's batch to the GPU from 32 tokens too).
+pub const PREFILL_OFFLOAD_MIN: usize = 32;
+
 /// A loaded model on backend `B`.
 pub struct Model<B: Backend> {
     pub spec: ModelSpec,
     pub backend: B,
-    embd: B::Weight,
+    /// The token embedding on `B` (`None` when only the CPU layers look it up).
+    embd: Option<B::Weight>,
     output: Option<B::Weight>,
     output_norm: B::Buf,
+    /// Layers `n_host..n_layers` (all of them unless split).
     layers: Vec<Layer<B>>,
+    /// Layers `0..n_host` on the CPU, when split.
+    host: Option<HostLayers>,
     inv_freq: Vec<f32>,
     routing: Routing,
 }
@@ -138,7 +165,34 @@ impl<B: Backend> Model<B> {
         tensors: HashMap<String, HostTensor>,
         experts: Option<Arc<HostExpertCache>>,
     ) -> Result<Self> {
+        Self::build(spec, backend, tensors, experts, 0)
+    }
+
+    /// Like [`Model::new`], with layers `0..n_host` and the token embedding on the CPU backend
+    /// (their weights stay in host RAM) and the rest on `backend`: the GPU layer split.
+    pub fn with_layer_split(
+        spec: ModelSpec,
+        backend: B,
+        tensors: HashMap<String, HostTensor>,
+        n_host: usize,
+    ) -> Result<Self> {
+        Self::build(spec, backend, tensors, None, n_host)
+    }
+
+    fn build(
+        spec: ModelSpec,
+        backend: B,
+        tensors: HashMap<String, HostTensor>,
+        experts: Option<Arc<HostExpertCache>>,
+        n_host: usize,
+    ) -> Result<Self> {
         spec.validate()?;
+        if n_host > spec.n_layers {
+            return Err(EngineError::Invalid(format!(
+                "{n_host} layers on the CPU, but the model has {}",
+                spec.n_layers
+            )));
+        }
         let mut src = TensorSource {
             map: tensors,
             experts,
@@ -157,25 +211,58 @@ impl<B: Backend> Model<B> {
             Some(t) => Some(matrix_from(b, t, s.vocab_size, s.hidden)?),
             None => None,
         };
-        let embd = matrix_from(b, embd_t, s.vocab_size, s.hidden)?;
-        let output_norm = src.vector(b, names::OUTPUT_NORM, s.hidden)?;
-        let mut layers = Vec::with_capacity(s.n_layers);
-        for l in 0..s.n_layers {
-            let attn_norm = src.vector(b, &names::blk(l, "attn_norm.weight"), s.hidden)?;
-            let attn = Attention::load(b, s, l, &mut src)?;
-            let ffn_norm = src.vector(b, &names::blk(l, "ffn_norm.weight"), s.hidden)?;
-            let ffn = if s.is_sparse_layer(l) {
-                Ffn::Moe(MoeFfn::load(b, s, l, &mut src)?)
-            } else {
-                Ffn::Dense(DenseFfn::load(b, s, l, &mut src, "")?)
+        let (embd, host) = if n_host == 0 {
+            (Some(matrix_from(b, embd_t, s.vocab_size, s.hidden)?), None)
+        } else {
+            // The CPU layers' tensors move to a source of their own.
+            let mut host_src = TensorSource {
+                map: HashMap::new(),
+                experts: None,
             };
-            layers.push(Layer {
-                attn_norm,
-                attn,
-                ffn_norm,
-                ffn,
-            });
-        }
+            let names: Vec<String> = src
+                .map
+                .keys()
+                .filter(|n| crate::residency::layer_split::layer_of(n).is_some_and(|l| l < n_host))
+                .cloned()
+                .collect();
+            for n in names {
+                if let Some(t) = src.map.remove(&n) {
+                    host_src.map.insert(n, t);
+                }
+            }
+            let c = &CpuBackend;
+            // Tied: the device keeps the embedding as its output projection too (the host view
+            // shares its bytes).
+            let embd = match output {
+                Some(_) => None,
+                None => Some(matrix_from(b, embd_t.clone(), s.vocab_size, s.hidden)?),
+            };
+            let host_embd = matrix_from(c, embd_t, s.vocab_size, s.hidden)?;
+            let mut tensors = vec![HashMap::new(); n_host];
+            for (name, t) in &host_src.map {
+                if let Some(l) = crate::residency::layer_split::layer_of(name) {
+                    tensors[l].insert(name.clone(), t.clone());
+                }
+            }
+            let layers = (0..n_host)
+                .map(|l| Layer::load(c, s, l, &mut host_src))
+                .collect::<Result<Vec<_>>>()?;
+            // Sparse layers stay on the CPU: copying every expert in for a prompt is not worth it.
+            let dense = layers.iter().all(|l| matches!(l.ffn, Ffn::Dense(_)));
+            (
+                embd,
+                Some(HostLayers {
+                    embd: host_embd,
+                    layers,
+                    tensors,
+                    offload_min: dense.then_some(PREFILL_OFFLOAD_MIN),
+                }),
+            )
+        };
+        let output_norm = src.vector(b, names::OUTPUT_NORM, s.hidden)?;
+        let layers = (n_host..s.n_layers)
+            .map(|l| Layer::load(b, s, l, &mut src))
+            .collect::<Result<Vec<_>>>()?;
         Ok(Model {
             spec,
             backend,
@@ -183,9 +270,26 @@ impl<B: Backend> Model<B> {
             output,
             output_norm,
             layers,
+            host,
             inv_freq,
             routing: Routing::Router,
         })
+    }
+
+    /// Layers that run on the CPU (the GPU layer split; 0 unless split).
+    pub fn n_host_layers(&self) -> usize {
+        self.host.as_ref().map_or(0, |h| h.layers.len())
+    }
+
+    /// A split model's prompts of at least `min_tokens` run its CPU layers on the backend, one
+    /// layer at a time (their weights and keys/values copied in, the new keys/values back);
+    /// `None`: never. The default is [`PREFILL_OFFLOAD_MIN`] when the CPU layers are dense.
+    /// The device must have room for one CPU layer and its KV cache (the split's plan keeps it).
+    pub fn set_prefill_offload(&mut self, min_tokens: Option<usize>) {
+        if let Some(h) = &mut self.host {
+            let dense = h.layers.iter().all(|l| matches!(l.ffn, Ffn::Dense(_)));
+            h.offload_min = min_tokens.filter(|_| dense);
+        }
     }
 
     /// Sets how MoE tokens pick experts ([`Routing::UniformRandom`] is a benchmarking aid).
@@ -200,9 +304,10 @@ impl<B: Backend> Model<B> {
 
     /// A KV cache for this model holding `capacity` positions.
     pub fn new_cache(&self, capacity: usize) -> Result<KvCache<B>> {
-        KvCache::new(
+        KvCache::split(
             &self.backend,
-            self.spec.n_layers,
+            self.n_host_layers(),
+            self.layers.len(),
             self.spec.n_kv_heads,
             self.spec.head_dim,
             capacity,
@@ -260,6 +365,7 @@ impl<B: Backend> Model<B> {
     /// sparse layer's experts on the device (no routes or logits read back mid-step).
     fn step_is_device_only(&self) -> bool {
         self.routing == Routing::Router
+            && self.host.is_none()
             && self.layers.iter().all(|l| match &l.ffn {
                 Ffn::Dense(_) => true,
                 Ffn::Moe(m) => m.decodes_on_device(),
@@ -296,72 +402,41 @@ impl<B: Backend> Model<B> {
         let b = &self.backend;
         let s = &self.spec;
         let n = tokens.len();
-        let start = cache.len();
-        let mut x = b.buf_zeros(n * s.hidden)?;
-        b.embed(&self.embd, tokens, &mut x)?;
+        let step = Step {
+            spec: s,
+            n,
+            start: cache.len(),
+            inv_freq: &self.inv_freq,
+            routing: self.routing,
+        };
+        let mut x = match (&self.host, &self.embd) {
+            (Some(host), _) => {
+                // The CPU layers first; their output goes on to the device.
+                let c = &CpuBackend;
+                let mut hx = c.buf_zeros(n * s.hidden)?;
+                c.embed(&host.embd, tokens, &mut hx)?;
+                if host.offload_min.is_some_and(|m| n >= m) {
+                    let mut x = b.buf_from(&hx)?;
+                    offload_host_layers(b, host, &mut cache.host, &mut x, &step)?;
+                    x
+                } else {
+                    run_layers(c, &host.layers, &mut cache.host, &mut hx, &step)?;
+                    b.buf_from(&hx)?
+                }
+            }
+            (None, Some(embd)) => {
+                let mut x = b.buf_zeros(n * s.hidden)?;
+                b.embed(embd, tokens, &mut x)?;
+                x
+            }
+            (None, None) => {
+                return Err(EngineError::Invalid(
+                    "the model has no token embedding on its device".into(),
+                ))
+            }
+        };
+        run_layers(b, &self.layers, &mut cache.layers, &mut x, &step)?;
         let mut h = b.buf_zeros(n * s.hidden)?;
-        let mut scratch = llama::Scratch::new(b, s, n)?;
-        // The last FFN output not yet added to the residual stream: it is added by the next
-        // layer's fused add + attention norm.
-        // (`Dense`: it is still in the scratch buffers.)
-        enum Pending<Buf> {
-            Nothing,
-            Dense,
-            Moe(Buf),
-        }
-        let mut pending = Pending::Nothing;
-        for (l, layer) in self.layers.iter().enumerate() {
-            let (norm, eps) = (&layer.attn_norm, s.rms_eps);
-            match std::mem::replace(&mut pending, Pending::Nothing) {
-                Pending::Nothing => b.rms_norm(&x, norm, s.hidden, eps, &mut h),
-                Pending::Dense => {
-                    b.add_rms_norm(&mut x, scratch.ffn_out(), norm, s.hidden, eps, &mut h)
-                }
-                Pending::Moe(y) => b.add_rms_norm(&mut x, &y, norm, s.hidden, eps, &mut h),
-            }
-            let attn_out = layer.attn.forward(
-                b,
-                s,
-                &h,
-                n,
-                start,
-                &mut cache.layers[l],
-                &self.inv_freq,
-                &mut scratch,
-            )?;
-            b.add_rms_norm(
-                &mut x,
-                attn_out,
-                &layer.ffn_norm,
-                s.hidden,
-                s.rms_eps,
-                &mut h,
-            );
-            match &layer.ffn {
-                Ffn::Dense(f) => {
-                    f.forward(b, &h, n, &mut scratch)?;
-                    pending = Pending::Dense;
-                }
-                Ffn::Moe(m) => {
-                    // The next sparse layer (dense ones may sit between), for prefetching.
-                    let next = self.layers[l + 1..].iter().find_map(|x| match &x.ffn {
-                        Ffn::Moe(nm) => Some(nm),
-                        Ffn::Dense(_) => None,
-                    });
-                    let step = moe::MoeStep {
-                        start,
-                        routing: self.routing,
-                        next,
-                    };
-                    pending = Pending::Moe(m.forward(b, s, &h, n, step)?);
-                }
-            }
-        }
-        match pending {
-            Pending::Nothing => {}
-            Pending::Dense => b.add(&mut x, scratch.ffn_out()),
-            Pending::Moe(y) => b.add(&mut x, &y),
-        }
         let (rows, last) = match which {
             Logits::All => (n, 0),
             Logits::Last => (1, n - 1),
@@ -373,8 +448,150 @@ impl<B: Backend> Model<B> {
         };
         b.rms_norm(&xs, &self.output_norm, s.hidden, s.rms_eps, &mut h);
         let mut logits = b.buf_zeros(rows * s.vocab_size)?;
-        let out_w = self.output.as_ref().unwrap_or(&self.embd);
+        let out_w = self.output.as_ref().or(self.embd.as_ref()).ok_or_else(|| {
+            EngineError::Invalid("the model has no output projection on its device".into())
+        })?;
         b.matmul(out_w, &h, rows, &mut logits);
         Ok(logits)
     }
+}
+
+impl<B: Backend> Layer<B> {
+    fn load(b: &B, s: &ModelSpec, l: usize, src: &mut TensorSource) -> Result<Self> {
+        let attn_norm = src.vector(b, &names::blk(l, "attn_norm.weight"), s.hidden)?;
+        let attn = Attention::load(b, s, l, src)?;
+        let ffn_norm = src.vector(b, &names::blk(l, "ffn_norm.weight"), s.hidden)?;
+        let ffn = if s.is_sparse_layer(l) {
+            Ffn::Moe(MoeFfn::load(b, s, l, src)?)
+        } else {
+            Ffn::Dense(DenseFfn::load(b, s, l, src, "")?)
+        };
+        Ok(Layer {
+            attn_norm,
+            attn,
+            ffn_norm,
+            ffn,
+        })
+    }
+}
+
+/// Runs a split model's CPU layers on `b` for one prompt: each layer's weights are copied in
+/// and its keys and values of the positions before the prompt, the layer runs, and the
+/// prompt's keys and values go back to the layer's host cache; the device copy is then freed
+/// before the next layer's is made (so one layer's room is all it takes).
+fn offload_host_layers<B: Backend>(
+    b: &B,
+    host: &HostLayers,
+    kv: &mut [<CpuBackend as Backend>::Kv],
+    x: &mut B::Buf,
+    p: &Step<'_>,
+) -> Result<()> {
+    let s = p.spec;
+    if kv.len() != host.layers.len() {
+        return Err(EngineError::Invalid(format!(
+            "a KV cache of {} CPU layers for {} (made for another model?)",
+            kv.len(),
+            host.layers.len()
+        )));
+    }
+    let c = &CpuBackend;
+    for (l, host_kv) in kv.iter_mut().enumerate() {
+        let mut src = TensorSource {
+            map: host.tensors[l].clone(),
+            experts: None,
+        };
+        let layer = Layer::load(b, s, l, &mut src)?;
+        let mut dkv = b.kv_alloc(s.n_kv_heads, s.head_dim, p.start + p.n)?;
+        if p.start > 0 {
+            let (k, v) = c.kv_read(host_kv, 0, p.start)?;
+            b.kv_write(&mut dkv, &b.buf_from(&k)?, &b.buf_from(&v)?, p.start, 0);
+        }
+        run_layers(
+            b,
+            std::slice::from_ref(&layer),
+            std::slice::from_mut(&mut dkv),
+            x,
+            p,
+        )?;
+        let (k, v) = b.kv_read(&dkv, p.start, p.n)?;
+        c.kv_write(host_kv, &k, &v, p.n, p.start);
+    }
+    Ok(())
+}
+
+/// What every layer of one forward step shares.
+struct Step<'a> {
+    spec: &'a ModelSpec,
+    n: usize,
+    /// Position of the first token.
+    start: usize,
+    inv_freq: &'a [f32],
+    routing: Routing,
+}
+
+/// Runs the residual stream `x` (`n` rows) through `layers` on `b`, with their KV caches
+/// `kv` (one per layer), and leaves every layer's output added to `x`.
+fn run_layers<B: Backend>(
+    b: &B,
+    layers: &[Layer<B>],
+    kv: &mut [B::Kv],
+    x: &mut B::Buf,
+    p: &Step<'_>,
+) -> Result<()> {
+    let (s, n, start) = (p.spec, p.n, p.start);
+    if kv.len() != layers.len() {
+        return Err(EngineError::Invalid(format!(
+            "a KV cache of {} layers for {} layers (made for another model?)",
+            kv.len(),
+            layers.len()
+        )));
+    }
+    let mut h = b.buf_zeros(n * s.hidden)?;
+    let mut scratch = llama::Scratch::new(b, s, n)?;
+    // The last FFN output not yet added to the residual stream: it is added by the next
+    // layer's fused add + attention norm.
+    // (`Dense`: it is still in the scratch buffers.)
+    enum Pending<Buf> {
+        Nothing,
+        Dense,
+        Moe(Buf),
+    }
+    let mut pending = Pending::Nothing;
+    for (l, (layer, kv)) in layers.iter().zip(kv.iter_mut()).enumerate() {
+        let (norm, eps) = (&layer.attn_norm, s.rms_eps);
+        match std::mem::replace(&mut pending, Pending::Nothing) {
+            Pending::Nothing => b.rms_norm(x, norm, s.hidden, eps, &mut h),
+            Pending::Dense => b.add_rms_norm(x, scratch.ffn_out(), norm, s.hidden, eps, &mut h),
+            Pending::Moe(y) => b.add_rms_norm(x, &y, norm, s.hidden, eps, &mut h),
+        }
+        let attn_out = layer
+            .attn
+            .forward(b, s, &h, n, start, kv, p.inv_freq, &mut scratch)?;
+        b.add_rms_norm(x, attn_out, &layer.ffn_norm, s.hidden, s.rms_eps, &mut h);
+        match &layer.ffn {
+            Ffn::Dense(f) => {
+                f.forward(b, &h, n, &mut scratch)?;
+                pending = Pending::Dense;
+            }
+            Ffn::Moe(m) => {
+                // The next sparse layer (dense ones may sit between), for prefetching.
+                let next = layers[l + 1..].iter().find_map(|x| match &x.ffn {
+                    Ffn::Moe(nm) => Some(nm),
+                    Ffn::Dense(_) => None,
+                });
+                let step = moe::MoeStep {
+                    start,
+                    routing: p.routing,
+                    next,
+                };
+                pending = Pending::Moe(m.forward(b, s, &h, n, step)?);
+            }
+        }
+    }
+    match pending {
+        Pending::Nothing => {}
+        Pending::Dense => b.add(x, scratch.ffn_out()),
+        Pending::Moe(y) => b.add(x, &y),
+    }
+    Ok(())
 }

@@ -270,7 +270,7 @@ impl DevicePlan {
             return Err(EngineError::Invalid(format!(
                 "--vram-budget {} is too small: the dense weights take {}, the KV cache and \
                  activations {} and one expert slot per sparse layer {} × {} (at least {} in \
-                 all; partial offload of dense layers to the CPU is not built)",
+                 all)",
                 fmt_size(budget),
                 fmt_size(dense_bytes),
                 fmt_size(reserve_bytes),

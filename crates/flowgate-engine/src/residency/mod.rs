@@ -11,6 +11,8 @@
 //!   copies are the backend's (`backend::cuda::paging`). With both budgets there are three
 //!   tiers: the device cache over a [`HostExpertCache`] (its slots page-locked,
 //!   `backend::cuda::pinned_tier`) over the model file.
+//! - [`layer_split`] — [`LayerSplit`]: a `--vram-budget` too small for the dense weights runs
+//!   the leading layers on the CPU (the GPU layer split).
 //!
 //! [`load_host`] puts it together for the CPU backend: it loads the dense tensors and, if the
 //! budget cannot hold every expert, builds the cache the MoE layers page through
@@ -20,6 +22,7 @@
 pub mod budget;
 pub mod device_tier;
 pub mod host_tier;
+pub mod layer_split;
 pub mod plan;
 pub mod policy;
 
@@ -31,6 +34,7 @@ use flowgate_formats::model::ModelFile;
 pub use budget::{fmt_size, parse_size, Budget};
 pub use device_tier::{Assigned, DevicePlan, RamCachePlan, SlotMap};
 pub use host_tier::{CacheStats, ExpertLayout, HostExpertCache, Lease};
+pub use layer_split::{LayerSplit, SplitInput};
 pub use plan::HostPlan;
 pub use policy::{Policy, PolicyKind};
 

@@ -285,6 +285,9 @@ fn decode_on<B: Backend>(
     // only the chosen fraction of the experts.
     let cat = &loaded.file.catalog;
     let mut per_token = 0f64;
+    // Of which the CPU layers of a GPU layer split read.
+    let n_host = loaded.split.as_ref().map_or(0, |sp| sp.n_host);
+    let mut per_token_host = 0f64;
     for t in cat.iter() {
         if t.name == "token_embd.weight" && cat.get("output.weight").is_some() {
             continue;
@@ -295,9 +298,23 @@ fn decode_on<B: Backend>(
             _ => 1.0,
         };
         per_token += t.nbytes as f64 * frac;
+        if flowgate_engine::residency::layer_split::layer_of(&t.name).is_some_and(|l| l < n_host) {
+            per_token_host += t.nbytes as f64 * frac;
+        }
     }
     let achieved = per_token * tg / 1e9;
     let (ceiling, ceiling_what) = ceiling()?;
+    // A dense model split between CPU and GPU: the bound is both parts' reads in turn, the
+    // CPU's at the host memory bandwidth measured now.
+    let split = match (&loaded.split, &s.moe) {
+        (Some(sp), None) if sp.is_split() => {
+            let host_gbps = memory_read_gbps();
+            let t =
+                per_token_host / (host_gbps * 1e9) + (per_token - per_token_host) / (ceiling * 1e9);
+            Some((sp, host_gbps, 1.0 / t))
+        }
+        _ => None,
+    };
     let anchor = anchor(s, gpu);
     // llama.cpp measured now, on the same file, after flowgate (its mmap then finds the file
     // wherever flowgate's load left it: flowgate reads uncached ranges with O_DIRECT, so
@@ -323,6 +340,13 @@ fn decode_on<B: Backend>(
             "memory_read_gbps": ceiling, "memory_read_what": ceiling_what,
             "fraction_of_memory_bw": achieved / ceiling,
         });
+        if let Some((sp, host_gbps, bound)) = split {
+            j["layer_split"] = serde_json::json!({
+                "cpu_layers": sp.n_host, "gpu_layers": sp.n_layers - sp.n_host,
+                "cpu_bytes_per_token": per_token_host, "host_read_gbps": host_gbps,
+                "bound_tps": bound, "fraction_of_bound": tg / bound,
+            });
+        }
         if let Some((name, app, atg)) = anchor {
             let source = if gpu {
                 "ANCHORS.md (llama.cpp CUDA on the H100, all layers on the GPU, pp512/tg128; recorded, not this run)"
@@ -360,6 +384,15 @@ fn decode_on<B: Backend>(
         100.0 * achieved / ceiling,
         ceiling
     );
+    if let Some((sp, host_gbps, bound)) = split {
+        outln!(
+            "GPU layer split: layers 0-{} of {} on the CPU read {:.1} MiB per token ({host_gbps:.1} GB/s host read, measured now), the rest on the GPU: bound {bound:.1} tok/s, decode is {:.0}% of it",
+            sp.n_host - 1,
+            sp.n_layers,
+            per_token_host / (1u64 << 20) as f64,
+            100.0 * tg / bound
+        );
+    }
     if let Some((name, app, atg)) = anchor {
         let (what, p, g) = if gpu {
             ("the H100, all layers on the GPU", "pp512", "tg128")

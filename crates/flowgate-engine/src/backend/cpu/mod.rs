@@ -251,6 +251,19 @@ impl Backend for CpuBackend {
         kv.v[start_pos * w..(start_pos + n_tokens) * w].copy_from_slice(&v[..n_tokens * w]);
     }
 
+    fn kv_read(&self, kv: &CpuKv, start: usize, n: usize) -> Result<(Vec<f32>, Vec<f32>)> {
+        let w = kv.width;
+        if start + n > kv.capacity {
+            return Err(EngineError::Invalid(format!(
+                "kv_read: positions {start}..{} of a cache of {}",
+                start + n,
+                kv.capacity
+            )));
+        }
+        let r = start * w..(start + n) * w;
+        Ok((kv.k[r.clone()].to_vec(), kv.v[r].to_vec()))
+    }
+
     fn attention(&self, q: &Vec<f32>, kv: &CpuKv, p: AttnParams, out: &mut Vec<f32>) {
         let hd = p.head_dim;
         let qw = p.n_heads * hd;

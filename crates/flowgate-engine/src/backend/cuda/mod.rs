@@ -78,6 +78,7 @@ mod layer_timeline;
 mod paging;
 mod pinned_tier;
 pub use paging::{CpuExperts, ExpertPager, PagedLayer};
+pub use pinned_tier::PinnedArenas;
 
 const COMMON_CUH: &str = include_str!("kernels/common.cuh");
 const QUANT_CUH: &str = include_str!("kernels/quant.cuh");
@@ -2155,6 +2156,22 @@ impl Backend for CudaBackend {
         let off = (start_pos * w * 4) as u64;
         self.copy_dtod(kv.k.ptr() + off, k.ptr(), n * 4);
         self.copy_dtod(kv.v.ptr() + off, v.ptr(), n * 4);
+    }
+
+    fn kv_read(&self, kv: &CudaKv, start: usize, n: usize) -> Result<(Vec<f32>, Vec<f32>)> {
+        let w = kv.width;
+        if start + n > kv.capacity {
+            return Err(EngineError::Invalid(format!(
+                "kv_read: positions {start}..{} of a cache of {}",
+                start + n,
+                kv.capacity
+            )));
+        }
+        let off = (start * w * 4) as u64;
+        let k = self.read_floats(kv.k.ptr() + off, n * w);
+        let v = self.read_floats(kv.v.ptr() + off, n * w);
+        self.check()?;
+        Ok((k, v))
     }
 
     fn attention(&self, q: &CudaBuf, kv: &CudaKv, p: AttnParams, out: &mut CudaBuf) {

@@ -588,14 +588,16 @@ fn moe_of(spec: &ModelSpec) -> Result<&flowgate_formats::MoeSpec> {
 }
 
 impl ExpertPager {
-    /// Takes every expert tensor out of `tensors` (they stay in host memory, page-locked in
-    /// place) and prepares the tier; slots come with [`ExpertPager::provision`], once the
-    /// dense weights are on the device.
+    /// Takes the expert tensors of layers `first_layer..` out of `tensors` (they stay in host
+    /// memory, page-locked in place) and prepares the tier; slots come with
+    /// [`ExpertPager::provision`], once the dense weights are on the device. Layers before
+    /// `first_layer` run on the CPU (the GPU layer split) and keep their experts in `tensors`.
     pub fn new(
         backend: &CudaBackend,
         spec: &ModelSpec,
         tensors: &mut HashMap<String, HostTensor>,
         policy: PolicyKind,
+        first_layer: usize,
     ) -> Result<Arc<ExpertPager>> {
         let m = moe_of(spec)?;
         let n = m.n_experts;
@@ -603,7 +605,7 @@ impl ExpertPager {
         let mut cpu: Vec<Option<[CpuWeight; 3]>> = (0..spec.n_layers * n).map(|_| None).collect();
         let mut arenas: Vec<Arc<AlignedBuf>> = Vec::new();
         let mut experts = ExpertsSeen::new(m.expert_ffn, spec.hidden);
-        for l in (0..spec.n_layers).filter(|&l| spec.is_sparse_layer(l)) {
+        for l in (first_layer..spec.n_layers).filter(|&l| spec.is_sparse_layer(l)) {
             for e in 0..n {
                 let mut parts: Vec<HostTensor> = Vec::with_capacity(3);
                 for (i, stem) in ["ffn_gate", "ffn_up", "ffn_down"].into_iter().enumerate() {
@@ -640,7 +642,10 @@ impl ExpertPager {
             }
         }
         // The views above hold the arenas; the tensors themselves leave the map.
-        tensors.retain(|name, _| !crate::residency::ExpertLayout::is_expert_tensor(name));
+        tensors.retain(|name, _| {
+            !crate::residency::ExpertLayout::is_expert_tensor(name)
+                || crate::residency::layer_split::layer_of(name).is_some_and(|l| l < first_layer)
+        });
         let mut pins = Vec::with_capacity(arenas.len());
         for a in &arenas {
             // SAFETY: the arena is kept alive (and never moves: it is a mapping) by the tier's
@@ -650,7 +655,7 @@ impl ExpertPager {
             pins.push(pin);
         }
         let tier = PinnedTier::Resident(Resident::new(host, cpu, pins, arenas));
-        Self::build(backend, spec, experts, Some(tier), policy)
+        Self::build(backend, spec, experts, Some(tier), policy, first_layer)
     }
 
     /// The tier over a RAM cache of experts (`--ram-budget` under `--vram-budget`): misses in
@@ -680,7 +685,7 @@ impl ExpertPager {
                 )?;
             }
         }
-        Self::build(backend, spec, experts, None, policy)
+        Self::build(backend, spec, experts, None, policy, 0)
     }
 
     /// Bytes of all experts of the model.
@@ -723,14 +728,16 @@ impl ExpertPager {
         experts: ExpertsSeen,
         host: Option<PinnedTier>,
         policy: PolicyKind,
+        first_layer: usize,
     ) -> Result<Arc<ExpertPager>> {
         let m = moe_of(spec)?;
         let shape = experts
             .shape
             .ok_or_else(|| EngineError::Invalid("the model has no sparse layer".into()))?;
         let (n_total, host_bytes) = (experts.n, experts.bytes);
+        // Paged: the sparse layers on the device.
         let sparse: Vec<bool> = (0..spec.n_layers)
-            .map(|l| spec.is_sparse_layer(l))
+            .map(|l| l >= first_layer && spec.is_sparse_layer(l))
             .collect();
         // ids and weights (k each), then the token's hidden vector.
         let ids_back =
@@ -811,10 +818,16 @@ impl ExpertPager {
         }
         // Chunks of whole granularity units, each holding `per_chunk` slots; as many as the
         // budget allows once rounded (never more than the plan's slots need).
-        let per_chunk = (CHUNK_TARGET / slot).clamp(1, plan.n_slots.max(1));
+        let mut per_chunk = (CHUNK_TARGET / slot).clamp(1, plan.n_slots.max(1));
         let gran = VmmArena::info(&backend.device).map_err(cuda_err)?.minimum;
-        let chunk = (per_chunk * slot).div_ceil(gran) * gran;
-        let room = budget.available().saturating_sub(reserve) / chunk as u64;
+        let avail = budget.available().saturating_sub(reserve);
+        let mut chunk = (per_chunk * slot).div_ceil(gran) * gran;
+        if avail < chunk as u64 {
+            // Not one whole chunk once rounded up: one chunk of the slots whole units hold.
+            per_chunk = ((avail / gran as u64) as usize * gran / slot).max(1);
+            chunk = (per_chunk * slot).div_ceil(gran) * gran;
+        }
+        let room = avail / chunk as u64;
         let n_chunks = plan.n_slots.div_ceil(per_chunk).min(room as usize);
         let n_slots = (n_chunks * per_chunk).min(plan.n_slots);
         if n_chunks == 0 || n_slots < n_sparse {

@@ -39,6 +39,44 @@ pub(super) enum PinnedTier {
     Cached(Cached),
 }
 
+/// Loader arenas page-locked in place for as long as this lives: the GPU layer split's CPU
+/// layers, whose weights a long prompt copies to the device (by DMA at the link's rate, where
+/// pageable memory goes through the driver's staging at a fraction of it).
+pub struct PinnedArenas {
+    // Dropped in this order: unpin, then release the arenas.
+    _pins: Vec<HostPin>,
+    arenas: Vec<Arc<AlignedBuf>>,
+}
+
+impl PinnedArenas {
+    /// Page-locks each distinct arena of `arenas` (by address).
+    pub fn pin(backend: &super::CudaBackend, arenas: Vec<Arc<AlignedBuf>>) -> Result<PinnedArenas> {
+        let mut distinct: Vec<Arc<AlignedBuf>> = Vec::new();
+        for a in arenas {
+            if !distinct.iter().any(|d| Arc::ptr_eq(d, &a)) {
+                distinct.push(a);
+            }
+        }
+        let mut pins = Vec::with_capacity(distinct.len());
+        for a in distinct.iter().filter(|a| !a.is_empty()) {
+            // SAFETY: the arena is kept alive (and never moves: it is a mapping) by `arenas`,
+            // which is dropped after `pins`; each distinct arena is registered once.
+            let pin = unsafe { HostPin::new(&backend.device, a.as_ptr().cast_mut(), a.len()) }
+                .map_err(cuda_err)?;
+            pins.push(pin);
+        }
+        Ok(PinnedArenas {
+            _pins: pins,
+            arenas: distinct,
+        })
+    }
+
+    /// Bytes page-locked.
+    pub fn bytes(&self) -> u64 {
+        self.arenas.iter().map(|a| a.len() as u64).sum()
+    }
+}
+
 /// Every expert in page-locked host memory.
 pub(super) struct Resident {
     /// Per key (`layer * n_experts + expert`): host addresses of gate, up, down.
