@@ -1762,4 +1762,39 @@ fn layer_split_under_a_vram_budget_matches_transformers() {
         }
     }
     assert!(checked >= 6, "only {checked} splits were checked");
+    // Bad budgets are one clear error each: below the output head and activations; an MoE
+    // split under --ram-budget (not supported).
+    let path = fixtures().join("gguf/llama-f32.gguf");
+    let tiny = LoadOptions {
+        vram_budget: Some(1 << 20),
+        ctx: 64,
+        ..Default::default()
+    };
+    let e = runtime::load_cuda_budget(&path, &tiny, 0, 1 << 20)
+        .err()
+        .expect("a 1 MiB budget must be refused")
+        .to_string();
+    assert!(
+        e.contains("--device cpu") && e.contains("output head"),
+        "{e}"
+    );
+    let path = fixtures().join("gguf/qwen3_moe-f32.gguf");
+    let file = flowgate_formats::model::open(&path).unwrap();
+    let input = runtime::split_input(&file, 64, 0, true).unwrap();
+    let budget = input.act_bytes
+        + input.head_bytes
+        + input.layer_bytes[1..].iter().sum::<u64>()
+        + (file.spec.n_layers as u64 - 1) * input.kv_layer_bytes;
+    let both = LoadOptions {
+        vram_budget: Some(budget),
+        ram_budget: Some(1 << 30),
+        expert_slots: Some(file.spec.n_layers),
+        ctx: 64,
+        ..Default::default()
+    };
+    let e = runtime::load_cuda_budget(&path, &both, 0, budget)
+        .err()
+        .expect("an MoE split under --ram-budget must be refused")
+        .to_string();
+    assert!(e.contains("--ram-budget"), "{e}");
 }

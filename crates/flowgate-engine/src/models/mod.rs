@@ -495,7 +495,11 @@ fn offload_host_layers<B: Backend>(
         )));
     }
     let c = &CpuBackend;
+    // Where the pass's time goes (`--log debug`): weights in, the layer's work and its keys
+    // and values back (the read waits for the work), and freeing.
+    let (mut t_load, mut t_run, mut t_free) = (0f64, 0f64, 0f64);
     for (l, host_kv) in kv.iter_mut().enumerate() {
+        let t0 = std::time::Instant::now();
         let mut src = TensorSource {
             map: host.tensors[l].clone(),
             experts: None,
@@ -506,6 +510,7 @@ fn offload_host_layers<B: Backend>(
             let (k, v) = c.kv_read(host_kv, 0, p.start)?;
             b.kv_write(&mut dkv, &b.buf_from(&k)?, &b.buf_from(&v)?, p.start, 0);
         }
+        let t1 = std::time::Instant::now();
         run_layers(
             b,
             std::slice::from_ref(&layer),
@@ -515,7 +520,21 @@ fn offload_host_layers<B: Backend>(
         )?;
         let (k, v) = b.kv_read(&dkv, p.start, p.n)?;
         c.kv_write(host_kv, &k, &v, p.n, p.start);
+        let t2 = std::time::Instant::now();
+        drop(layer);
+        drop(dkv);
+        t_load += (t1 - t0).as_secs_f64();
+        t_run += (t2 - t1).as_secs_f64();
+        t_free += t2.elapsed().as_secs_f64();
     }
+    tracing::debug!(
+        layers = kv.len(),
+        tokens = p.n,
+        load_ms = 1e3 * t_load,
+        run_ms = 1e3 * t_run,
+        free_ms = 1e3 * t_free,
+        "CPU layers run on the device for a prompt"
+    );
     Ok(())
 }
 
