@@ -5,7 +5,10 @@
 //! Both halves run on the CPU backend here (CI has no GPU), so any difference would come from
 //! the split itself: layers taken out of order, a KV cache of the wrong layer, the residual
 //! stream not handed over whole, the embedding or output head lost. The CUDA half is checked
-//! on a GPU by `cuda_parity.rs` (`layer_split_under_a_vram_budget_matches_cpu`).
+//! on a GPU by `cuda_parity.rs` (`layer_split_under_a_vram_budget_matches_transformers`).
+
+#[path = "model_common/mod.rs"]
+mod model_common;
 
 use std::path::{Path, PathBuf};
 
@@ -13,21 +16,7 @@ use flowgate_engine::backend::cpu::CpuBackend;
 use flowgate_engine::models::{Logits, Model};
 use flowgate_engine::residency::layer_split::{layer_bytes, LayerSplit};
 use flowgate_engine::residency::SplitInput;
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
-
-fn tokens(json: &Path) -> Vec<u32> {
-    let j: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap();
-    j["tokens"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_u64().unwrap() as u32)
-        .collect()
-}
+use model_common::{assert_same, fixtures, prefill_and_decode, tokens};
 
 /// (model path, reference json with the prompt tokens)
 fn all_fixtures() -> Vec<(PathBuf, PathBuf)> {
@@ -61,28 +50,6 @@ fn load(path: &Path, n_host: Option<usize>) -> Model<CpuBackend> {
         None => Model::new(file.spec.clone(), CpuBackend, tensors).unwrap(),
         Some(k) => Model::with_layer_split(file.spec.clone(), CpuBackend, tensors, k).unwrap(),
     }
-}
-
-fn prefill_and_decode(m: &Model<CpuBackend>, toks: &[u32]) -> (Vec<f32>, Vec<f32>) {
-    let mut c = m.new_cache(toks.len()).unwrap();
-    let pre = m.forward(toks, &mut c, Logits::All).unwrap();
-    assert_eq!(c.len(), toks.len());
-    let mut c = m.new_cache(toks.len()).unwrap();
-    let mut dec = Vec::new();
-    for t in toks {
-        dec.extend(m.forward(&[*t], &mut c, Logits::All).unwrap());
-    }
-    (pre, dec)
-}
-
-fn assert_same(a: &[f32], b: &[f32], what: &str) {
-    assert_eq!(a.len(), b.len(), "{what}: lengths");
-    let diff = a
-        .iter()
-        .zip(b)
-        .filter(|(x, y)| x.to_bits() != y.to_bits())
-        .count();
-    assert_eq!(diff, 0, "{what}: {diff} of {} logits differ", a.len());
 }
 
 #[test]

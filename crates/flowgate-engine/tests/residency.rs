@@ -4,27 +4,16 @@
 //! paged runs must really page (misses, evictions, bytes read) and stay within the budget by the
 //! budget's own accounting.
 
-use std::path::{Path, PathBuf};
+#[path = "model_common/mod.rs"]
+mod model_common;
+
+use std::path::PathBuf;
 
 use flowgate_engine::backend::cpu::CpuBackend;
-use flowgate_engine::models::{Logits, Model};
+use flowgate_engine::models::Model;
 use flowgate_engine::residency::{self, HostPlan, PolicyKind};
 use flowgate_engine::runtime::{self, LoadOptions};
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
-
-fn tokens(json: &Path) -> Vec<u32> {
-    let j: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap();
-    j["tokens"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_u64().unwrap() as u32)
-        .collect()
-}
+use model_common::{assert_same, fixtures, prefill_and_decode, tokens};
 
 /// (model path, reference json with the prompt tokens)
 fn moe_fixtures() -> Vec<(PathBuf, PathBuf)> {
@@ -40,35 +29,6 @@ fn moe_fixtures() -> Vec<(PathBuf, PathBuf)> {
         ));
     }
     v
-}
-
-fn prefill_and_decode(m: &Model<CpuBackend>, toks: &[u32]) -> (Vec<f32>, Vec<f32>) {
-    let mut c = m.new_cache(toks.len()).unwrap();
-    let pre = m.forward(toks, &mut c, Logits::All).unwrap();
-    let mut c = m.new_cache(toks.len()).unwrap();
-    let mut dec = Vec::new();
-    for t in toks {
-        dec.extend(m.forward(&[*t], &mut c, Logits::All).unwrap());
-    }
-    (pre, dec)
-}
-
-fn assert_same(a: &[f32], b: &[f32], what: &str) {
-    assert_eq!(a.len(), b.len(), "{what}: lengths");
-    let diff = a
-        .iter()
-        .zip(b)
-        .filter(|(x, y)| x.to_bits() != y.to_bits())
-        .count();
-    let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
-    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
-    assert_eq!(
-        diff,
-        0,
-        "{what}: {diff} of {} logits differ (relative error {:.2e})",
-        a.len(),
-        (num / den).sqrt()
-    );
 }
 
 #[test]
