@@ -314,8 +314,9 @@ fn moe_layer_split(
 
 /// What [`LayerSplit::plan`](crate::residency::LayerSplit::plan) weighs for `file` under
 /// `budget` with a KV cache of `ctx` positions. `paged`: the model's experts are paged, so a
-/// sparse layer on the GPU holds its dense weights, one expert slot and its slot tables, and
-/// the slots' mapping in 2 MiB units (one unit per 64 MiB of slots, and one more) is counted.
+/// sparse layer on the GPU holds its dense weights, one expert slot and its slot tables; the
+/// slots are mapped in chunks of 2 MiB units (a chunk per 64 MiB of slots), so each slot counts
+/// a 32nd more and the activations 3 MiB more (one unit of rounding, with room to spare).
 pub fn split_input(
     file: &ModelFile,
     ctx: usize,
