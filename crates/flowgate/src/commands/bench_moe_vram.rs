@@ -56,6 +56,9 @@ impl RamTier {
 
 struct VramRun {
     budget: u64,
+    /// Leading layers run whole on the CPU (the GPU layer split: the budget does not hold the
+    /// dense part); slots, cached fraction and hit rate are then the GPU layers'.
+    cpu_layers: usize,
     ram: Option<RamTier>,
     cpu_mode: CpuExperts,
     cpu_per_token: f64,
@@ -222,6 +225,7 @@ pub fn moe_vram(a: &MoeArgs, file: &ModelFile) -> Result<()> {
                 .unwrap_or(0);
             runs.push(VramRun {
                 budget,
+                cpu_layers: l.model.n_host_layers(),
                 ram,
                 cpu_mode: mode,
                 cpu_per_token: cpu_n,
@@ -262,6 +266,7 @@ pub fn moe_vram(a: &MoeArgs, file: &ModelFile) -> Result<()> {
             "n_experts": layout.n_paged(),
             "runs": runs.iter().map(|r| serde_json::json!({
                 "vram_budget_bytes": r.budget,
+                "cpu_layers": r.cpu_layers,
                 "cpu_experts": r.cpu_mode.name(),
                 "cpu_experts_per_token": r.cpu_per_token,
                 "cpu_ms_per_token": r.cpu_ms_per_token,
@@ -370,6 +375,15 @@ pub fn moe_vram(a: &MoeArgs, file: &ModelFile) -> Result<()> {
             r.cpu_ms_per_token,
             fmt_size(r.peak),
             fmt_size(r.driver_used)
+        );
+    }
+    for r in runs.iter().filter(|r| r.cpu_layers > 0) {
+        outln!(
+            "{}, cpu {}: layers 0-{} of {} run whole on the CPU (GPU layer split: the budget does not hold the dense part); slots, cached and hit rate are the GPU layers'",
+            fmt_size(r.budget),
+            r.cpu_mode.name(),
+            r.cpu_layers - 1,
+            file.spec.n_layers
         );
     }
     // The CPU costs of the last run that measured them (runs without CPU experts have none).
