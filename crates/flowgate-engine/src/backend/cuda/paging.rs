@@ -99,6 +99,28 @@ pub const RAM_SLOTS_PER_K: usize = 3;
 /// Target bytes of one mapped chunk of slots.
 const CHUNK_TARGET: usize = 64 << 20;
 
+/// How the slots are mapped: `(per_chunk, n_chunks, n_slots)` for `want` slots of `slot`
+/// bytes in chunks of whole `gran` units, each of at most [`CHUNK_TARGET`] (one slot at
+/// least), within `avail` bytes. Chunks are all the same size, so the most slots come from
+/// trying each chunk size: a budget between two chunks of the largest size would otherwise
+/// lose the second one's slots whole (moe30b: 25 slots a 64 MiB chunk).
+fn chunking(slot: usize, gran: usize, avail: u64, want: usize) -> (usize, usize, usize) {
+    let max = (CHUNK_TARGET / slot.max(1)).clamp(1, want.max(1));
+    let mut best = (max, 0, 0);
+    for per_chunk in (1..=max).rev() {
+        let chunk = ((per_chunk * slot).div_ceil(gran) * gran) as u64;
+        let n_chunks = (avail / chunk.max(1)).min(want.div_ceil(per_chunk) as u64) as usize;
+        let n_slots = (n_chunks * per_chunk).min(want);
+        if n_slots > best.2 {
+            best = (per_chunk, n_chunks, n_slots);
+        }
+        if n_slots == want {
+            break;
+        }
+    }
+    best
+}
+
 /// `moe_page`'s by-value argument (`struct MoePage` in moe.cu).
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -816,20 +838,10 @@ impl ExpertPager {
         if let Some(m) = max_slots {
             plan.n_slots = plan.n_slots.min(m);
         }
-        // Chunks of whole granularity units, each holding `per_chunk` slots; as many as the
-        // budget allows once rounded (never more than the plan's slots need).
-        let mut per_chunk = (CHUNK_TARGET / slot).clamp(1, plan.n_slots.max(1));
         let gran = VmmArena::info(&backend.device).map_err(cuda_err)?.minimum;
         let avail = budget.available().saturating_sub(reserve);
-        let mut chunk = (per_chunk * slot).div_ceil(gran) * gran;
-        if avail < chunk as u64 {
-            // Not one whole chunk once rounded up: one chunk of the slots whole units hold.
-            per_chunk = ((avail / gran as u64) as usize * gran / slot).max(1);
-            chunk = (per_chunk * slot).div_ceil(gran) * gran;
-        }
-        let room = avail / chunk as u64;
-        let n_chunks = plan.n_slots.div_ceil(per_chunk).min(room as usize);
-        let n_slots = (n_chunks * per_chunk).min(plan.n_slots);
+        let (per_chunk, n_chunks, n_slots) = chunking(slot, gran, avail, plan.n_slots);
+        let chunk = (per_chunk * slot).div_ceil(gran) * gran;
         if n_chunks == 0 || n_slots < n_sparse {
             return Err(EngineError::Invalid(format!(
                 "--vram-budget {} leaves room for {n_slots} expert slots once mapped in chunks \
@@ -1985,6 +1997,42 @@ fn cpu_share_done(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn slots_are_mapped_in_the_chunks_that_hold_the_most() {
+        use super::chunking;
+        const MIB: usize = 1 << 20;
+        let slot = 2_650_000; // a moe30b expert, about 2.53 MiB: 25 to a 64 MiB chunk
+        let gran = 2 * MIB;
+        // Room for everything wanted in big chunks.
+        let (pc, n, slots) = chunking(slot, gran, 1 << 30, 200);
+        assert_eq!(slots, 200);
+        assert_eq!(pc, 25);
+        assert_eq!(n, 8);
+        // 100 MiB: one 64 MiB chunk holds 25; smaller equal chunks hold more (the old way
+        // refused 26 sparse layers here).
+        let (pc, n, slots) = chunking(slot, gran, 100 * MIB as u64, 40);
+        assert!(slots >= 36, "{pc} × {n} = {slots}");
+        assert!((n * (pc * slot).div_ceil(gran) * gran) as u64 <= 100 * MIB as u64);
+        // Less than one slot: nothing.
+        assert_eq!(chunking(slot, gran, MIB as u64, 10).2, 0);
+        // Every outcome fits and never passes what is wanted.
+        for avail in (0..300).map(|m| (m * MIB) as u64) {
+            for want in [1, 7, 26, 48, 500] {
+                let (pc, n, slots) = chunking(slot, gran, avail, want);
+                let mapped = (n * (pc * slot).div_ceil(gran) * gran) as u64;
+                assert!(mapped <= avail, "{avail} {want}: {pc} × {n}");
+                assert!(slots <= want && slots <= n * pc);
+                // Close to what the whole units would hold with no chunking at all (the old
+                // mapping fell to 25 of 36 at 100 MiB).
+                let ideal = (avail as usize / gran * gran / slot).min(want);
+                assert!(
+                    10 * slots + 10 >= 9 * ideal,
+                    "{avail} {want}: {slots} of {ideal}"
+                );
+            }
+        }
+    }
+
     use super::*;
 
     fn shape(bytes: [usize; 3], dtypes: [DType; 3]) -> ExpertShape {
