@@ -420,7 +420,8 @@ impl<B: Backend> Model<B> {
                     offload_host_layers(b, host, &mut cache.host, &mut x, &step)?;
                     x
                 } else {
-                    run_layers(c, &host.layers, &mut cache.host, &mut hx, &step)?;
+                    let mut hh = c.buf_zeros(n * s.hidden)?;
+                    run_layers(c, &host.layers, &mut cache.host, &mut hx, &mut hh, &step)?;
                     b.buf_from(&hx)?
                 }
             }
@@ -435,8 +436,9 @@ impl<B: Backend> Model<B> {
                 ))
             }
         };
-        run_layers(b, &self.layers, &mut cache.layers, &mut x, &step)?;
+        // The normed input of each layer, then of the output head.
         let mut h = b.buf_zeros(n * s.hidden)?;
+        run_layers(b, &self.layers, &mut cache.layers, &mut x, &mut h, &step)?;
         let (rows, last) = match which {
             Logits::All => (n, 0),
             Logits::Last => (1, n - 1),
@@ -495,6 +497,7 @@ fn offload_host_layers<B: Backend>(
         )));
     }
     let c = &CpuBackend;
+    let mut h = b.buf_zeros(p.n * s.hidden)?;
     // Where the pass's time goes (`--log debug`): weights in, the layer's work and its keys
     // and values back (the read waits for the work), and freeing.
     let (mut t_load, mut t_run, mut t_free) = (0f64, 0f64, 0f64);
@@ -516,6 +519,7 @@ fn offload_host_layers<B: Backend>(
             std::slice::from_ref(&layer),
             std::slice::from_mut(&mut dkv),
             x,
+            &mut h,
             p,
         )?;
         let (k, v) = b.kv_read(&dkv, p.start, p.n)?;
@@ -549,12 +553,14 @@ struct Step<'a> {
 }
 
 /// Runs the residual stream `x` (`n` rows) through `layers` on `b`, with their KV caches
-/// `kv` (one per layer), and leaves every layer's output added to `x`.
+/// `kv` (one per layer), and leaves every layer's output added to `x`; `h` (`n` rows) holds
+/// each layer's normed input.
 fn run_layers<B: Backend>(
     b: &B,
     layers: &[Layer<B>],
     kv: &mut [B::Kv],
     x: &mut B::Buf,
+    h: &mut B::Buf,
     p: &Step<'_>,
 ) -> Result<()> {
     let (s, n, start) = (p.spec, p.n, p.start);
@@ -565,7 +571,6 @@ fn run_layers<B: Backend>(
             layers.len()
         )));
     }
-    let mut h = b.buf_zeros(n * s.hidden)?;
     let mut scratch = llama::Scratch::new(b, s, n)?;
     // The last FFN output not yet added to the residual stream: it is added by the next
     // layer's fused add + attention norm.
@@ -579,17 +584,17 @@ fn run_layers<B: Backend>(
     for (l, (layer, kv)) in layers.iter().zip(kv.iter_mut()).enumerate() {
         let (norm, eps) = (&layer.attn_norm, s.rms_eps);
         match std::mem::replace(&mut pending, Pending::Nothing) {
-            Pending::Nothing => b.rms_norm(x, norm, s.hidden, eps, &mut h),
-            Pending::Dense => b.add_rms_norm(x, scratch.ffn_out(), norm, s.hidden, eps, &mut h),
-            Pending::Moe(y) => b.add_rms_norm(x, &y, norm, s.hidden, eps, &mut h),
+            Pending::Nothing => b.rms_norm(x, norm, s.hidden, eps, h),
+            Pending::Dense => b.add_rms_norm(x, scratch.ffn_out(), norm, s.hidden, eps, h),
+            Pending::Moe(y) => b.add_rms_norm(x, &y, norm, s.hidden, eps, h),
         }
         let attn_out = layer
             .attn
-            .forward(b, s, &h, n, start, kv, p.inv_freq, &mut scratch)?;
-        b.add_rms_norm(x, attn_out, &layer.ffn_norm, s.hidden, s.rms_eps, &mut h);
+            .forward(b, s, h, n, start, kv, p.inv_freq, &mut scratch)?;
+        b.add_rms_norm(x, attn_out, &layer.ffn_norm, s.hidden, s.rms_eps, h);
         match &layer.ffn {
             Ffn::Dense(f) => {
-                f.forward(b, &h, n, &mut scratch)?;
+                f.forward(b, h, n, &mut scratch)?;
                 pending = Pending::Dense;
             }
             Ffn::Moe(m) => {
@@ -603,7 +608,7 @@ fn run_layers<B: Backend>(
                     routing: p.routing,
                     next,
                 };
-                pending = Pending::Moe(m.forward(b, s, &h, n, step)?);
+                pending = Pending::Moe(m.forward(b, s, h, n, step)?);
             }
         }
     }
