@@ -77,6 +77,19 @@ impl PinnedBuffer {
         self.len
     }
 
+    /// The address at which kernels reach these bytes (the memory is device-mapped): device
+    /// writes there land in host memory, over the link.
+    pub fn device_ptr(&self) -> Result<sys::CUdeviceptr, CudaError> {
+        self.device.bind()?;
+        let mut dev: sys::CUdeviceptr = 0;
+        // SAFETY: ptr is page-locked host memory from cuMemHostAlloc(DEVICEMAP); dev is an
+        // out-pointer.
+        check("cuMemHostGetDevicePointer", unsafe {
+            sys::cuMemHostGetDevicePointer_v2(&mut dev, self.ptr.cast(), 0)
+        })?;
+        Ok(dev)
+    }
+
     /// Always false.
     pub fn is_empty(&self) -> bool {
         self.len == 0
@@ -292,6 +305,11 @@ impl HostFlag {
     /// The flag's value now.
     pub fn get(&self) -> u32 {
         self.atomic().load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// The flag's device address, for a kernel that raises it.
+    pub fn device_ptr(&self) -> sys::CUdeviceptr {
+        self.dev
     }
 
     /// Queues a wait on `stream` until the flag reaches `v` (compared cyclically, so the

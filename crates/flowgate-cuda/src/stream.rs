@@ -31,6 +31,20 @@ impl Stream {
             .map_err(|e| CudaError::driver("cuStreamSynchronize", e))
     }
 
+    /// Whether all work queued on the stream is done (`cuStreamQuery`; the context must be
+    /// current on this thread); an error the stream's work ran into comes back as `Err`.
+    pub fn is_idle(&self) -> Result<bool, CudaError> {
+        // SAFETY: the stream handle is alive (held by self).
+        match unsafe { sys::cuStreamQuery(self.cu_stream()) } {
+            sys::CUresult::CUDA_SUCCESS => Ok(true),
+            sys::CUresult::CUDA_ERROR_NOT_READY => Ok(false),
+            r => Err(CudaError::Driver {
+                op: "cuStreamQuery",
+                msg: format!("{r:?}"),
+            }),
+        }
+    }
+
     /// Make later work on this stream wait for `event`.
     pub fn wait(&self, event: &Event) -> Result<(), CudaError> {
         self.inner

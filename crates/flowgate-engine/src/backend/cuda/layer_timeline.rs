@@ -48,6 +48,8 @@ struct State {
     /// each later mark of the same layer (summed, counted).
     routes_at: Option<std::time::Instant>,
     host: BTreeMap<Mark, (f64, u64)>,
+    /// Host-only points of the queueing thread ([`LayerTimeline::probe`]), the same way.
+    probes: BTreeMap<&'static str, (f64, u64)>,
 }
 
 /// See the module documentation.
@@ -68,6 +70,21 @@ impl LayerTimeline {
     pub(super) fn routes_read(&self) {
         if self.on {
             super::lock(&self.state).routes_at = Some(std::time::Instant::now());
+        }
+    }
+
+    /// Notes the host time from the routes' arrival to this point of the queueing thread
+    /// (when the timeline is on; `name` sorts the report, e.g. "2 misses found").
+    pub(super) fn probe(&self, name: &'static str) {
+        if !self.on {
+            return;
+        }
+        let now = std::time::Instant::now();
+        let mut st = super::lock(&self.state);
+        if let Some(t) = st.routes_at {
+            let h = st.probes.entry(name).or_insert((0.0, 0));
+            h.0 += 1e3 * (now - t).as_secs_f64();
+            h.1 += 1;
         }
     }
 
@@ -145,6 +162,14 @@ impl LayerTimeline {
                 *n as f64 / t
             ));
         }
+        for (name, (ms, n)) in &st.probes {
+            out.push_str(&format!(
+                "  host: routes read -> {name:<24} {:>7.1} us each ({:.1} per token)\n",
+                1e3 * ms / (*n).max(1) as f64,
+                *n as f64 / t
+            ));
+        }
+        st.probes.clear();
         st.host.clear();
         st.sums.clear();
         st.last = None;

@@ -418,6 +418,8 @@ struct Kernels {
     router_topk: K,
     moe_combine: K,
     moe_page: K,
+    /// A paged layer's routes (and hidden vector) into mapped host memory, then a flag.
+    publish_back: K,
     dequant: Vec<K>,
     rms_norm: K,
     add_rms_norm: K,
@@ -523,6 +525,7 @@ impl Kernels {
             router_topk: k(&moe, "router_topk")?,
             moe_combine: k(&moe, "moe_combine")?,
             moe_page: k(&moe, "moe_page")?,
+            publish_back: k(&moe, "publish_back")?,
             dequant,
             rms_norm: k(&norm, "rms_norm")?,
             add_rms_norm: k(&norm, "add_rms_norm")?,
@@ -2653,6 +2656,22 @@ impl CudaBackend {
         h: &CudaBuf,
         out: &mut CudaBuf,
     ) -> Result<()> {
+        self.moe_experts_with(e, routed, k, chosen, true, h, out)
+    }
+
+    /// [`CudaBackend::moe_experts`]; with `page` false, paged experts were made resident (all
+    /// `k` at once, within the layer's quota) by the caller.
+    #[allow(clippy::too_many_arguments)]
+    fn moe_experts_with(
+        &self,
+        e: &CudaExperts,
+        routed: &CudaBuf,
+        k: usize,
+        chosen: Option<&[usize]>,
+        page: bool,
+        h: &CudaBuf,
+        out: &mut CudaBuf,
+    ) -> Result<()> {
         let (ids, wts) = (routed.ptr(), routed.ptr() + 4 * k as u64);
         let paged = match (&e.paged, chosen) {
             (Some(p), Some(c)) => Some((p, c)),
@@ -2664,8 +2683,8 @@ impl CudaBackend {
             _ => None,
         };
         let wave = match paged {
-            Some((p, _)) => p.pager.quota(p.layer).clamp(1, k),
-            None => k,
+            Some((p, _)) if page => p.pager.quota(p.layer).clamp(1, k),
+            _ => k,
         };
         let t = |i: u64| e.tables.ptr() + i * 8 * e.n as u64;
         // gu = [gate of the wave's experts | their up], ffn values each.
@@ -2673,7 +2692,7 @@ impl CudaBackend {
         let ys = self.new_buf(k * e.hidden)?;
         for o in (0..k).step_by(wave) {
             let kw = wave.min(k - o);
-            if let Some((p, c)) = paged {
+            if let (Some((p, c)), true) = (paged, page) {
                 self.page_in(e, p, &c[o..o + kw])?;
             }
             let wave_ids = ids + 4 * o as u64;

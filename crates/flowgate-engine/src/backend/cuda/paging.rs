@@ -87,6 +87,9 @@ use crate::residency::{
 };
 use crate::weights::HostTensor;
 
+/// One split layer in this many measures its GPU part's fixed time.
+const SIDE_EVERY: u32 = 4;
+
 /// Table entries and routes one `moe_page` launch can write (`PAGE_MAX` in moe.cu).
 const PAGE_MAX: usize = 64;
 /// Where the token's hidden vector lands in the read-back buffer (after k ids and weights,
@@ -254,10 +257,18 @@ pub struct ExpertPager {
     n_total: usize,
     host_bytes: u64,
     slots: Mutex<Option<Slots>>,
-    /// Routed ids read back to the host (page-locked, so the copy is a DMA).
+    /// Routed ids read back to the host (page-locked and device-mapped: `publish_back` writes
+    /// it, at `ids_back_dev`).
     ids_back: Mutex<PinnedBuffer>,
+    ids_back_dev: u64,
+    /// Raised by `publish_back` to the read-back's sequence number once `ids_back` is written.
+    back_flag: HostFlag,
+    back_seq: AtomicU32,
     /// (start, end) events around each layer's copies, not read yet.
     copy_events: Mutex<Vec<(Event, Event)>>,
+    /// Event pairs read by [`ExpertPager::stats`], for the next layers' copies (creating two
+    /// events per layer cost the copies' start a few microseconds).
+    spare_events: Mutex<Vec<(Event, Event)>>,
     /// Device time spent copying, read from the events so far.
     copy_time: Mutex<Duration>,
     policy: PolicyKind,
@@ -279,6 +290,9 @@ pub struct ExpertPager {
     /// the stream has synchronised): [`Lags::gpu`].
     side: OnceLock<(Event, Event)>,
     side_copies: Mutex<Option<usize>>,
+    /// Split layers seen: one in [`SIDE_EVERY`] measures its GPU part (see `side_events`).
+    side_tick: AtomicU32,
+
     /// The CPU share of the layer being queued, not started yet: [`CudaBackend::page_in`]
     /// starts it once the layer's copies are all queued (see [`CudaBackend::moe_split`]).
     pending_share: Mutex<Option<Box<dyn FnOnce() + Send>>>,
@@ -772,8 +786,12 @@ impl ExpertPager {
             n_total,
             host_bytes,
             slots: Mutex::new(None),
+            ids_back_dev: ids_back.device_ptr().map_err(cuda_err)?,
             ids_back: Mutex::new(ids_back),
+            back_flag: HostFlag::new(&backend.device).map_err(cuda_err)?,
+            back_seq: AtomicU32::new(0),
             copy_events: Mutex::new(Vec::new()),
+            spare_events: Mutex::new(Vec::new()),
             copy_time: Mutex::new(Duration::ZERO),
             policy,
             n_used: m.n_experts_used.min(PAGE_MAX),
@@ -784,6 +802,7 @@ impl ExpertPager {
             lags: Mutex::new(Lags::default()),
             side: OnceLock::new(),
             side_copies: Mutex::new(None),
+            side_tick: AtomicU32::new(0),
             pending_share: Mutex::new(None),
             cpu_out: Mutex::new(
                 PinnedBuffer::new(&backend.device, 4 * spec.hidden).map_err(cuda_err)?,
@@ -879,9 +898,13 @@ impl ExpertPager {
         Ok(plan)
     }
 
-    /// Measures one way to serve a miss: copying one expert into a slot (median of 5, device
-    /// events).
+    /// Measures one way to serve a miss: copying an expert into a slot, as decode does, several
+    /// back to back (a layer's misses are queued together, so the link's per-copy start is
+    /// paid once): the device time of `BURST` copies into empty slots over `BURST`, best of 5
+    /// (device events). Timed one at a time, the same copies measured 53–77 µs from run to run
+    /// on the H100 box and the split priced the link by the worst of them.
     fn calibrate_copy(&self, b: &CudaBackend) -> Result<f64> {
+        const BURST: usize = 4;
         let layer = self
             .sparse
             .iter()
@@ -889,33 +912,38 @@ impl ExpertPager {
             .ok_or_else(|| EngineError::Invalid("no expert to calibrate with".into()))?;
         let fetched = self.host()?.fetch(layer, &[0], self.n_experts, false)?;
         let host = fetched.addrs[0];
-        let base = {
+        let s = self.shape;
+        let bases: Vec<u64> = {
             let g = lock(&self.slots);
-            let s = g
+            let sl = g
                 .as_ref()
                 .ok_or_else(|| EngineError::Invalid("no slots".into()))?;
-            s.arena.slot_ptr(0).map_err(cuda_err)?
+            let n = BURST.min(sl.map.n_slots()).max(1);
+            (0..n)
+                .map(|i| sl.addr(i, s.slot_bytes))
+                .collect::<Result<_>>()?
         };
-        let s = self.shape;
-        let mut copies = Vec::new();
-        for _ in 0..5 {
+        let mut best = f64::INFINITY;
+        for _ in 0..6 {
             let a = Event::new(&b.device).map_err(cuda_err)?;
             let z = Event::new(&b.device).map_err(cuda_err)?;
             a.record(&b.stream).map_err(cuda_err)?;
-            // SAFETY: slot 0 is mapped and holds slot_bytes; nothing is resident yet (the map
-            // is empty), so the bytes written are never read as an expert; the source is
-            // page-locked memory of the pager.
-            if let Err(r) = unsafe { b.copy_expert(&b.stream, base, &host, &s) } {
-                return Err(EngineError::Invalid(format!("calibration copy: {r:?}")));
+            for &base in &bases {
+                // SAFETY: the slot is mapped and holds slot_bytes; nothing is resident yet
+                // (the map is empty), so the bytes written are never read as an expert; the
+                // source is page-locked memory of the pager.
+                if let Err(r) = unsafe { b.copy_expert(&b.stream, base, &host, &s) } {
+                    return Err(EngineError::Invalid(format!("calibration copy: {r:?}")));
+                }
             }
             z.record(&b.stream).map_err(cuda_err)?;
             z.synchronize().map_err(cuda_err)?;
-            copies.push(a.elapsed_ms(&z).map_err(cuda_err)? as f64 / 1e3);
+            let t = a.elapsed_ms(&z).map_err(cuda_err)? as f64 / 1e3 / bases.len() as f64;
+            best = best.min(t);
         }
         // Every copy has run (synchronised above): the expert may go.
         drop(fetched);
-        copies.sort_by(f64::total_cmp);
-        Ok(copies[copies.len() / 2])
+        Ok(best)
     }
 
     /// The CPU team, started on first use.
@@ -1154,13 +1182,18 @@ impl ExpertPager {
     pub fn stats(&self) -> CacheStats {
         let pending = std::mem::take(&mut *lock(&self.copy_events));
         let mut t = lock(&self.copy_time);
+        let mut spare = Vec::new();
         for (a, b) in pending {
             if b.synchronize().is_ok() {
                 if let Ok(ms) = a.elapsed_ms(&b) {
                     *t += Duration::from_secs_f64(ms as f64 / 1e3);
+                    spare.push((a, b));
                 }
             }
         }
+        let mut pool = lock(&self.spare_events);
+        spare.truncate(256usize.saturating_sub(pool.len()));
+        pool.extend(spare);
         let mut s = lock(&self.slots)
             .as_ref()
             .map(|s| s.map.stats().clone())
@@ -1217,7 +1250,25 @@ impl CudaBackend {
         }))
     }
 
-    /// Reads back to the host, after the work queued so far (one stream synchronisation):
+    /// Spins until `flag` reaches `seq` (raised by a kernel on the stream), checking the stream
+    /// now and then so that a failed launch or a stream that finished without raising it is
+    /// an error, not a hang.
+    fn wait_published(&self, flag: &HostFlag, seq: u32) -> Result<()> {
+        let reached = || flag.get().wrapping_sub(seq) as i32 >= 0;
+        let mut spins = 0u32;
+        while !reached() {
+            spins = spins.wrapping_add(1);
+            if spins.is_multiple_of(256) && self.stream.is_idle().map_err(cuda_err)? && !reached() {
+                return Err(EngineError::Invalid(
+                    "the stream finished without publishing the routes".into(),
+                ));
+            }
+            std::hint::spin_loop();
+        }
+        Ok(())
+    }
+
+    /// Reads back to the host, after the work queued so far (one kernel, then a spin):
     /// the `k` ids at `ids` (when given) and the `k` weights that follow them (with
     /// `with_weights`), and the `hidden` values at `h` (when given).
     pub(super) fn read_back(
@@ -1228,42 +1279,61 @@ impl CudaBackend {
         with_weights: bool,
         h: Option<(u64, usize)>,
     ) -> Result<(Vec<usize>, Vec<f32>, Vec<f32>)> {
-        let mut back = lock(&pager.ids_back);
-        let dst = back.as_mut_slice();
+        let back = lock(&pager.ids_back);
         let hidden = h.map_or(0, |x| x.1);
-        if k > PAGE_MAX || HIDDEN_BACK + 4 * hidden > dst.len() {
+        if k > PAGE_MAX || HIDDEN_BACK + 4 * hidden > back.len() {
             return Err(EngineError::Invalid(format!("read back of {k} routes")));
         }
         self.device.bind().map_err(cuda_err)?;
         pager
             .timeline
             .mark(&self.device, &self.stream, Mark::Routes);
-        let base = dst.as_mut_ptr();
         let route_bytes = if with_weights { 8 * k } else { 4 * k };
         // A prediction queued since the last read-back comes back with it.
         let predicted = lock(&pager.predicted).take();
-        let parts = [
-            (ids, 0usize, route_bytes),
-            (
-                predicted.as_ref().map(|p| p.2.ptr()),
-                8 * PAGE_MAX,
-                4 * predicted.as_ref().map_or(0, |p| p.1),
-            ),
-            (h.map(|x| x.0), HIDDEN_BACK, 4 * hidden),
-        ];
-        for (src, at, len) in parts {
-            let Some(src) = src else { continue };
-            // SAFETY: base + at .. + len lies inside the page-locked buffer (checked above),
-            // which stays locked (and alive) until the synchronisation below; `src` holds
-            // `len` bytes on the device.
-            let r = unsafe {
-                sys::cuMemcpyDtoHAsync_v2(base.add(at).cast(), src, len, self.stream.cu_stream())
-            };
-            if r != sys::CUresult::CUDA_SUCCESS {
-                return Err(EngineError::Invalid(format!("cuMemcpyDtoHAsync: {r:?}")));
-            }
-        }
-        self.stream.synchronize().map_err(cuda_err)?;
+        // One kernel writes the routes, the prediction and the hidden vector into the mapped
+        // buffer and raises a flag this thread spins on: no copies to queue and no stream
+        // synchronisation between the router and the layer's first copy.
+        let seq = pager
+            .back_seq
+            .fetch_add(1, Ordering::Relaxed)
+            .wrapping_add(1);
+        let part = |src: Option<u64>, bytes: usize| match src {
+            Some(p) if bytes > 0 => (p, (bytes / 4) as i32),
+            _ => (0, 0),
+        };
+        let (a, na) = part(ids, route_bytes);
+        let (b, nb) = part(
+            predicted.as_ref().map(|p| p.2.ptr()),
+            4 * predicted.as_ref().map_or(0, |p| p.1),
+        );
+        let (c, nc) = part(h.map(|x| x.0), 4 * hidden);
+        self.launch(
+            &self.kernels.publish_back,
+            LaunchConfig {
+                grid_dim: (1, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            },
+            &[
+                Arg::P(a),
+                Arg::I(na),
+                Arg::P(0),
+                Arg::P(b),
+                Arg::I(nb),
+                Arg::P(8 * PAGE_MAX as u64),
+                Arg::P(c),
+                Arg::I(nc),
+                Arg::P(HIDDEN_BACK as u64),
+                Arg::P(pager.ids_back_dev),
+                Arg::P(pager.back_flag.device_ptr()),
+                Arg::I(seq as i32),
+            ],
+        );
+        self.check()?;
+        self.wait_published(&pager.back_flag, seq)?;
+        // Read only now: the device wrote these bytes, and the flag's acquire orders them.
+        let dst = back.as_slice();
         *lock(&pager.routes_at) = Some(Instant::now());
         pager.timeline.routes_read();
         self.check()?;
@@ -1330,6 +1400,7 @@ impl CudaBackend {
             .as_ref()
             .ok_or_else(|| EngineError::Invalid("moe_split on resident experts".into()))?;
         let pager = &p.pager;
+        pager.timeline.probe("0 split entered");
         let resident = |x: usize| {
             lock(&pager.slots)
                 .as_ref()
@@ -1339,6 +1410,7 @@ impl CudaBackend {
             .filter(|&i| !resident(routes[i].0))
             .collect();
         let j = pager.cpu_share(misses.len());
+        pager.timeline.probe("1 split decided");
         let on_cpu = &misses[misses.len() - j..];
         let gpu: Vec<(usize, f32)> = (0..routes.len())
             .filter(|i| !on_cpu.contains(i))
@@ -1350,8 +1422,10 @@ impl CudaBackend {
         // sooner, lost at 3 GiB (moe30b, H100: 44.0 / 46.7 against 53.4 / 48.6 tok/s; 49.8 /
         // 45.7 against 53.2 / 51.2): this thread queues slower while the team works, and the
         // copies wait; after the products' launches as well, it started ~100 µs after the
-        // routes. The stream waits until the share's sequence number is in the flag (the
-        // device polls it), then copies the sum in and adds it.
+        // routes. Retested once the copies came first and queued faster (H100, moe30b,
+        // uniform routing, 3 / 8 GiB): before the copies 53.8 / 77.9 and 50.9 / 65.6 tok/s,
+        // after them 58.4 / 81.2 and 55.0 / 80.0. The stream waits until the share's sequence
+        // number is in the flag (the device polls it), then copies the sum in and adds it.
         let share = (j > 0).then(|| {
             let job = Arc::new(CpuJob::default());
             let seq = pager
@@ -1389,9 +1463,17 @@ impl CudaBackend {
             (seq, job)
         });
         // The GPU's part, between two events that measure its fixed part (see `Lags`).
+        // One split layer in SIDE_EVERY measures the GPU part's fixed time (a moving average
+        // needs no more, and reading and recording the events cost ~5 µs before the copies).
+        let sample = pager
+            .side_tick
+            .fetch_add(1, Ordering::Relaxed)
+            .is_multiple_of(SIDE_EVERY);
         let side = pager.side_events(&self.device).filter(|ev| {
-            pager.read_side(ev);
-            ev.0.record(&self.stream).is_ok()
+            sample && {
+                pager.read_side(ev);
+                ev.0.record(&self.stream).is_ok()
+            }
         });
         let gpu_part = self.moe_split_gpu(e, p, routed, &gpu, j, h, out);
         // Started by now unless nothing was copied (or the GPU's part failed first).
@@ -1495,12 +1577,22 @@ impl CudaBackend {
             let ids: Vec<usize> = gpu.iter().map(|r| r.0).collect();
             self.moe_experts(e, r, gpu.len(), Some(&ids), h, out)?;
         } else {
-            let upd = MoePage::routes(gpu)
+            let ids: Vec<usize> = gpu.iter().map(|r| r.0).collect();
+            let mut upd = MoePage::routes(gpu)
                 .ok_or_else(|| EngineError::Invalid("too many routes".into()))?;
+            // The copies go on the stream first (and the CPU share starts once they are
+            // queued): every call before them delays the link and the CPU alike. The
+            // table entries they leave go out with the GPU's routes, in one launch.
+            let paged_in = pager.quota(p.layer) >= ids.len();
+            if paged_in {
+                let entries = self.page_in_deferred(e, p, &ids)?;
+                upd.n = entries.n;
+                upd.e = entries.e;
+                upd.a = entries.a;
+            }
             let routed = self.new_buf(2 * gpu.len())?;
             self.launch_page(e, &upd, routed.ptr(), routed.ptr() + 4 * gpu.len() as u64);
-            let ids: Vec<usize> = gpu.iter().map(|r| r.0).collect();
-            self.moe_experts(e, &routed, gpu.len(), Some(&ids), h, out)?;
+            self.moe_experts_with(e, &routed, gpu.len(), Some(&ids), !paged_in, h, out)?;
         }
         Ok(())
     }
@@ -1646,6 +1738,21 @@ impl CudaBackend {
     /// Makes `experts` of `p`'s layer resident (at most its quota): copies the misses into
     /// their slots and points the layer's table at them, all queued on the stream.
     pub(super) fn page_in(&self, e: &CudaExperts, p: &PagedLayer, experts: &[usize]) -> Result<()> {
+        let upd = self.page_in_deferred(e, p, experts)?;
+        if upd.n > 0 {
+            self.launch_page(e, &upd, 0, 0);
+        }
+        Ok(())
+    }
+
+    /// [`CudaBackend::page_in`] but the last table entries are returned, not written: the
+    /// caller launches them (with routes of its own) before the experts are used.
+    pub(super) fn page_in_deferred(
+        &self,
+        e: &CudaExperts,
+        p: &PagedLayer,
+        experts: &[usize],
+    ) -> Result<MoePage> {
         let pager = &p.pager;
         let mut guard = lock(&pager.slots);
         let slots = guard
@@ -1657,6 +1764,7 @@ impl CudaBackend {
             upd.push(x, base);
         }
         let assigned = slots.map.assign(p.layer, experts)?;
+        pager.timeline.probe("2 slots assigned");
         let misses: Vec<&Assigned> = assigned.iter().filter(|a| !a.hit).collect();
         let s = pager.shape;
         let mut copied = 0u64;
@@ -1683,10 +1791,13 @@ impl CudaBackend {
             for (i, (a, src)) in chunk.iter().zip(&fetched.addrs).enumerate() {
                 let base = slots.addr(a.slot, s.slot_bytes)?;
                 if events.is_none() {
-                    let ev = (
-                        Event::new(&self.device).map_err(cuda_err)?,
-                        Event::new(&self.device).map_err(cuda_err)?,
-                    );
+                    let ev = match lock(&pager.spare_events).pop() {
+                        Some(ev) => ev,
+                        None => (
+                            Event::new(&self.device).map_err(cuda_err)?,
+                            Event::new(&self.device).map_err(cuda_err)?,
+                        ),
+                    };
                     ev.0.record(&self.stream).map_err(cuda_err)?;
                     pager
                         .timeline
@@ -1720,16 +1831,15 @@ impl CudaBackend {
             }
             host.hold(fetched.lease, &self.device, &self.stream)?;
         }
+        pager.timeline.probe("3 copies queued");
         // The link has its work: the layer's CPU share (if any) starts now, while this thread
         // queues the products. The routes' arrival has served (a later page-in, e.g. a
         // prefill's, is not late after it).
         pager.start_share();
+        pager.timeline.probe("4 cpu share submitted");
         *lock(&pager.routes_at) = None;
         slots.map.stats_mut().bytes_read += copied;
         drop(guard);
-        if upd.n > 0 {
-            self.launch_page(e, &upd, 0, 0);
-        }
         if let Some((a, b)) = events {
             b.record(&self.stream).map_err(cuda_err)?;
             pager
@@ -1742,7 +1852,7 @@ impl CudaBackend {
                 let _ = pager.stats();
             }
         }
-        Ok(())
+        Ok(upd)
     }
 
     /// Queues the host→device copies of one expert into the slot at `base` (one copy where

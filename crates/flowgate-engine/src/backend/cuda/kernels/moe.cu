@@ -171,3 +171,26 @@ extern "C" __global__ void moe_page(u64* table, int n_experts, u64 off_up, u64 o
         w[i] = p.w[i];
     }
 }
+
+// A paged layer's read-back without a host synchronisation: copies up to three device ranges
+// (`n*` 4-byte words each, a null source skipped) into page-locked, device-mapped host memory
+// at `dst + at*` bytes, then raises `*flag` to `seq` once every word is visible to the host
+// (each thread fences its writes before the block's barrier; the flag is written last). The
+// host spins on the flag instead of synchronising the stream: the kernel runs after all the
+// work queued before it, so the flag also says that work is done. One block.
+extern "C" __global__ void publish_back(const u32* a, int na, u64 at_a, const u32* b, int nb,
+                                        u64 at_b, const u32* c, int nc, u64 at_c,
+                                        unsigned char* dst, volatile u32* flag, u32 seq) {
+    for (int i = threadIdx.x; i < na; i += blockDim.x)
+        ((u32*)(dst + at_a))[i] = a[i];
+    for (int i = threadIdx.x; i < nb; i += blockDim.x)
+        ((u32*)(dst + at_b))[i] = b[i];
+    for (int i = threadIdx.x; i < nc; i += blockDim.x)
+        ((u32*)(dst + at_c))[i] = c[i];
+    __threadfence_system();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        __threadfence_system();
+        *flag = seq;
+    }
+}
