@@ -1,20 +1,23 @@
 //! [`ExpertSum`]: one token through several MoE experts on the CPU, `Σ w_e · down_e(silu(gate_e
 //! x) · up_e x)`, as a [`TeamJob`] of two phases:
 //!
-//! 1. rows of every expert's gate and up, 16 at a time, each chunk writing its slice of
+//! 1. blocks of rows of one expert's gate and up, each chunk writing its slice of
 //!    `silu(g) · u` (gate and up rows of one chunk read the same activations while they are in
 //!    cache);
-//! 2. after `between` quantises each expert's intermediate vector once, rows of the output, 32
-//!    at a time, each chunk summing every expert's down rows with the routing weights (experts
-//!    in the order given, as the one-expert-at-a-time path sums them).
+//! 2. after `between` quantises each expert's intermediate vector once, blocks of rows of one
+//!    expert's down; `finish` sums the experts' outputs with the routing weights (experts in
+//!    the order given, as the one-expert-at-a-time path sums them).
 //!
-//! Chunks are small (a few microseconds each) so that a dozen workers share even one expert
-//! evenly.
+//! Each chunk reads one contiguous run of one matrix: a down chunk used to take 32 rows of
+//! every expert in turn (the reads hopping between matrices every 14 KB), which ran 30–50%
+//! slower than the same rows read matrix by matrix on the 2-core VM (moe30b shapes, one
+//! worker). `FLOWGATE_CPU_CHUNK_ROWS=gate_up,down` sets the chunk sizes (measuring).
 //!
 //! Two synchronisations per token and layer instead of one per matrix, and no rayon wake-ups:
 //! this is what `--cpu-experts` runs while the GPU copies and computes the other experts.
 //! Arithmetic matches [`super::CpuBackend`]'s `swiglu` (same quantised activations, same dot
-//! kernels, same SiLU formula), so results are the same to the last bit.
+//! kernels, same SiLU formula, same order of the weighted sum), so results are the same to the
+//! last bit.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Mutex, OnceLock};
@@ -23,8 +26,36 @@ use super::kernels::{rows_dot, OwnedAct};
 use super::team::TeamJob;
 use super::CpuWeight;
 
+/// Rows of gate (and as many of up) per chunk of phase 1, and of down per chunk of phase 2,
+/// for a team of more than [`FEW_WORKERS`]. On the H100 box (12 workers, moe30b, set with
+/// `FLOWGATE_CPU_CHUNK_ROWS`): 16/64 was the best of 16/64, 32/128 and 64/256 (one expert in
+/// 101–110 µs against 113–129), and the same as the layout before on a second machine.
 const GATE_UP_ROWS: usize = 16;
-const DOWN_ROWS: usize = 32;
+const DOWN_ROWS: usize = 64;
+/// A team this small takes larger chunks: on the 2-core VM (2 workers) 64/256 took one expert
+/// in 87 µs, 16/64 in 170 and the layout before in 122.
+const FEW_WORKERS: usize = 4;
+const FEW_GATE_UP_ROWS: usize = 64;
+const FEW_DOWN_ROWS: usize = 256;
+
+/// The chunk sizes for the default team, or `FLOWGATE_CPU_CHUNK_ROWS=gate_up,down` (measuring).
+fn chunk_rows() -> (usize, usize) {
+    static ROWS: OnceLock<(usize, usize)> = OnceLock::new();
+    *ROWS.get_or_init(|| {
+        std::env::var("FLOWGATE_CPU_CHUNK_ROWS")
+            .ok()
+            .and_then(|v| {
+                let (a, b) = v.split_once(',')?;
+                Some((a.trim().parse().ok()?, b.trim().parse().ok()?))
+            })
+            .filter(|&(a, b): &(usize, usize)| (1..=1024).contains(&a) && (1..=1024).contains(&b))
+            .unwrap_or(if super::team::Team::default_threads() <= FEW_WORKERS {
+                (FEW_GATE_UP_ROWS, FEW_DOWN_ROWS)
+            } else {
+                (GATE_UP_ROWS, DOWN_ROWS)
+            })
+    })
+}
 
 /// What to do with the sum (or the first failure) once the job is done.
 pub type Done = Box<dyn Fn(Result<Vec<f32>, String>) + Send + Sync>;
@@ -40,8 +71,10 @@ pub struct ExpertSum {
     h: Vec<AtomicU32>,
     /// `h` quantised for each expert's down matrix (set between the phases).
     hq: OnceLock<Vec<OwnedAct>>,
-    /// The weighted sum (`hidden`), f32 bits.
-    y: Vec<AtomicU32>,
+    /// Each expert's output (`hidden` each), f32 bits.
+    ys: Vec<AtomicU32>,
+    /// Rows per chunk: gate and up, down.
+    rows: (usize, usize),
     failure: Mutex<Option<String>>,
     /// Declared after `experts`, so dropped after them: what the completion captures (a
     /// lease on the memory the weights view) outlives the weights.
@@ -64,7 +97,10 @@ impl ExpertSum {
                 .map(|_| AtomicU32::new(0))
                 .collect(),
             hq: OnceLock::new(),
-            y: (0..hidden).map(|_| AtomicU32::new(0)).collect(),
+            ys: (0..experts.len() * hidden)
+                .map(|_| AtomicU32::new(0))
+                .collect(),
+            rows: chunk_rows(),
             experts,
             ffn,
             hidden,
@@ -73,8 +109,12 @@ impl ExpertSum {
         }
     }
 
-    fn per_expert(&self) -> usize {
-        self.ffn.div_ceil(GATE_UP_ROWS)
+    /// Chunks of one expert in phase 1 (gate and up) and in phase 2 (down).
+    fn per_expert(&self) -> (usize, usize) {
+        (
+            self.ffn.div_ceil(self.rows.0),
+            self.hidden.div_ceil(self.rows.1),
+        )
     }
 }
 
@@ -88,23 +128,24 @@ impl TeamJob for ExpertSum {
     }
 
     fn chunks(&self, phase: usize) -> usize {
+        let (gu, down) = self.per_expert();
         match phase {
-            0 => self.experts.len() * self.per_expert(),
-            _ if self.experts.is_empty() => 0,
-            _ => self.hidden.div_ceil(DOWN_ROWS),
+            0 => self.experts.len() * gu,
+            _ => self.experts.len() * down,
         }
     }
 
     fn run(&self, phase: usize, chunk: usize) {
+        let (gu, down) = self.per_expert();
         if phase == 0 {
-            let (e, c) = (chunk / self.per_expert(), chunk % self.per_expert());
-            let r = c * GATE_UP_ROWS..((c + 1) * GATE_UP_ROWS).min(self.ffn);
+            let (e, c) = (chunk / gu, chunk % gu);
+            let r = c * self.rows.0..((c + 1) * self.rows.0).min(self.ffn);
             let [g, u, _] = &self.experts[e].0;
-            let (mut gv, mut uv) = ([0f32; GATE_UP_ROWS], [0f32; GATE_UP_ROWS]);
             let n = r.len();
+            let (mut gv, mut uv) = (vec![0f32; n], vec![0f32; n]);
             let src = self.x.src();
-            rows_dot(&g.matrix(), r.clone(), &src, &mut gv[..n]);
-            rows_dot(&u.matrix(), r.clone(), &src, &mut uv[..n]);
+            rows_dot(&g.matrix(), r.clone(), &src, &mut gv);
+            rows_dot(&u.matrix(), r.clone(), &src, &mut uv);
             for (i, row) in r.enumerate() {
                 let v = silu_mul(gv[i], uv[i]);
                 self.h[e * self.ffn + row].store(v.to_bits(), Ordering::Relaxed);
@@ -114,17 +155,17 @@ impl TeamJob for ExpertSum {
                 self.failed("the intermediate vectors were not quantised".into());
                 return;
             };
-            let r = chunk * DOWN_ROWS..((chunk + 1) * DOWN_ROWS).min(self.hidden);
-            let n = r.len();
-            let (mut acc, mut tmp) = ([0f32; DOWN_ROWS], [0f32; DOWN_ROWS]);
-            for ((w, wt), h) in self.experts.iter().zip(hq) {
-                rows_dot(&w[2].matrix(), r.clone(), &h.src(), &mut tmp[..n]);
-                for (a, v) in acc[..n].iter_mut().zip(&tmp[..n]) {
-                    *a += wt * v;
-                }
-            }
-            for (i, v) in r.zip(acc) {
-                self.y[i].store(v.to_bits(), Ordering::Relaxed);
+            let (e, c) = (chunk / down, chunk % down);
+            let r = c * self.rows.1..((c + 1) * self.rows.1).min(self.hidden);
+            let mut out = vec![0f32; r.len()];
+            rows_dot(
+                &self.experts[e].0[2].matrix(),
+                r.clone(),
+                &hq[e].src(),
+                &mut out,
+            );
+            for (row, v) in r.zip(out) {
+                self.ys[e * self.hidden + row].store(v.to_bits(), Ordering::Relaxed);
             }
         }
     }
@@ -153,11 +194,17 @@ impl TeamJob for ExpertSum {
             .take();
         (self.done)(match failure {
             Some(f) => Err(f),
-            None => Ok(self
-                .y
-                .iter()
-                .map(|v| f32::from_bits(v.load(Ordering::Relaxed)))
-                .collect()),
+            None => {
+                // Σ w_e · y_e, experts in order (as the one-at-a-time path adds them).
+                let mut y = vec![0f32; self.hidden];
+                for (e, (_, w)) in self.experts.iter().enumerate() {
+                    let ye = &self.ys[e * self.hidden..(e + 1) * self.hidden];
+                    for (a, v) in y.iter_mut().zip(ye) {
+                        *a += w * f32::from_bits(v.load(Ordering::Relaxed));
+                    }
+                }
+                Ok(y)
+            }
         });
     }
 
