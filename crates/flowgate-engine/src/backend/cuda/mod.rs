@@ -2516,7 +2516,7 @@ impl Backend for CudaBackend {
             return Ok(());
         }
         let pred = self.route_topk(next_router, h, 1, next.n, k, false)?;
-        // Read back with this layer's routes (the same synchronisation).
+        // Read back with this layer's routes (the same round trip).
         p.pager.set_predicted(p.layer, k, pred);
         self.check()
     }
@@ -2541,7 +2541,7 @@ impl Backend for CudaBackend {
         self.launch_page(e, &upd, routed.ptr(), routed.ptr() + 4 * k as u64);
         if let Some(p) = &e.paged {
             // Paged experts behave as with a real router, whose choice must come back to the
-            // host: one read-back (and synchronisation) per sparse layer, of the routes
+            // host: one read-back (and round trip) per sparse layer, of the routes
             // written on the device, so that this benchmarking aid costs what routing costs.
             let cpu = self.cpu_experts_on(e);
             let (_, _, hh) = self.read_back(

@@ -18,10 +18,11 @@
 //!   mat-vecs of `moe_decode` read. When a miss lands in a slot, one `moe_page` launch points
 //!   the table entries at it.
 //! - **Per token** (`moe_decode`): the router and top-k run on the device as for resident
-//!   experts; the chosen ids come back to the host (the one synchronisation per sparse layer
-//!   paging needs), the misses are copied on the compute stream (ordered after the work that
-//!   read the evicted slots, before the products that read the new ones), then the products
-//!   run. A layer whose quota is smaller than `k` runs its experts in waves of the quota.
+//!   experts; the chosen ids come back to the host (the one round trip per sparse layer
+//!   paging needs: `publish_back` writes them into device-mapped host memory and raises a
+//!   flag the host spins on, no stream synchronisation), the misses are copied on the compute
+//!   stream (ordered after the work that read the evicted slots, before the products that read
+//!   the new ones), then the products run. A layer whose quota is smaller than `k` runs its experts in waves of the quota.
 //!   Prefill routes on the host and takes the experts wave by wave as weight views of the slots.
 //! - **Copies**: an expert whose three parts lie evenly spaced in host memory (a layer's merged
 //!   gate, up and down tensors back to back) goes in one 2-D copy, else in three ([`copy_plan`]).
@@ -37,9 +38,11 @@
 //!   max(L_cpu + T_cpu(j), L_gpu + (m − j)·t_copy) ([`split`]), with t_copy measured when the
 //!   cache is provisioned, T_cpu(j) a line a + b·j fitted to the times measured when CPU
 //!   experts are first switched on and then in decode ([`CpuFit`]), and the two sides' fixed
-//!   parts L measured in decode ([`Lags`]). The CPU share starts once the layer's copies are
-//!   queued, and runs on a [`Team`] of spinning workers (one [`ExpertSum`] job per layer:
-//!   gate and up rows, then down rows summed over the experts) while this thread goes on
+//!   parts L measured in decode ([`Lags`]). The layer's copies are queued first, the CPU share
+//!   is handed over right after them (the routes and table entries the products need follow
+//!   in one launch), and it runs on a [`Team`] of spinning workers (one [`ExpertSum`] job per layer:
+//!   blocks of gate and up rows, then of down rows, summed over the experts at the end) while
+//!   this thread goes on
 //!   queueing; the last worker writes the sum into page-locked
 //!   memory and raises a [`HostFlag`] to the share's sequence number, on which the stream
 //!   waits (`cuStreamWaitValue32`: the GPU polls it, no host thread has to wake), then the
@@ -286,8 +289,8 @@ pub struct ExpertPager {
     /// The fixed parts of the split's two sides ([`Lags`]).
     lags: Mutex<Lags>,
     /// Two events around the last layer's GPU part (recorded when it started being queued
-    /// and after its products) and the copies it made, read at the next split layer (by then
-    /// the stream has synchronised): [`Lags::gpu`].
+    /// and after its products) and the copies it made, read at the next sampled split layer
+    /// (by then the routes' read-back has seen the stream past them): [`Lags::gpu`].
     side: OnceLock<(Event, Event)>,
     side_copies: Mutex<Option<usize>>,
     /// Split layers seen: one in [`SIDE_EVERY`] measures its GPU part (see `side_events`).
@@ -1077,8 +1080,8 @@ impl ExpertPager {
         self.side.get()
     }
 
-    /// Reads the last split layer's GPU part (its events completed when the stream
-    /// synchronised for this layer's routes) into [`Lags::gpu`]: its time less its copies'.
+    /// Reads the last sampled split layer's GPU part (its events completed before this
+    /// layer's routes were published) into [`Lags::gpu`]: its time less its copies'.
     fn read_side(&self, (a, b): &(Event, Event)) {
         let Some(n) = lock(&self.side_copies).take() else {
             return;
