@@ -215,9 +215,22 @@ mod imp {
         let ts = rb / nb;
         // One token (decode) is bound by streaming the weights: keep each row contiguous.
         let slab = if N == 1 { nb } else { SLAB };
+        let pf = if N == 1 {
+            super::super::prefetch_distance()
+        } else {
+            0
+        };
         for k0 in (0..nb).step_by(slab) {
             let cnt = slab.min(nb - k0);
             for (row, o) in rows.chunks_exact(rb).zip(out.chunks_exact_mut(n)) {
+                if pf > 0 {
+                    // The weights `pf` bytes ahead, one row's worth (a prefetch never faults:
+                    // past the end of the slice it is a hint about nothing).
+                    let ahead = row.as_ptr().wrapping_add(pf);
+                    for off in (0..rb).step_by(64) {
+                        _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(off).cast());
+                    }
+                }
                 // SAFETY: see the function's contract; blocks k0..k0 + cnt of the row and of
                 // each token are in bounds. `bp` is only offset, never read, when empty.
                 let r = unsafe {
