@@ -22,9 +22,13 @@ fn weight(rows: usize, cols: usize, seed: u64) -> CpuWeight {
     let mut buf = AlignedBuf::zeroed(n).unwrap();
     let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
     for (i, b) in buf.as_mut_slice().iter_mut().enumerate() {
-        s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        s = s
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         *b = (s >> 33) as u8;
-        if i % 144 < 4 { *b = if i % 2 == 0 { 0x10 } else { 0x0c }; }
+        if i % 144 < 4 {
+            *b = if i % 2 == 0 { 0x10 } else { 0x0c };
+        }
     }
     let t = HostTensor::new("w", DType::Q4K, vec![rows, cols], Arc::new(buf)).unwrap();
     CpuBackend.weight(t).unwrap()
@@ -38,49 +42,82 @@ struct Probe {
     done: AtomicBool,
 }
 impl TeamJob for Probe {
-    fn phases(&self) -> usize { self.inner.phases() }
-    fn chunks(&self, p: usize) -> usize { self.inner.chunks(p) }
+    fn phases(&self) -> usize {
+        self.inner.phases()
+    }
+    fn chunks(&self, p: usize) -> usize {
+        self.inner.chunks(p)
+    }
     fn run(&self, p: usize, c: usize) {
         let now = self.t0.elapsed().as_nanos() as u64;
         self.first[p.min(1)].fetch_min(now, Ordering::Relaxed);
         self.inner.run(p, c)
     }
-    fn between(&self, p: usize) { self.inner.between(p) }
+    fn between(&self, p: usize) {
+        self.inner.between(p)
+    }
     fn finish(&self) {
         self.inner.finish();
-        self.end.store(self.t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        self.end
+            .store(self.t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
         self.done.store(true, Ordering::Release);
     }
-    fn failed(&self, m: String) { self.inner.failed(m) }
+    fn failed(&self, m: String) {
+        self.inner.failed(m)
+    }
 }
 
 fn main() {
-    let threads: usize = std::env::args().nth(1).and_then(|s| s.parse().ok()).unwrap_or(2);
+    let threads: usize = std::env::args()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(2);
     let (ffn, hidden, n_exp) = (768, 2048, 256);
     let experts: Vec<[CpuWeight; 3]> = (0..n_exp as u64)
-        .map(|e| [weight(ffn, hidden, 3 * e), weight(ffn, hidden, 3 * e + 1), weight(hidden, ffn, 3 * e + 2)])
+        .map(|e| {
+            [
+                weight(ffn, hidden, 3 * e),
+                weight(ffn, hidden, 3 * e + 1),
+                weight(hidden, ffn, 3 * e + 2),
+            ]
+        })
         .collect();
-    let x: Vec<f32> = (0..hidden).map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0).collect();
+    let x: Vec<f32> = (0..hidden)
+        .map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0)
+        .collect();
     let team = Team::new(threads, Duration::from_millis(5)).unwrap();
     let mut k = 0usize;
     for j in [1usize, 2, 3, 4, 8] {
         let (mut tot, mut f0, mut f1, mut build) = (vec![], vec![], vec![], vec![]);
         for _ in 0..60 {
-            let ws: Vec<([CpuWeight; 3], f32)> = (0..j).map(|i| (experts[(k + i) % n_exp].clone(), 0.3)).collect();
+            let ws: Vec<([CpuWeight; 3], f32)> = (0..j)
+                .map(|i| (experts[(k + i) % n_exp].clone(), 0.3))
+                .collect();
             k += j;
             let t0 = Instant::now();
             let inner = ExpertSum::new(ws, &x, Box::new(|_r| {}));
             let b = t0.elapsed().as_nanos() as u64;
-            let p = Arc::new(Probe { inner, t0, first: [AtomicU64::new(u64::MAX), AtomicU64::new(u64::MAX)], end: AtomicU64::new(0), done: AtomicBool::new(false) });
+            let p = Arc::new(Probe {
+                inner,
+                t0,
+                first: [AtomicU64::new(u64::MAX), AtomicU64::new(u64::MAX)],
+                end: AtomicU64::new(0),
+                done: AtomicBool::new(false),
+            });
             team.submit(p.clone());
-            while !p.done.load(Ordering::Acquire) { std::hint::spin_loop(); }
+            while !p.done.load(Ordering::Acquire) {
+                std::hint::spin_loop();
+            }
             build.push(b as f64 / 1e3);
             f0.push(p.first[0].load(Ordering::Relaxed) as f64 / 1e3);
             f1.push(p.first[1].load(Ordering::Relaxed) as f64 / 1e3);
             tot.push(p.end.load(Ordering::Relaxed) as f64 / 1e3);
             std::thread::sleep(Duration::from_micros(200));
         }
-        let med = |v: &mut Vec<f64>| { v.sort_by(f64::total_cmp); v[v.len() / 2] };
+        let med = |v: &mut Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
         let mut st = Vec::new();
         for _ in 0..10 {
             let t0 = Instant::now();

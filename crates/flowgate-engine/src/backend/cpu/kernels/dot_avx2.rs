@@ -154,7 +154,16 @@ pub(super) mod imp {
         out: &mut [f32],
     ) {
         if n == 1 {
+            let pf = super::super::prefetch_distance();
             for (row, o) in rows.chunks_exact(rb).zip(out.iter_mut()) {
+                if pf > 0 {
+                    // The weights `pf` bytes ahead (a prefetch never faults: past the end of
+                    // the slice it is a hint about nothing).
+                    let ahead = row.as_ptr().wrapping_add(pf);
+                    for off in (0..rb).step_by(64) {
+                        _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(off).cast());
+                    }
+                }
                 *o = dot(dtype, row, src).unwrap_or(f32::NAN);
             }
             return;

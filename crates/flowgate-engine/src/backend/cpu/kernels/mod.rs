@@ -207,10 +207,10 @@ pub fn simd_level() -> Isa {
 }
 
 /// Bytes ahead of the row being read that one-token dot products (decode) prefetch, in the
-/// AVX-512 VNNI kernels: the row the hardware prefetcher has not reached yet. On the H100 box's
-/// Xeon (cold weights, moe30b experts) 2 KiB took one thread from 402 to 303 µs an expert and
-/// the 12-worker CPU share 10–13% faster; 1, 4 and 8 KiB did less. `FLOWGATE_CPU_PREFETCH=N`
-/// sets it (0: none), to measure.
+/// AVX-512 VNNI and AVX2 kernels: the row the hardware prefetcher has not reached yet. On the
+/// H100 box's Xeon (cold weights, moe30b experts) 2 KiB took one thread from 402 to 303 µs an
+/// expert (AVX2: 442–468 to 355–359) and the 12-worker CPU share 10–13% faster; 1, 4 and 8 KiB
+/// did less. `FLOWGATE_CPU_PREFETCH=N` sets it (0: none), to measure.
 pub(crate) fn prefetch_distance() -> usize {
     static PF: OnceLock<usize> = OnceLock::new();
     *PF.get_or_init(|| {
