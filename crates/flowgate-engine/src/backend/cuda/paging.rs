@@ -22,7 +22,8 @@
 //!   paging needs: `publish_back` writes them into device-mapped host memory and raises a
 //!   flag the host spins on, no stream synchronisation), the misses are copied on the compute
 //!   stream (ordered after the work that read the evicted slots, before the products that read
-//!   the new ones), then the products run. A layer whose quota is smaller than `k` runs its experts in waves of the quota.
+//!   the new ones), then the products run. A layer whose quota is smaller than `k` runs its
+//!   experts in waves of the quota.
 //!   Prefill routes on the host and takes the experts wave by wave as weight views of the slots.
 //! - **Copies**: an expert whose three parts lie evenly spaced in host memory (a layer's merged
 //!   gate, up and down tensors back to back) goes in one 2-D copy, else in three ([`copy_plan`]).
@@ -40,10 +41,9 @@
 //!   experts are first switched on and then in decode ([`CpuFit`]), and the two sides' fixed
 //!   parts L measured in decode ([`Lags`]). The layer's copies are queued first, the CPU share
 //!   is handed over right after them (the routes and table entries the products need follow
-//!   in one launch), and it runs on a [`Team`] of spinning workers (one [`ExpertSum`] job per layer:
-//!   blocks of gate and up rows, then of down rows, summed over the experts at the end) while
-//!   this thread goes on
-//!   queueing; the last worker writes the sum into page-locked
+//!   in one launch), and it runs on a [`Team`] of spinning workers (one [`ExpertSum`] job per
+//!   layer: blocks of gate and up rows, then of down rows, summed over the experts at the end)
+//!   while this thread goes on queueing; the last worker writes the sum into page-locked
 //!   memory and raises a [`HostFlag`] to the share's sequence number, on which the stream
 //!   waits (`cuStreamWaitValue32`: the GPU polls it, no host thread has to wake), then the
 //!   stream copies the sum in and adds it to the GPU's. Where the device cannot wait on host
@@ -295,7 +295,6 @@ pub struct ExpertPager {
     side_copies: Mutex<Option<usize>>,
     /// Split layers seen: one in [`SIDE_EVERY`] measures its GPU part (see `side_events`).
     side_tick: AtomicU32,
-
     /// The CPU share of the layer being queued, not started yet: [`CudaBackend::page_in`]
     /// starts it once the layer's copies are all queued (see [`CudaBackend::moe_split`]).
     pending_share: Mutex<Option<Box<dyn FnOnce() + Send>>>,
@@ -903,7 +902,7 @@ impl ExpertPager {
 
     /// Measures one way to serve a miss: copying an expert into a slot, as decode does, several
     /// back to back (a layer's misses are queued together, so the link's per-copy start is
-    /// paid once): the device time of `BURST` copies into empty slots over `BURST`, best of 5
+    /// paid once): the device time of `BURST` copies into empty slots over `BURST`, best of 6
     /// (device events). Timed one at a time, the same copies measured 53–77 µs from run to run
     /// on the H100 box and the split priced the link by the worst of them.
     fn calibrate_copy(&self, b: &CudaBackend) -> Result<f64> {
