@@ -16,24 +16,12 @@ use flowgate_engine::backend::cpu::CpuBackend;
 use flowgate_engine::models::{Logits, Model};
 use flowgate_engine::residency::layer_split::{layer_bytes, LayerSplit};
 use flowgate_engine::residency::SplitInput;
-use model_common::{assert_same, fixtures, prefill_and_decode, tokens};
+use model_common::{assert_same, fixtures, hf_case, prefill_and_decode, tokens, HF_ARCHS};
 
 /// (model path, reference json with the prompt tokens)
 fn all_fixtures() -> Vec<(PathBuf, PathBuf)> {
     let f = fixtures();
-    let mut v: Vec<(PathBuf, PathBuf)> = [
-        "llama",
-        "mistral",
-        "qwen2",
-        "qwen3",
-        "mixtral",
-        "qwen2_moe",
-        "qwen3_moe",
-        "olmoe",
-    ]
-    .iter()
-    .map(|n| (f.join(n), f.join(n).join("ref.json")))
-    .collect();
+    let mut v: Vec<(PathBuf, PathBuf)> = HF_ARCHS.iter().map(|n| hf_case(n)).collect();
     for m in ["llama", "qwen3_moe"] {
         v.push((
             f.join(format!("gguf/{m}-q8_0.gguf")),

@@ -13,14 +13,14 @@ use flowgate_engine::backend::cpu::CpuBackend;
 use flowgate_engine::models::Model;
 use flowgate_engine::residency::{self, HostPlan, PolicyKind};
 use flowgate_engine::runtime::{self, LoadOptions};
-use model_common::{assert_same, fixtures, prefill_and_decode, tokens};
+use model_common::{assert_same, fixtures, hf_case, prefill_and_decode, tokens};
 
 /// (model path, reference json with the prompt tokens)
 fn moe_fixtures() -> Vec<(PathBuf, PathBuf)> {
     let f = fixtures();
     let mut v: Vec<(PathBuf, PathBuf)> = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"]
         .iter()
-        .map(|n| (f.join(n), f.join(n).join("ref.json")))
+        .map(|n| hf_case(n))
         .collect();
     for q in ["f32", "q8_0"] {
         v.push((

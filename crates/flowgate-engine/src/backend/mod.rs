@@ -397,3 +397,14 @@ pub fn swiglu<B: Backend>(b: &B, j: &SwiGluJob<'_, B>) -> Result<B::Buf> {
     b.matmul(j.down, &gate, j.n, &mut out);
     Ok(out)
 }
+
+/// [`Backend::kv_read`]'s range check: positions `start..start + n` of a cache of `capacity`.
+pub(crate) fn kv_range(start: usize, n: usize, capacity: usize) -> Result<()> {
+    if start.checked_add(n).is_none_or(|end| end > capacity) {
+        return Err(crate::EngineError::Invalid(format!(
+            "kv_read: positions {start}..{} of a cache of {capacity}",
+            start.saturating_add(n)
+        )));
+    }
+    Ok(())
+}

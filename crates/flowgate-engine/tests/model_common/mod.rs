@@ -11,6 +11,27 @@ pub fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
 }
 
+/// The Hugging Face fixtures (tests/fixtures/NAME). Not every test crate that includes this
+/// module uses it.
+#[allow(dead_code)]
+pub const HF_ARCHS: [&str; 8] = [
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "mixtral",
+    "qwen2_moe",
+    "qwen3_moe",
+    "olmoe",
+];
+
+/// (model directory, reference json) of the Hugging Face fixture `name`.
+pub fn hf_case(name: &str) -> (PathBuf, PathBuf) {
+    let dir = fixtures().join(name);
+    let json = dir.join("ref.json");
+    (dir, json)
+}
+
 /// The prompt tokens of a reference json.
 pub fn tokens(json: &Path) -> Vec<u32> {
     let j: serde_json::Value =

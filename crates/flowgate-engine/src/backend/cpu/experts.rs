@@ -37,6 +37,8 @@ const DOWN_ROWS: usize = 64;
 const FEW_WORKERS: usize = 4;
 const FEW_GATE_UP_ROWS: usize = 64;
 const FEW_DOWN_ROWS: usize = 256;
+/// The most rows a chunk takes (its results live on the worker's stack).
+const MAX_ROWS: usize = 256;
 
 /// The chunk sizes for the default team, or `FLOWGATE_CPU_CHUNK_ROWS=gate_up,down` (measuring).
 fn chunk_rows() -> (usize, usize) {
@@ -48,7 +50,9 @@ fn chunk_rows() -> (usize, usize) {
                 let (a, b) = v.split_once(',')?;
                 Some((a.trim().parse().ok()?, b.trim().parse().ok()?))
             })
-            .filter(|&(a, b): &(usize, usize)| (1..=1024).contains(&a) && (1..=1024).contains(&b))
+            .filter(|&(a, b): &(usize, usize)| {
+                (1..=MAX_ROWS).contains(&a) && (1..=MAX_ROWS).contains(&b)
+            })
             .unwrap_or(if super::team::Team::default_threads() <= FEW_WORKERS {
                 (FEW_GATE_UP_ROWS, FEW_DOWN_ROWS)
             } else {
@@ -109,6 +113,13 @@ impl ExpertSum {
         }
     }
 
+    /// The same job in chunks of `gate_up` and `down` rows (at most [`MAX_ROWS`]).
+    #[cfg(test)]
+    fn with_rows(mut self, gate_up: usize, down: usize) -> ExpertSum {
+        self.rows = (gate_up.clamp(1, MAX_ROWS), down.clamp(1, MAX_ROWS));
+        self
+    }
+
     /// Chunks of one expert in phase 1 (gate and up) and in phase 2 (down).
     fn per_expert(&self) -> (usize, usize) {
         (
@@ -142,10 +153,10 @@ impl TeamJob for ExpertSum {
             let r = c * self.rows.0..((c + 1) * self.rows.0).min(self.ffn);
             let [g, u, _] = &self.experts[e].0;
             let n = r.len();
-            let (mut gv, mut uv) = (vec![0f32; n], vec![0f32; n]);
+            let (mut gv, mut uv) = ([0f32; MAX_ROWS], [0f32; MAX_ROWS]);
             let src = self.x.src();
-            rows_dot(&g.matrix(), r.clone(), &src, &mut gv);
-            rows_dot(&u.matrix(), r.clone(), &src, &mut uv);
+            rows_dot(&g.matrix(), r.clone(), &src, &mut gv[..n]);
+            rows_dot(&u.matrix(), r.clone(), &src, &mut uv[..n]);
             for (i, row) in r.enumerate() {
                 let v = silu_mul(gv[i], uv[i]);
                 self.h[e * self.ffn + row].store(v.to_bits(), Ordering::Relaxed);
@@ -157,14 +168,15 @@ impl TeamJob for ExpertSum {
             };
             let (e, c) = (chunk / down, chunk % down);
             let r = c * self.rows.1..((c + 1) * self.rows.1).min(self.hidden);
-            let mut out = vec![0f32; r.len()];
+            let mut out = [0f32; MAX_ROWS];
+            let n = r.len();
             rows_dot(
                 &self.experts[e].0[2].matrix(),
                 r.clone(),
                 &hq[e].src(),
-                &mut out,
+                &mut out[..n],
             );
-            for (row, v) in r.zip(out) {
+            for (row, &v) in r.zip(&out[..n]) {
                 self.ys[e * self.hidden + row].store(v.to_bits(), Ordering::Relaxed);
             }
         }
@@ -267,8 +279,8 @@ mod tests {
     }
 
     /// The team's fused sum equals the one-expert-at-a-time path bit for bit, for K-quant,
-    /// Q8_0 and float experts, with ragged chunk counts (ffn not a multiple of 32 where the
-    /// format allows).
+    /// Q8_0 and float experts, in both chunk layouts and a ragged one (row counts that do not
+    /// divide ffn or hidden).
     #[test]
     fn expert_sum_matches_swiglu_exactly() {
         let team = Team::new(3, Duration::from_millis(1)).unwrap();
@@ -311,24 +323,31 @@ mod tests {
                     *a += w * v;
                 }
             }
-            let slot = Arc::new((Mutex::new(None), Condvar::new()));
-            let s2 = slot.clone();
-            let job = ExpertSum::new(
-                experts,
-                &x,
-                Box::new(move |r| {
-                    *s2.0.lock().unwrap() = Some(r);
-                    s2.1.notify_all();
-                }),
-            );
-            team.submit(Arc::new(job));
-            let mut g = slot.0.lock().unwrap();
-            while g.is_none() {
-                g = slot.1.wait(g).unwrap();
-            }
-            let got = g.take().unwrap().unwrap();
             assert!(want.iter().any(|v| *v != 0.0), "{dtype}: a zero reference");
-            assert_eq!(got, want, "{dtype}");
+            for (gate_up, down) in [
+                (GATE_UP_ROWS, DOWN_ROWS),
+                (FEW_GATE_UP_ROWS, FEW_DOWN_ROWS),
+                (7, 5),
+            ] {
+                let slot = Arc::new((Mutex::new(None), Condvar::new()));
+                let s2 = slot.clone();
+                let job = ExpertSum::new(
+                    experts.clone(),
+                    &x,
+                    Box::new(move |r| {
+                        *s2.0.lock().unwrap() = Some(r);
+                        s2.1.notify_all();
+                    }),
+                )
+                .with_rows(gate_up, down);
+                team.submit(Arc::new(job));
+                let mut g = slot.0.lock().unwrap();
+                while g.is_none() {
+                    g = slot.1.wait(g).unwrap();
+                }
+                let got = g.take().unwrap().unwrap();
+                assert_eq!(got, want, "{dtype}, chunks of {gate_up}/{down} rows");
+            }
         }
     }
 }

@@ -253,13 +253,7 @@ impl Backend for CpuBackend {
 
     fn kv_read(&self, kv: &CpuKv, start: usize, n: usize) -> Result<(Vec<f32>, Vec<f32>)> {
         let w = kv.width;
-        if start + n > kv.capacity {
-            return Err(EngineError::Invalid(format!(
-                "kv_read: positions {start}..{} of a cache of {}",
-                start + n,
-                kv.capacity
-            )));
-        }
+        crate::backend::kv_range(start, n, kv.capacity)?;
         let r = start * w..(start + n) * w;
         Ok((kv.k[r.clone()].to_vec(), kv.v[r].to_vec()))
     }

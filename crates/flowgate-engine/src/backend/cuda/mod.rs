@@ -2163,13 +2163,7 @@ impl Backend for CudaBackend {
 
     fn kv_read(&self, kv: &CudaKv, start: usize, n: usize) -> Result<(Vec<f32>, Vec<f32>)> {
         let w = kv.width;
-        if start + n > kv.capacity {
-            return Err(EngineError::Invalid(format!(
-                "kv_read: positions {start}..{} of a cache of {}",
-                start + n,
-                kv.capacity
-            )));
-        }
+        crate::backend::kv_range(start, n, kv.capacity)?;
         let off = (start * w * 4) as u64;
         let k = self.read_floats(kv.k.ptr() + off, n * w);
         let v = self.read_floats(kv.v.ptr() + off, n * w);
