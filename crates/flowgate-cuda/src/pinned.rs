@@ -225,7 +225,8 @@ unsafe impl Send for HostPin {}
 unsafe impl Sync for HostPin {}
 
 impl HostPin {
-    /// Page-locks `len` bytes at `ptr` (portable across contexts).
+    /// Page-locks `len` bytes at `ptr` (portable across contexts, and mapped into the device's
+    /// address space: kernels may read it in place, see [`HostPin::device_ptr`]).
     ///
     /// # Safety
     /// `ptr..ptr+len` must be a live host allocation that stays mapped at that address until
@@ -239,7 +240,11 @@ impl HostPin {
         device.bind()?;
         // SAFETY: the caller guarantees a live range that outlives this value.
         check("cuMemHostRegister", unsafe {
-            sys::cuMemHostRegister_v2(ptr.cast(), len, sys::CU_MEMHOSTREGISTER_PORTABLE)
+            sys::cuMemHostRegister_v2(
+                ptr.cast(),
+                len,
+                sys::CU_MEMHOSTREGISTER_PORTABLE | sys::CU_MEMHOSTREGISTER_DEVICEMAP,
+            )
         })?;
         Ok(HostPin {
             device: device.clone(),
@@ -255,6 +260,25 @@ impl HostPin {
 
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+
+    /// The host address pinned.
+    pub fn host_ptr(&self) -> u64 {
+        self.ptr as u64
+    }
+
+    /// The device address kernels read the pinned range at (over the link). With unified
+    /// addressing, and where the device can use host pointers for registered memory, it is
+    /// the host address itself.
+    pub fn device_ptr(&self) -> Result<u64, CudaError> {
+        self.device.bind()?;
+        let mut dev: sys::CUdeviceptr = 0;
+        // SAFETY: the range is registered with DEVICEMAP (new) and stays so while self lives;
+        // `dev` is a valid out-pointer.
+        check("cuMemHostGetDevicePointer", unsafe {
+            sys::cuMemHostGetDevicePointer_v2(&mut dev, self.ptr.cast(), 0)
+        })?;
+        Ok(dev)
     }
 }
 

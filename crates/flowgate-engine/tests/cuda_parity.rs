@@ -1374,6 +1374,49 @@ fn vram_paging_with_one_slot_per_layer_matches_resident() {
                 st.total_misses()
             );
             assert!(ea <= 5e-2, "{}: auto split {ea:.2e}", path.display());
+            // Misses read in place from page-locked host memory by the products (no copy,
+            // no eviction): exact with every miss on the GPU, the CPU bound with the split.
+            pager.set_in_place(true);
+            assert!(
+                pager.in_place(),
+                "the pinned experts are not mapped for the device"
+            );
+            for (mode, fixed, bound) in [
+                (CpuExperts::Off, None, 1e-6),
+                (CpuExperts::Auto, None, 5e-2),
+                (CpuExperts::Auto, Some(1), 5e-2),
+            ] {
+                pager.set_cpu_experts(mode).unwrap();
+                pager.set_fixed_share(fixed);
+                pager.reset_stats();
+                let (_, id, _) = run(&paged.model, &tokens, 0);
+                let st = pager.stats();
+                let ei = rel_err(&id, &fd);
+                eprintln!(
+                    "  misses read in place, CPU experts {} (fixed share {fixed:?}): decode \
+                     {ei:.1e} vs resident; {} hits, {} misses, {} read in place, {} on the CPU",
+                    mode.name(),
+                    st.total_hits(),
+                    st.total_misses(),
+                    st.read_in_place,
+                    st.cpu_computed
+                );
+                assert!(ei <= bound, "{}: in place {ei:.2e}", path.display());
+                if mode == CpuExperts::Off {
+                    assert!(st.read_in_place > 0, "nothing read in place");
+                    assert_eq!(st.cpu_computed, 0);
+                }
+                if fixed.is_some() {
+                    // One miss of each layer on the CPU, the others in place: both sides work.
+                    assert!(st.read_in_place > 0 && st.cpu_computed > 0, "no split");
+                }
+                // Decode's misses are read in place or computed on the CPU (prefill's, also
+                // counted, are copied).
+                assert!(st.read_in_place + st.cpu_computed <= st.total_misses());
+            }
+            pager.set_fixed_share(None);
+            pager.set_in_place(false);
+            pager.set_cpu_experts(CpuExperts::Auto).unwrap();
             if routing == Routing::Router {
                 // Speculative prefetch (the next layer's router on this layer's input, copies
                 // on a stream of their own into the same single slot the layer's misses then

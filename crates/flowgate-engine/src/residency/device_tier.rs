@@ -118,6 +118,32 @@ impl SlotMap {
         self.assign_counted(layer, experts, true)
     }
 
+    /// Which of `experts` of `layer` are resident (their hits and misses counted, and the
+    /// policy told of the use), without making any resident: for a reader that uses a missed
+    /// expert where it already lies (the GPU reading host memory in place).
+    pub fn lookup(&mut self, layer: usize, experts: &[usize]) -> Vec<bool> {
+        experts
+            .iter()
+            .map(|&e| {
+                let k = layer * self.n_experts + e;
+                let hit = e < self.n_experts && self.slot_of.get(k).is_some_and(|s| s.is_some());
+                if e < self.n_experts {
+                    self.policy.touch(k);
+                }
+                if let Some(c) = (if hit {
+                    &mut self.stats.hits
+                } else {
+                    &mut self.stats.misses
+                })
+                .get_mut(layer)
+                {
+                    *c += 1;
+                }
+                hit
+            })
+            .collect()
+    }
+
     /// [`SlotMap::assign`] for experts a layer is predicted to need (speculative prefetch):
     /// the same placement and evictions, but no hits or misses are counted (the layer counts
     /// its own when it asks); the misses count as prefetched.

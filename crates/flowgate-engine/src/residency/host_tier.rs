@@ -209,6 +209,9 @@ pub struct CacheStats {
     /// Fiddler-style choice), and the host time those computations took.
     pub cpu_computed: u64,
     pub cpu_time: Duration,
+    /// Missed experts the GPU read in place from page-locked host memory (no copy; their
+    /// bytes count in `bytes_read`).
+    pub read_in_place: u64,
 }
 
 impl CacheStats {

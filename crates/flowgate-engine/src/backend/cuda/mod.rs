@@ -386,7 +386,7 @@ struct RopeInAttention {
 /// each may start (and the mat-vecs prefetch their weights into L2) while the kernel before
 /// it finishes. The decode step is a chain of ~10 such kernels per layer.
 /// `FLOWGATE_CUDA_PDL=0` turns it off.
-const PDL_KERNELS: [&str; 14] = [
+const PDL_KERNELS: [&str; 15] = [
     "rms_norm",
     "add_rms_norm",
     "add_rms_norm_rows1",
@@ -398,6 +398,7 @@ const PDL_KERNELS: [&str; 14] = [
     "matvec1q8_q4_k",
     "matvec1q8u_q4_k",
     "matvec1q8x_q4_k",
+    "matvec1q8xs_q4_k",
     "add",
     "add_sigmoid_gated",
     "silu_mul",
@@ -414,10 +415,14 @@ struct Kernels {
     /// Expert-indexed decode mat-vecs (MoE routed on the device), f32 and 8-bit activations.
     matvec1x: Vec<K>,
     matvec1q8x: Vec<Option<K>>,
+    /// `matvec1q8x_q4_k` with the rows staged in shared memory: for weights read in place
+    /// from host memory.
+    matvec1q8xs_q4_k: K,
     quantize_q8: K,
     router_topk: K,
     moe_combine: K,
     moe_page: K,
+    moe_split_mask: K,
     /// A paged layer's routes (and hidden vector) into mapped host memory, then a flag.
     publish_back: K,
     dequant: Vec<K>,
@@ -521,10 +526,12 @@ impl Kernels {
             matvec1q8u,
             matvec1x,
             matvec1q8x,
+            matvec1q8xs_q4_k: k(&mvq, "matvec1q8xs_q4_k")?,
             quantize_q8: k(&mvq, "quantize_q8")?,
             router_topk: k(&moe, "router_topk")?,
             moe_combine: k(&moe, "moe_combine")?,
             moe_page: k(&moe, "moe_page")?,
+            moe_split_mask: k(&moe, "moe_split_mask")?,
             publish_back: k(&moe, "publish_back")?,
             dequant,
             rms_norm: k(&norm, "rms_norm")?,
@@ -564,6 +571,7 @@ enum Arg<'a> {
     Q(&'a QuantJobs),
     R(&'a RowScale),
     M(&'a paging::MoePage),
+    S(&'a paging::MoeSplit),
 }
 
 /// Up to 16 (row, weight) pairs passed by value (`RowScale` in elementwise.cu).
@@ -1125,6 +1133,7 @@ impl CudaBackend {
                 Arg::Q(v) => b.arg(*v),
                 Arg::R(v) => b.arg(*v),
                 Arg::M(v) => b.arg(*v),
+                Arg::S(v) => b.arg(*v),
             };
         }
         let queued = self.host_clock();
@@ -1150,6 +1159,7 @@ impl CudaBackend {
                 Arg::Q(v) => *v as *const QuantJobs as *mut std::ffi::c_void,
                 Arg::R(v) => *v as *const RowScale as *mut std::ffi::c_void,
                 Arg::M(v) => *v as *const paging::MoePage as *mut std::ffi::c_void,
+                Arg::S(v) => *v as *const paging::MoeSplit as *mut std::ffi::c_void,
             })
             .collect();
         // SAFETY: a zeroed launch attribute is a valid value of the C union; only the
@@ -2534,6 +2544,9 @@ impl Backend for CudaBackend {
         self.taint_recording("routes chosen on the host");
         self.launch_page(e, &upd, routed.ptr(), routed.ptr() + 4 * k as u64);
         if let Some(p) = &e.paged {
+            if p.pager.in_place() {
+                return self.moe_in_place(e, &routed, k, h, out);
+            }
             // Paged experts behave as with a real router, whose choice must come back to the
             // host: one read-back (and round trip) per sparse layer, of the routes
             // written on the device, so that this benchmarking aid costs what routing costs.
@@ -2586,6 +2599,9 @@ impl CudaBackend {
         out: &mut CudaBuf,
     ) -> Result<()> {
         let routed = self.route_topk(router, h, 1, e.n, k, renormalise)?;
+        if e.paged.as_ref().is_some_and(|p| p.pager.in_place()) {
+            return self.moe_in_place(e, &routed, k, h, out);
+        }
         let ids = routed.ptr();
         let chosen = match &e.paged {
             Some(p) if self.cpu_experts_on(e) => {
@@ -2676,8 +2692,10 @@ impl CudaBackend {
             }
             _ => None,
         };
+        // Misses read in place need no slot: the whole set goes at once.
+        let in_place = paged.is_some_and(|(p, _)| p.pager.in_place());
         let wave = match paged {
-            Some((p, _)) if page => p.pager.quota(p.layer).clamp(1, k),
+            Some((p, _)) if page && !in_place => p.pager.quota(p.layer).clamp(1, k),
             _ => k,
         };
         let t = |i: u64| e.tables.ptr() + i * 8 * e.n as u64;
@@ -2699,6 +2717,7 @@ impl CudaBackend {
                 0,
                 gu.ptr(),
                 (e.kind, e.ffn, e.hidden, e.row_bytes),
+                in_place,
             );
             let n = (kw * e.ffn) as u64;
             self.launch(
@@ -2720,6 +2739,7 @@ impl CudaBackend {
                 e.ffn,
                 ys.ptr() + (4 * o * e.hidden) as u64,
                 (e.down_kind, e.hidden, e.ffn, e.down_row_bytes),
+                in_place,
             );
         }
         if !self.ensure(out, e.hidden) {
@@ -3071,7 +3091,8 @@ impl CudaBackend {
 
     /// Expert-indexed single-token products (`matvec1x_*` / `matvec1q8x_*`): job j of
     /// `jobs` multiplies expert `ids[j % k]` of table `ta` (j < k) or `tb` with the input at
-    /// `x + (j % k) * stride` into `y + j * rows`.
+    /// `x + (j % k) * stride` into `y + j * rows`. With `staged` (some experts are read in
+    /// place from host memory), Q4_K blocks stage their rows in shared memory first.
     #[allow(clippy::too_many_arguments)]
     fn matvec1_experts(
         &self,
@@ -3083,6 +3104,7 @@ impl CudaBackend {
         x_stride_floats: usize,
         y: u64,
         (kind, rows, cols, row_bytes): (usize, usize, usize, usize),
+        staged: bool,
     ) {
         if self.q8_on(kind, cols).is_some() {
             let xs: Vec<u64> = if x_stride_floats == 0 {
@@ -3095,7 +3117,7 @@ impl CudaBackend {
             let Some(q) = self.quantize_vectors(&xs, cols) else {
                 return;
             };
-            let Some(kq) = self.kernels.matvec1q8x.get(kind).and_then(|k| k.as_ref()) else {
+            let Some(mut kq) = self.kernels.matvec1q8x.get(kind).and_then(|k| k.as_ref()) else {
                 return;
             };
             let stride = if x_stride_floats == 0 {
@@ -3103,10 +3125,17 @@ impl CudaBackend {
             } else {
                 q8_bytes(cols)
             };
+            // 8 rows a block; the staged kernel keeps them in (at most 48 KiB of) shared memory.
+            let smem = if staged && 8 * row_bytes <= 48 << 10 {
+                kq = &self.kernels.matvec1q8xs_q4_k;
+                8 * row_bytes as u32
+            } else {
+                0
+            };
             let cfg = LaunchConfig {
                 grid_dim: ((rows as u32).div_ceil(8), jobs as u32, 1),
                 block_dim: (256, 1, 1),
-                shared_mem_bytes: 0,
+                shared_mem_bytes: smem,
             };
             self.launch(
                 kq,

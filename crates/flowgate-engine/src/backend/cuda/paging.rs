@@ -66,7 +66,7 @@
 //!   router only: uniform benchmark routing draws experts at random.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -136,11 +136,12 @@ pub(super) struct MoePage {
     e: [i32; PAGE_MAX],
     ids: [i32; PAGE_MAX],
     w: [f32; PAGE_MAX],
-    a: [u64; PAGE_MAX],
+    r: [i32; PAGE_MAX],
+    a: [[u64; PAGE_MAX]; 3],
 }
 
-// SAFETY: plain old data with the C layout of `struct MoePage` (2 ints, 3 arrays of 64 4-byte
-// values, then 64 u64 starting at byte 776, 8-aligned).
+// SAFETY: plain old data with the C layout of `struct MoePage` (2 ints, 4 arrays of 64 4-byte
+// values, then 3 × 64 u64 starting at byte 1032, 8-aligned).
 unsafe impl flowgate_cuda::cudarc::driver::DeviceRepr for MoePage {}
 
 impl MoePage {
@@ -151,15 +152,20 @@ impl MoePage {
             e: [0; PAGE_MAX],
             ids: [0; PAGE_MAX],
             w: [0.0; PAGE_MAX],
-            a: [0; PAGE_MAX],
+            r: [0; PAGE_MAX],
+            a: [[0; PAGE_MAX]; 3],
         }
     }
 
-    /// Adds a table entry: `expert` now lives at `addr`. True once the table is full.
-    fn push(&mut self, expert: usize, addr: u64) -> bool {
+    /// Adds a table entry: `expert`'s gate, up and down are read at `parts`, in a device slot
+    /// (`resident`) or in place in host memory. True once the table is full.
+    fn push(&mut self, expert: usize, parts: [u64; 3], resident: bool) -> bool {
         let n = self.n as usize;
         self.e[n] = expert as i32;
-        self.a[n] = addr;
+        self.r[n] = i32::from(resident);
+        for (a, x) in self.a.iter_mut().zip(parts) {
+            a[n] = x;
+        }
         self.n += 1;
         self.n as usize == PAGE_MAX
     }
@@ -178,6 +184,17 @@ impl MoePage {
         Some(p)
     }
 }
+
+/// `moe_split_mask`'s by-value argument (`struct MoeSplit` in moe.cu): for m misses among a
+/// token's routes, how many (the last in route order) the CPU computes.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub(super) struct MoeSplit {
+    j: [i32; PAGE_MAX + 1],
+}
+
+// SAFETY: plain old data with the C layout of `struct MoeSplit` (65 ints).
+unsafe impl flowgate_cuda::cudarc::driver::DeviceRepr for MoeSplit {}
 
 /// An expert's three matrices in their file format: shapes and where they sit in a slot.
 #[derive(Clone, Copy, Debug)]
@@ -252,6 +269,9 @@ impl Slots {
 pub struct ExpertPager {
     n_experts: usize,
     sparse: Vec<bool>,
+    /// Per layer: how many times its residency has changed (copies into slots, evictions);
+    /// a table read in place is rewritten whole when it lags ([`CudaBackend::sync_table`]).
+    gens: Vec<AtomicU64>,
     pub(super) shape: ExpertShape,
     /// Where misses are copied from: page-locked RAM holding every expert, or a RAM cache
     /// over the file (attached once the dense weights are on the device).
@@ -312,6 +332,12 @@ pub struct ExpertPager {
     /// Speculative prefetch (off by default): the next layer's predicted experts are copied
     /// in on a stream of their own ([`CudaBackend::start_prefetch`]).
     prefetch_on: AtomicBool,
+    /// With CPU experts on `auto`: this many misses of a layer (at most) on the CPU instead
+    /// of what the cost model says ([`ExpertPager::set_fixed_share`]).
+    fixed_share: Mutex<Option<usize>>,
+    /// Decode reads a missed expert in place, from page-locked host memory over the link,
+    /// instead of copying it into a slot first ([`ExpertPager::set_in_place`]).
+    in_place_on: AtomicBool,
     copy_stream: OnceLock<flowgate_cuda::Stream>,
     /// The prediction queued on the device, read back with the next routes: (layer, k, ids
     /// then weights).
@@ -322,6 +348,16 @@ pub struct ExpertPager {
     inflight: Mutex<Vec<Option<Inflight>>>,
     /// Device time between fixed points of each paged layer (`FLOWGATE_PAGING_TIMELINE=1`).
     pub(super) timeline: LayerTimeline,
+}
+
+/// A read-back queued by [`CudaBackend::publish`], for [`CudaBackend::collect`].
+struct Published {
+    seq: u32,
+    k: usize,
+    ids: bool,
+    with_weights: bool,
+    hidden: usize,
+    predicted: Option<(usize, usize, super::CudaBuf)>,
 }
 
 /// A prefetch in flight for one layer: copies on the copy stream, then `done`.
@@ -344,6 +380,9 @@ impl Drop for ExpertPager {
 pub struct PagedLayer {
     pub(super) pager: Arc<ExpertPager>,
     pub(super) layer: usize,
+    /// The layer's residency generation ([`ExpertPager::bump`]) this table was last written
+    /// whole for (`u64::MAX`: never), by [`CudaBackend::sync_table`].
+    synced: AtomicU64,
 }
 
 /// Expert `e`'s projection `stem` in layer `l`: a slice of the merged tensor, or its own.
@@ -567,6 +606,11 @@ impl ExpertShape {
         })
     }
 
+    /// Where the gate, up and down of the expert in the slot at `base` lie.
+    fn parts_at(&self, base: u64) -> [u64; 3] {
+        self.off.map(|o| base + o)
+    }
+
     /// Checks that `other` (expert `e` of layer `l`) is stored as the first expert was.
     fn same_as(&self, other: &ExpertShape, l: usize, e: usize) -> Result<()> {
         if (self.kind, self.down_kind, self.part) != (other.kind, other.down_kind, other.part) {
@@ -782,6 +826,7 @@ impl ExpertPager {
             PinnedBuffer::new(&backend.device, HIDDEN_BACK + 4 * spec.hidden).map_err(cuda_err)?;
         Ok(Arc::new(ExpertPager {
             n_experts: m.n_experts,
+            gens: sparse.iter().map(|_| AtomicU64::new(0)).collect(),
             sparse,
             shape,
             host: host.map_or_else(OnceLock::new, OnceLock::from),
@@ -817,6 +862,14 @@ impl ExpertPager {
             failure: Mutex::new(None),
             team: OnceLock::new(),
             prefetch_on: AtomicBool::new(false),
+            fixed_share: Mutex::new(
+                std::env::var("FLOWGATE_CPU_SHARE")
+                    .ok()
+                    .and_then(|v| v.parse().ok()),
+            ),
+            in_place_on: AtomicBool::new(
+                std::env::var("FLOWGATE_MISS_PATH").is_ok_and(|v| v == "in-place"),
+            ),
             copy_stream: OnceLock::new(),
             predicted: Mutex::new(None),
             guess: Mutex::new(None),
@@ -1135,6 +1188,35 @@ impl ExpertPager {
         self.prefetch_on.load(Ordering::Relaxed)
     }
 
+    /// Missed experts in decode: read in place from page-locked host memory by the products
+    /// themselves (`on`), or copied into a slot first, evicting another. In place, decode
+    /// changes no residency (the slots keep what prefill left) and the GPU never waits for
+    /// the host: see [`CudaBackend::moe_in_place`].
+    pub fn set_in_place(&self, on: bool) {
+        self.in_place_on.store(on, Ordering::Relaxed);
+    }
+
+    /// Under `--cpu-experts auto`, `Some(n)` gives the CPU n of each layer's misses (fewer
+    /// when fewer miss) instead of the cost model's choice: to test a split that the
+    /// measured costs might not pick, and to measure one.
+    pub fn set_fixed_share(&self, n: Option<usize>) {
+        *lock(&self.fixed_share) = n;
+    }
+
+    /// `layer`'s residency changed (see `gens`).
+    fn bump(&self, layer: usize) {
+        if let Some(g) = self.gens.get(layer) {
+            g.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether decode reads misses in place: asked for, and the host tier allows it (every
+    /// expert page-locked where the device maps it, i.e. no RAM cache under the slots).
+    pub fn in_place(&self) -> bool {
+        self.in_place_on.load(Ordering::Relaxed)
+            && self.host.get().is_some_and(|h| h.reads_in_place())
+    }
+
     /// A prediction for `layer` queued on the device (`k` ids then weights in `buf`), read
     /// back with the next routes.
     pub(super) fn set_predicted(&self, layer: usize, k: usize, buf: super::CudaBuf) {
@@ -1161,6 +1243,9 @@ impl ExpertPager {
             CpuExperts::Off => return 0,
             CpuExperts::All => return misses,
             CpuExperts::Auto => {}
+        }
+        if let Some(n) = *lock(&self.fixed_share) {
+            return n.min(misses);
         }
         let lags = *lock(&self.lags);
         let g = lock(&self.cost);
@@ -1236,8 +1321,9 @@ impl CudaBackend {
             return Ok(None);
         }
         let n = pager.n_experts;
-        let tables = self.new_buf(3 * n * 2)?;
-        self.memset0(tables.ptr(), 3 * n * 2);
+        // Gate, up and down addresses, then residency flags (moe.cu, `moe_page`); n u64 each.
+        let tables = self.new_buf(4 * n * 2)?;
+        self.memset0(tables.ptr(), 4 * n * 2);
         let s = pager.shape;
         Ok(Some(CudaExperts {
             tables,
@@ -1248,7 +1334,11 @@ impl CudaBackend {
             row_bytes: s.row_bytes,
             down_kind: s.down_kind,
             down_row_bytes: s.down_row_bytes,
-            paged: Some(PagedLayer { pager, layer }),
+            paged: Some(PagedLayer {
+                pager,
+                layer,
+                synced: AtomicU64::new(u64::MAX),
+            }),
         }))
     }
 
@@ -1281,9 +1371,23 @@ impl CudaBackend {
         with_weights: bool,
         h: Option<(u64, usize)>,
     ) -> Result<(Vec<usize>, Vec<f32>, Vec<f32>)> {
-        let back = lock(&pager.ids_back);
+        let sent = self.publish(pager, k, ids, with_weights, h)?;
+        self.collect(pager, sent)
+    }
+
+    /// [`CudaBackend::read_back`]'s first half: the kernel that publishes, queued after the
+    /// work queued so far. Work queued after it runs on while the host waits in
+    /// [`CudaBackend::collect`].
+    fn publish(
+        &self,
+        pager: &ExpertPager,
+        k: usize,
+        ids: Option<u64>,
+        with_weights: bool,
+        h: Option<(u64, usize)>,
+    ) -> Result<Published> {
         let hidden = h.map_or(0, |x| x.1);
-        if k > PAGE_MAX || HIDDEN_BACK + 4 * hidden > back.len() {
+        if k > PAGE_MAX || HIDDEN_BACK + 4 * hidden > lock(&pager.ids_back).len() {
             return Err(EngineError::Invalid(format!("read back of {k} routes")));
         }
         self.device.bind().map_err(cuda_err)?;
@@ -1333,7 +1437,33 @@ impl CudaBackend {
             ],
         );
         self.check()?;
+        Ok(Published {
+            seq,
+            k,
+            ids: ids.is_some(),
+            with_weights,
+            hidden,
+            predicted,
+        })
+    }
+
+    /// [`CudaBackend::read_back`]'s second half: waits for what [`CudaBackend::publish`]
+    /// queued, and reads it.
+    fn collect(
+        &self,
+        pager: &ExpertPager,
+        sent: Published,
+    ) -> Result<(Vec<usize>, Vec<f32>, Vec<f32>)> {
+        let Published {
+            seq,
+            k,
+            ids,
+            with_weights,
+            hidden,
+            predicted,
+        } = sent;
         self.wait_published(&pager.back_flag, seq)?;
+        let back = lock(&pager.ids_back);
         // Read only now: the device wrote these bytes, and the flag's acquire orders them.
         let dst = back.as_slice();
         *lock(&pager.routes_at) = Some(Instant::now());
@@ -1348,7 +1478,7 @@ impl CudaBackend {
                 .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
                 .collect()
         };
-        let v: Vec<usize> = if ids.is_some() {
+        let v: Vec<usize> = if ids {
             dst[..4 * k]
                 .chunks_exact(4)
                 .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as usize)
@@ -1359,7 +1489,7 @@ impl CudaBackend {
         if v.iter().any(|&e| e >= pager.n_experts) {
             return Err(EngineError::Invalid(format!("router chose experts {v:?}")));
         }
-        let w = if ids.is_some() && with_weights {
+        let w = if ids && with_weights {
             f32s(4 * k, k)
         } else {
             Vec::new()
@@ -1381,6 +1511,161 @@ impl CudaBackend {
             p.pager.cpu_experts() != CpuExperts::Off
                 && lock(&p.pager.cost).as_ref().is_some_and(|c| c.1.len() > 1)
         })
+    }
+
+    /// Writes `p`'s whole table (every expert: its slot, or its host memory read in place,
+    /// and which) if the layer's residency changed since it was last written.
+    fn sync_table(&self, e: &CudaExperts, p: &PagedLayer) -> Result<()> {
+        let pager = &p.pager;
+        let gen = pager
+            .gens
+            .get(p.layer)
+            .map_or(0, |g| g.load(Ordering::Relaxed));
+        if p.synced.load(Ordering::Relaxed) == gen {
+            return Ok(());
+        }
+        let host = pager.host()?;
+        let all: Vec<usize> = (0..pager.n_experts).collect();
+        let in_place = host
+            .in_place(p.layer, &all, pager.n_experts)
+            .ok_or_else(|| EngineError::Invalid("no host copies to read in place".into()))?;
+        let mut guard = lock(&pager.slots);
+        let slots = guard
+            .as_mut()
+            .ok_or_else(|| EngineError::Invalid("expert slots were not provisioned".into()))?;
+        // A prefetch still in flight for the layer lands first (its slots are in the map).
+        self.settle_prefetch(pager, p.layer, &[], &mut slots.map)?;
+        let mut upd = MoePage::empty();
+        for (&x, host_parts) in all.iter().zip(in_place) {
+            let (parts, resident) = match slots.map.slot_of(p.layer, x) {
+                Some(slot) => (
+                    pager
+                        .shape
+                        .parts_at(slots.addr(slot, pager.shape.slot_bytes)?),
+                    true,
+                ),
+                None => (host_parts, false),
+            };
+            if upd.push(x, parts, resident) {
+                self.launch_page(e, &upd, 0, 0);
+                upd.n = 0;
+            }
+        }
+        if upd.n > 0 {
+            self.launch_page(e, &upd, 0, 0);
+        }
+        p.synced.store(gen, Ordering::Relaxed);
+        self.check()
+    }
+
+    /// One token through a paged layer whose misses are read in place
+    /// ([`ExpertPager::set_in_place`]), `routed` holding the `k` routes on the device (ids
+    /// then weights). The GPU never waits for the host: one kernel splits the routes by the
+    /// layer's residency flags and a table of CPU shares passed by value (for m misses, the
+    /// last `j(m)` in route order are the CPU's), the routes are published, and the GPU's
+    /// products (hits from their slots, its misses straight from host memory, the CPU's
+    /// skipped) are queued before the host waits for them. The host then reads the routes,
+    /// picks the same CPU experts from the same residency and table, and hands them to the
+    /// team; the stream adds their sum when the flag says it is there.
+    pub(super) fn moe_in_place(
+        &self,
+        e: &CudaExperts,
+        routed: &super::CudaBuf,
+        k: usize,
+        h: &super::CudaBuf,
+        out: &mut super::CudaBuf,
+    ) -> Result<()> {
+        let p = e
+            .paged
+            .as_ref()
+            .ok_or_else(|| EngineError::Invalid("moe_in_place on resident experts".into()))?;
+        let pager = &p.pager;
+        if k == 0 || k > PAGE_MAX {
+            return Err(EngineError::Invalid(format!("{k} routes read in place")));
+        }
+        self.sync_table(e, p)?;
+        let cpu_on = self.cpu_experts_on(e);
+        let mut split = MoeSplit {
+            j: [0; PAGE_MAX + 1],
+        };
+        if cpu_on {
+            for m in 0..=k {
+                split.j[m] = pager.cpu_share(m).min(m) as i32;
+            }
+        }
+        let gpu = self.new_buf(2 * k)?;
+        let (ids, w) = (routed.ptr(), routed.ptr() + 4 * k as u64);
+        // One layer in SIDE_EVERY times the GPU's part on the device (mask to products done):
+        // its time beyond the experts it reads in place is the GPU's fixed part in `split`.
+        let sample = cpu_on
+            && pager
+                .side_tick
+                .fetch_add(1, Ordering::Relaxed)
+                .is_multiple_of(SIDE_EVERY);
+        let side = pager.side_events(&self.device).filter(|ev| {
+            sample && {
+                pager.read_side(ev);
+                ev.0.record(&self.stream).is_ok()
+            }
+        });
+        self.launch(
+            &self.kernels.moe_split_mask,
+            LaunchConfig {
+                grid_dim: (1, 1, 1),
+                block_dim: (32, 1, 1),
+                shared_mem_bytes: 0,
+            },
+            &[
+                Arg::P(e.tables.ptr() + 3 * 8 * e.n as u64),
+                Arg::P(ids),
+                Arg::P(w),
+                Arg::I(k as i32),
+                Arg::S(&split),
+                Arg::P(gpu.ptr()),
+                Arg::P(gpu.ptr() + 4 * k as u64),
+            ],
+        );
+        let sent = self.publish(
+            pager,
+            k,
+            Some(ids),
+            true,
+            cpu_on.then_some((h.ptr(), e.hidden)),
+        )?;
+        self.moe_experts_with(e, &gpu, k, Some(&[]), false, h, out)?;
+        let timed = side.is_some_and(|ev| ev.1.record(&self.stream).is_ok());
+        let (chosen, weights, h_host) = self.collect(pager, sent)?;
+        let hits = lock(&pager.slots)
+            .as_mut()
+            .ok_or_else(|| EngineError::Invalid("expert slots were not provisioned".into()))?
+            .map
+            .lookup(p.layer, &chosen);
+        let misses: Vec<usize> = (0..k).filter(|&i| !hits[i]).collect();
+        let j = split.j[misses.len()] as usize;
+        if timed {
+            *lock(&pager.side_copies) = Some(misses.len() - j);
+        }
+        {
+            let mut g = lock(&pager.slots);
+            if let Some(sl) = g.as_mut() {
+                let st = sl.map.stats_mut();
+                // The CPU's misses are counted when its share ends (`cpu_share_done`).
+                st.misses[p.layer] -= j as u64;
+                st.read_in_place += (misses.len() - j) as u64;
+                st.bytes_read +=
+                    ((misses.len() - j) * pager.shape.part.iter().sum::<usize>()) as u64;
+            }
+        }
+        if j == 0 {
+            return self.check();
+        }
+        let experts = misses[misses.len() - j..]
+            .iter()
+            .map(|&i| (chosen[i], weights[i]))
+            .collect();
+        let (seq, job, start) = cpu_share_job(pager, p.layer, experts, &h_host);
+        start();
+        self.join_cpu_share(e, pager, seq, job, out)
     }
 
     /// One token through a paged layer with `routes` (expert, weight) known on the host (and
@@ -1429,39 +1714,9 @@ impl CudaBackend {
         // after them 58.4 / 81.2 and 55.0 / 80.0. The stream waits until the share's sequence
         // number is in the flag (the device polls it), then copies the sum in and adds it.
         let share = (j > 0).then(|| {
-            let job = Arc::new(CpuJob::default());
-            let seq = pager
-                .cpu_seq
-                .fetch_add(1, Ordering::Relaxed)
-                .wrapping_add(1);
             let experts: Vec<(usize, f32)> = on_cpu.iter().map(|&i| routes[i]).collect();
-            let (pager2, layer, job2, x) = (pager.clone(), p.layer, job.clone(), h_host.to_vec());
-            let start = move || {
-                let ids: Vec<usize> = experts.iter().map(|x| x.0).collect();
-                let n = experts.len();
-                let submit = || -> Result<()> {
-                    let w = pager2.host()?.cpu_weights(layer, &ids, pager2.n_experts)?;
-                    let ws = w
-                        .weights
-                        .into_iter()
-                        .zip(&experts)
-                        .map(|(w, x)| (w, x.1))
-                        .collect();
-                    let done = cpu_share_done(pager2.clone(), layer, n, seq, job2.clone(), w.lease);
-                    pager2
-                        .team()?
-                        .submit(Arc::new(ExpertSum::new(ws, &x, done)));
-                    Ok(())
-                };
-                if let Err(err) = submit() {
-                    // The flag still goes up (the stream never waits forever); the failure
-                    // comes out at the next read-back.
-                    cpu_share_done(pager2.clone(), layer, n, seq, job2.clone(), None)(Err(
-                        err.to_string()
-                    ));
-                }
-            };
-            *lock(&pager.pending_share) = Some(Box::new(start));
+            let (seq, job, start) = cpu_share_job(pager, p.layer, experts, h_host);
+            *lock(&pager.pending_share) = Some(start);
             (seq, job)
         });
         // The GPU's part, between two events that measure its fixed part (see `Lags`).
@@ -1489,6 +1744,18 @@ impl CudaBackend {
         let Some((seq, job)) = share else {
             return Ok(());
         };
+        self.join_cpu_share(e, pager, seq, job, out)
+    }
+
+    /// Makes the stream wait for the CPU share `seq` (`job`), then adds its sum into `out`.
+    fn join_cpu_share(
+        &self,
+        e: &CudaExperts,
+        pager: &ExpertPager,
+        seq: u32,
+        job: Arc<CpuJob>,
+        out: &mut super::CudaBuf,
+    ) -> Result<()> {
         let mut gated = false;
         if !pager.host_gate.load(Ordering::Relaxed) {
             // SAFETY: the job just submitted always raises the flag to `seq` when it ends
@@ -1563,7 +1830,7 @@ impl CudaBackend {
             if !table.is_empty() {
                 let mut upd = MoePage::empty();
                 for (x, base) in table {
-                    upd.push(x, base);
+                    upd.push(x, pager.shape.parts_at(base), true);
                 }
                 self.launch_page(e, &upd, 0, 0);
             }
@@ -1686,6 +1953,7 @@ impl CudaBackend {
         start.record(&self.stream).map_err(cuda_err)?;
         stream.wait(&start).map_err(cuda_err)?;
         let assigned = slots.map.prefetch(layer, &want)?;
+        pager.bump(layer);
         let misses: Vec<&Assigned> = assigned.iter().filter(|a| !a.hit).collect();
         let s = pager.shape;
         let mut table = Vec::new();
@@ -1763,15 +2031,20 @@ impl CudaBackend {
         let mut upd = MoePage::empty();
         // A prefetch for this layer: its copies (and the evictions it made) come first.
         for (x, base) in self.settle_prefetch(pager, p.layer, experts, &mut slots.map)? {
-            upd.push(x, base);
+            upd.push(x, pager.shape.parts_at(base), true);
         }
+        let host = pager.host()?;
+        let s = pager.shape;
+        let mut copied = 0u64;
         let assigned = slots.map.assign(p.layer, experts)?;
         pager.timeline.probe("2 slots assigned");
         let misses: Vec<&Assigned> = assigned.iter().filter(|a| !a.hit).collect();
-        let s = pager.shape;
-        let mut copied = 0u64;
+        if !misses.is_empty() {
+            // The layer's residency changed: its table is rewritten whole before the next
+            // token that reads misses in place (see `sync_table`).
+            pager.bump(p.layer);
+        }
         let mut events: Option<(Event, Event)> = None;
-        let host = pager.host()?;
         host.reap();
         let evicted: Vec<usize> = misses.iter().filter_map(|a| a.evicted).collect();
         host.evicted(p.layer, &evicted);
@@ -1825,7 +2098,7 @@ impl CudaBackend {
                         )));
                     }
                 }
-                if upd.push(a.expert, base) {
+                if upd.push(a.expert, s.parts_at(base), true) {
                     // A prefill wave can miss more experts than one launch's table takes.
                     self.launch_page(e, &upd, 0, 0);
                     upd.n = 0;
@@ -1935,11 +2208,6 @@ impl CudaBackend {
 
     /// One `moe_page` launch: table entries, and routes written to `ids`/`w` when `upd.k > 0`.
     pub(super) fn launch_page(&self, e: &CudaExperts, upd: &MoePage, ids: u64, w: u64) {
-        let s = e
-            .paged
-            .as_ref()
-            .map(|p| p.pager.shape.off)
-            .unwrap_or([0; 3]);
         self.launch(
             &self.kernels.moe_page,
             LaunchConfig {
@@ -1950,8 +2218,6 @@ impl CudaBackend {
             &[
                 Arg::P(e.tables.ptr()),
                 Arg::I(e.n as i32),
-                Arg::P(s[1]),
-                Arg::P(s[2]),
                 Arg::M(upd),
                 Arg::P(ids),
                 Arg::P(w),
@@ -2037,6 +2303,47 @@ unsafe extern "C" fn wait_for_cpu(data: *mut std::ffi::c_void) {
 /// opens the stream's gate, then records the statistics and the time taken in the cost model.
 /// `lease` (the RAM cache's pins on the experts, if any) ends with the job's completion, which
 /// the job drops after its weights.
+/// The CPU share of a paged layer: `experts` (id, weight) of `layer` on the pager's team with
+/// the input `h_host`. Returns its sequence number, the job the stream's gate waits on, and
+/// the closure that submits it (the caller picks the moment).
+fn cpu_share_job(
+    pager: &Arc<ExpertPager>,
+    layer: usize,
+    experts: Vec<(usize, f32)>,
+    h_host: &[f32],
+) -> (u32, Arc<CpuJob>, Box<dyn FnOnce() + Send>) {
+    let job = Arc::new(CpuJob::default());
+    let seq = pager
+        .cpu_seq
+        .fetch_add(1, Ordering::Relaxed)
+        .wrapping_add(1);
+    let (pager2, job2, x) = (pager.clone(), job.clone(), h_host.to_vec());
+    let start = move || {
+        let ids: Vec<usize> = experts.iter().map(|x| x.0).collect();
+        let n = experts.len();
+        let submit = || -> Result<()> {
+            let w = pager2.host()?.cpu_weights(layer, &ids, pager2.n_experts)?;
+            let ws = w
+                .weights
+                .into_iter()
+                .zip(&experts)
+                .map(|(w, x)| (w, x.1))
+                .collect();
+            let done = cpu_share_done(pager2.clone(), layer, n, seq, job2.clone(), w.lease);
+            pager2
+                .team()?
+                .submit(Arc::new(ExpertSum::new(ws, &x, done)));
+            Ok(())
+        };
+        if let Err(err) = submit() {
+            // The flag still goes up (the stream never waits forever); the failure comes out
+            // at the next read-back.
+            cpu_share_done(pager2.clone(), layer, n, seq, job2.clone(), None)(Err(err.to_string()));
+        }
+    };
+    (seq, job, Box::new(start))
+}
+
 fn cpu_share_done(
     pager: Arc<ExpertPager>,
     layer: usize,

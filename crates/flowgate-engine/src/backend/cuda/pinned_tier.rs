@@ -83,6 +83,9 @@ pub(super) struct Resident {
     pub host: Vec<Option<[u64; 3]>>,
     /// The same experts as CPU-backend weights (views of the same memory), per key.
     pub cpu: Vec<Option<[CpuWeight; 3]>>,
+    /// Kernels can read the experts in place at their host addresses (each pin is mapped
+    /// into the device's address space at its host address).
+    in_place: bool,
     // Dropped in this order: unpin, then release the arenas.
     _pins: Vec<HostPin>,
     _arenas: Vec<Arc<AlignedBuf>>,
@@ -96,9 +99,13 @@ impl Resident {
         pins: Vec<HostPin>,
         arenas: Vec<Arc<AlignedBuf>>,
     ) -> Resident {
+        let in_place = pins
+            .iter()
+            .all(|p| p.device_ptr().is_ok_and(|d| d == p.host_ptr()));
         Resident {
             host,
             cpu,
+            in_place,
             _pins: pins,
             _arenas: arenas,
         }
@@ -225,6 +232,28 @@ impl PinnedTier {
                 })
             }
         }
+    }
+
+    /// Device addresses (gate, up, down) at which kernels read `experts` of `layer` in place,
+    /// over the link, with nothing to hold: only every expert page-locked where the device
+    /// maps it (`--vram-budget` alone); None for a RAM cache, whose slots change hands.
+    pub fn in_place(
+        &self,
+        layer: usize,
+        experts: &[usize],
+        n_experts: usize,
+    ) -> Option<Vec<[u64; 3]>> {
+        match self {
+            PinnedTier::Resident(r) if r.in_place => {
+                Resident::lookup(&r.host, layer, experts, n_experts).ok()
+            }
+            _ => None,
+        }
+    }
+
+    /// Whether [`PinnedTier::in_place`] serves.
+    pub fn reads_in_place(&self) -> bool {
+        matches!(self, PinnedTier::Resident(r) if r.in_place)
     }
 
     /// Weights of `experts` of `layer` for the CPU backend.

@@ -162,10 +162,41 @@ extern "C" __global__ void matvec1q8x_q4_k(const u64* ta, const u64* tb, const i
                                            int cols, u64 row_bytes) {
     grid_dep_wait();
     int j = blockIdx.y;
-    const u8* W = (const u8*)(j < k ? ta : tb)[ids[j % k]];
+    int id = ids[j % k];
+    if (id < 0) return;  // computed elsewhere (moe_split_mask)
+    const u8* W = (const u8*)(j < k ? ta : tb)[id];
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     int r0 = blockIdx.x * (blockDim.x >> 5) + warp;
     if (r0 >= rows) return;
     mvq_q4_k<1, 1>(W, row_bytes, xq + (u64)(j % k) * x_stride, y + (u64)j * rows, rows, cols,
                    r0, lane);
+}
+
+// matvec1q8x_q4_k for weights read in place over the link (page-locked host memory, see
+// paging.rs): the block's 8 rows, contiguous in memory, are first brought into shared memory
+// with every thread loading whole 16-byte words in turn (each warp instruction reads 512
+// contiguous bytes: full 128-byte lines, the fewest and largest requests over PCIe), then each
+// warp computes its row from there. The per-row kernel's loads (a 16-byte header shared by 8
+// lanes, quants straddling lines) cost the link several small requests per line. Dynamic
+// shared memory: 8 · row_bytes. Same sums in the same order as matvec1q8x_q4_k.
+extern "C" __global__ void matvec1q8xs_q4_k(const u64* ta, const u64* tb, const int* ids, int k,
+                                            const u8* xq, u64 x_stride, float* y, int rows,
+                                            int cols, u64 row_bytes) {
+    extern __shared__ uint4 staged[];
+    grid_dep_wait();
+    int j = blockIdx.y;
+    int id = ids[j % k];
+    if (id < 0) return;  // computed elsewhere (moe_split_mask)
+    const u8* W = (const u8*)(j < k ? ta : tb)[id];
+    int r0 = blockIdx.x * (blockDim.x >> 5);
+    if (r0 >= rows) return;
+    int nr = min((int)(blockDim.x >> 5), rows - r0);
+    const uint4* src = (const uint4*)(W + (u64)r0 * row_bytes);
+    int n16 = (int)((u64)nr * row_bytes / 16);
+    for (int i = threadIdx.x; i < n16; i += blockDim.x) staged[i] = src[i];
+    __syncthreads();
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    if (warp >= nr) return;
+    mvq_q4_k<1, 1>((const u8*)staged, row_bytes, xq + (u64)(j % k) * x_stride,
+                   y + (u64)j * rows + r0, nr, cols, warp, lane);
 }

@@ -194,6 +194,7 @@ __device__ __forceinline__ void dequant_body(const u8* __restrict__ W, u64 row_b
 // ids[j % k]'s, looked up in the device table ta (jobs below k) or tb (the others); its input
 // is x + (j % k) * x_stride floats and its output y + j * rows. Gate and up of k experts are
 // one launch of 2k jobs (ta = gate table, tb = up table, x_stride 0); their downs one of k.
+// A negative id is an expert computed elsewhere (the CPU's share): its jobs do nothing.
 #define INSTANTIATE(NAME, DT)                                                                   \
     extern "C" __global__ void matvec_##NAME(const u8* W, u64 row_bytes, const float* x,       \
                                              float* y, int rows, int cols, int ntok,           \
@@ -215,7 +216,9 @@ __device__ __forceinline__ void dequant_body(const u8* __restrict__ W, u64 row_b
                                                int k, const float* x, u64 x_stride, float* y,   \
                                                int rows, int cols, u64 row_bytes, int wpr) {    \
         int j = blockIdx.y;                                                                    \
-        const u8* W = (const u8*)(j < k ? ta : tb)[ids[j % k]];                                \
+        int id = ids[j % k];                                                                   \
+        if (id < 0) return; /* computed elsewhere (moe_split_mask) */                          \
+        const u8* W = (const u8*)(j < k ? ta : tb)[id];                                        \
         matvec1_body<DT>(W, row_bytes, x + (u64)(j % k) * x_stride, y + (u64)j * rows, rows,   \
                          cols, wpr);                                                           \
     }                                                                                          \

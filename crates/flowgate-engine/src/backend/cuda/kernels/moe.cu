@@ -134,41 +134,75 @@ extern "C" __global__ void router_topk(const float* logits, int n, int k, int re
 }
 
 // out[i] = Σ_j w[j] · ys[j·n + i]: the chosen experts' outputs weighted by their routing weights.
+// A zero weight is an expert computed elsewhere (moe_split_mask): its ys were never written.
 extern "C" __global__ void moe_combine(const float* ys, const float* w, int k, int n, float* out) {
     grid_dep_enter();
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
     float s = 0.0f;
-    for (int j = 0; j < k; j++) s += w[j] * ys[(u64)j * n + i];
+    for (int j = 0; j < k; j++)
+        if (w[j] != 0.0f) s += w[j] * ys[(u64)j * n + i];
     out[i] = s;
 }
 
-// Paged experts (--vram-budget): after the host copied experts into device slots, one launch
-// points the layer's table entries at them (gate at a, up at a + off_up, down at a + off_down)
-// and, for routes chosen on the host, writes the ids and weights the expert-indexed products
-// and moe_combine read. Passed by value: no staging buffer to keep alive.
+// Paged experts (--vram-budget): one launch points the layer's table entries at where the
+// experts are read from (gate, up and down each: a device slot the host copied the expert
+// into, or the expert's page-locked host memory, read in place over the link) and, for routes
+// chosen on the host, writes the ids and weights the expert-indexed products and moe_combine
+// read. Passed by value: no staging buffer to keep alive.
 #define PAGE_MAX 64
+// The table has four sections of n_experts u64: gate, up and down addresses, then 1 where
+// the expert is in a device slot, 0 where it is read in place.
 struct MoePage {
     int n;             // table entries to set
     int k;             // routes to write (0: none)
     int e[PAGE_MAX];   // expert ids of the entries
     int ids[PAGE_MAX];
     float w[PAGE_MAX];
-    u64 a[PAGE_MAX];   // slot addresses of the entries
+    int r[PAGE_MAX];   // the entries' residency (1: a device slot)
+    u64 a[3][PAGE_MAX];  // addresses of the entries' gate, up and down
 };
 
-extern "C" __global__ void moe_page(u64* table, int n_experts, u64 off_up, u64 off_down,
-                                    MoePage p, int* ids, float* w) {
+extern "C" __global__ void moe_page(u64* table, int n_experts, MoePage p, int* ids, float* w) {
     int i = threadIdx.x;
     if (i < p.n) {
         int e = p.e[i];
-        table[e] = p.a[i];
-        table[n_experts + e] = p.a[i] + off_up;
-        table[2 * n_experts + e] = p.a[i] + off_down;
+        table[e] = p.a[0][i];
+        table[n_experts + e] = p.a[1][i];
+        table[2 * n_experts + e] = p.a[2][i];
+        table[3 * n_experts + e] = (u64)p.r[i];
     }
     if (i < p.k) {
         ids[i] = p.ids[i];
         w[i] = p.w[i];
+    }
+}
+
+// Misses read in place, routed on the device (paging.rs, `moe_in_place`): of the k routes
+// (ids, w), the misses (resident[id] == 0) in route order, m of them, the last split[m] are
+// the CPU's; the GPU's routes (gids, gw) are the same with those replaced by id -1, weight 0
+// (the products skip them, moe_combine adds nothing for them). The host reads the routes back
+// and picks the same experts from the same table. One thread: k ≤ 64.
+struct MoeSplit {
+    int j[PAGE_MAX + 1];  // CPU experts for m misses
+};
+
+extern "C" __global__ void moe_split_mask(const u64* resident, const int* ids, const float* w,
+                                          int k, MoeSplit split, int* gids, float* gw) {
+    if (threadIdx.x != 0) return;
+    int m = 0;
+    for (int i = 0; i < k; i++) m += resident[ids[i]] == 0;
+    int first_cpu = m - split.j[m];  // misses of rank ≥ this go to the CPU
+    int rank = 0;
+    for (int i = 0; i < k; i++) {
+        int id = ids[i];
+        bool cpu = false;
+        if (resident[id] == 0) {
+            cpu = rank >= first_cpu;
+            rank++;
+        }
+        gids[i] = cpu ? -1 : id;
+        gw[i] = cpu ? 0.0f : w[i];
     }
 }
 
