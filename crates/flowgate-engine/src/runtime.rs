@@ -52,6 +52,9 @@ pub struct LoadOptions {
     /// Speculative prefetch of paged experts (`--expert-prefetch`): the VRAM tier's when
     /// experts are paged into VRAM, else the RAM cache's.
     pub expert_prefetch: bool,
+    /// Under `--vram-budget`: how decode reaches a missed expert (None: in place where the
+    /// host tier allows it, see `ExpertPager::set_miss_path`).
+    pub miss_path: Option<crate::backend::cuda::MissPath>,
 }
 
 impl LoadOptions {
@@ -274,6 +277,9 @@ pub fn load_cuda_budget(
         pager.set_cpu_experts(m)?;
     }
     pager.set_prefetch(opts.expert_prefetch);
+    if let Some(m) = opts.miss_path {
+        pager.set_miss_path(m);
+    }
     tracing::info!(
         slots = plan.n_slots,
         dense_bytes = plan.dense_bytes,

@@ -50,7 +50,7 @@ use std::sync::Arc;
 
 use flowgate_engine::backend::cpu::CpuBackend;
 use flowgate_engine::backend::cuda::{
-    CpuExperts, Cuda, CudaBackend, PrefillAttention, MATVEC_MAX_TOKENS,
+    CpuExperts, Cuda, CudaBackend, MissPath, PrefillAttention, MATVEC_MAX_TOKENS,
 };
 use flowgate_engine::backend::{AttnParams, Backend};
 use flowgate_engine::models::{Logits, Model, Routing};
@@ -1317,6 +1317,11 @@ fn vram_paging_with_one_slot_per_layer_matches_resident() {
                 cpu_experts: Some(CpuExperts::Off),
                 ..Default::default()
             };
+            let opts = LoadOptions {
+                // Copied first; read in place below.
+                miss_path: Some(MissPath::Copy),
+                ..opts
+            };
             let mut paged = runtime::load_cuda_budget(path, &opts, 0, budget)
                 .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
             let plan = paged.device_plan().expect("experts are paged");
@@ -1376,7 +1381,7 @@ fn vram_paging_with_one_slot_per_layer_matches_resident() {
             assert!(ea <= 5e-2, "{}: auto split {ea:.2e}", path.display());
             // Misses read in place from page-locked host memory by the products (no copy,
             // no eviction): exact with every miss on the GPU, the CPU bound with the split.
-            pager.set_in_place(true);
+            pager.set_miss_path(MissPath::InPlace);
             assert!(
                 pager.in_place(),
                 "the pinned experts are not mapped for the device"
@@ -1415,7 +1420,7 @@ fn vram_paging_with_one_slot_per_layer_matches_resident() {
                 assert!(st.read_in_place + st.cpu_computed <= st.total_misses());
             }
             pager.set_fixed_share(None);
-            pager.set_in_place(false);
+            pager.set_miss_path(MissPath::Copy);
             pager.set_cpu_experts(CpuExperts::Auto).unwrap();
             if routing == Routing::Router {
                 // Speculative prefetch (the next layer's router on this layer's input, copies

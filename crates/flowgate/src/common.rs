@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::Args as ClapArgs;
-use flowgate_engine::backend::cuda::{CpuExperts, DeviceSpec};
+use flowgate_engine::backend::cuda::{CpuExperts, DeviceSpec, MissPath};
 use flowgate_engine::residency::PolicyKind;
 use flowgate_engine::runtime::{self, AnyLoaded, LoadOptions};
 use flowgate_engine::sampling::SamplerConfig;
@@ -43,6 +43,11 @@ pub struct ModelArgs {
     /// with trained routers; a wrong guess costs link or disk time and evicts an expert.
     #[arg(long)]
     pub expert_prefetch: bool,
+    /// Under --vram-budget, how decode reaches a missed expert the CPU does not compute:
+    /// in-place (default: the GPU reads it from page-locked host RAM over the link, no copy)
+    /// or copy (into the device cache, evicting another). With --ram-budget misses are copied.
+    #[arg(long, default_value = "in-place", value_parser = parse_miss_path)]
+    pub miss_path: MissPath,
     /// Expert cache policy under --ram-budget / --vram-budget: lru or lfu (LFU with aging).
     #[arg(long, default_value = "lru", value_parser = parse_policy)]
     pub cache_policy: PolicyKind,
@@ -53,6 +58,10 @@ pub struct ModelArgs {
 
 fn parse_budget(s: &str) -> std::result::Result<u64, String> {
     flowgate_engine::residency::parse_size(s).map_err(|e| e.to_string())
+}
+
+pub(crate) fn parse_miss_path(s: &str) -> std::result::Result<MissPath, String> {
+    MissPath::parse(s).map_err(|e| e.to_string())
 }
 
 pub(crate) fn parse_cpu_experts(s: &str) -> std::result::Result<CpuExperts, String> {
@@ -78,6 +87,7 @@ impl ModelArgs {
             vram_budget: self.vram_budget,
             cpu_experts: Some(self.cpu_experts),
             expert_prefetch: self.expert_prefetch,
+            miss_path: Some(self.miss_path),
             ctx: self.ctx,
             cache_policy: self.cache_policy,
             ..Default::default()

@@ -532,6 +532,24 @@ fn vram_budget_needs_a_gpu_and_a_valid_size() {
         "some",
     ]);
     assert_eq!(o.status.code(), Some(2));
+    // The miss path is one of two words, on the commands that run a model and on bench moe.
+    for cmd in [
+        vec![
+            "bench",
+            "moe",
+            fx,
+            "--vram-budget",
+            "1GiB",
+            "--miss-path",
+            "zero-copy",
+        ],
+        vec!["logits", fx, "--tokens", "1", "--miss-path", "zero-copy"],
+    ] {
+        let o = run(&cmd);
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{e}");
+        assert!(e.contains("expected copy or in-place"), "{e}");
+    }
     // Three tiers take one RAM budget under the VRAM sweep, and --cold only with it; both
     // refused before anything is loaded (no GPU needed to say so).
     for (args, want) in [

@@ -436,6 +436,28 @@ mod tests {
     }
 
     #[test]
+    fn a_lookup_counts_and_touches_but_places_nothing() {
+        let mut m = SlotMap::new(&[true, true], 6, 6, PolicyKind::Lru).unwrap();
+        m.assign(0, &[1, 2, 3]).unwrap();
+        m.reset_stats();
+        // Layer 0 holds 1, 2, 3 and has no free slot; 4 and 5 stay out, nothing moves.
+        assert_eq!(m.lookup(0, &[4, 2, 5, 1]), vec![false, true, false, true]);
+        assert_eq!(m.slot_of(0, 4), None);
+        assert_eq!(m.slot_of(0, 5), None);
+        // A free slot does not take a looked-up miss either (layer 1 is empty).
+        assert_eq!(m.lookup(1, &[0]), vec![false]);
+        assert_eq!(m.slot_of(1, 0), None);
+        let s = m.stats();
+        assert_eq!((s.hits[0], s.misses[0], s.misses[1]), (2, 2, 1));
+        assert_eq!(s.evictions, 0);
+        // The lookup told the policy: 2 and 1 were used after 3, so 3 goes first.
+        let b = m.assign(0, &[4]).unwrap();
+        assert_eq!(b[0].evicted, Some(3));
+        // Out of range is a miss, not a panic.
+        assert_eq!(m.lookup(0, &[6, 99]), vec![false, false]);
+    }
+
+    #[test]
     fn a_prefetch_places_without_counting_and_the_layer_then_hits() {
         let mut m = SlotMap::new(&[true], 8, 3, PolicyKind::Lru).unwrap();
         m.assign(0, &[0, 1, 2]).unwrap();

@@ -51,6 +51,11 @@ pub struct MoeArgs {
     /// default, off, all; repeatable to compare them in one run).
     #[arg(long = "cpu-experts", value_parser = crate::common::parse_cpu_experts)]
     pub cpu_experts: Vec<flowgate_engine::backend::cuda::CpuExperts>,
+    /// With --vram-budget: how decode reaches a missed expert the CPU does not compute:
+    /// in-place (the default: read by the GPU from page-locked host RAM) or copy (into the
+    /// device cache); repeatable to compare them in one run.
+    #[arg(long = "miss-path", value_parser = crate::common::parse_miss_path)]
+    pub miss_path: Vec<flowgate_engine::backend::cuda::MissPath>,
     /// `cpu` (RAM budgets) or `cuda` / `cuda:N` (VRAM budgets; implied by --vram-budget).
     #[arg(long, default_value = "cpu", value_parser = crate::common::parse_device)]
     pub device: flowgate_engine::backend::cuda::DeviceSpec,

@@ -19,7 +19,7 @@
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use flowgate_engine::backend::cuda::{CpuExperts, DeviceSpec};
+use flowgate_engine::backend::cuda::{CpuExperts, DeviceSpec, MissPath};
 use flowgate_engine::models::{Logits, Routing};
 use flowgate_engine::residency::{fmt_size, ExpertLayout};
 use flowgate_engine::runtime::{self, LoadOptions};
@@ -61,6 +61,10 @@ struct VramRun {
     cpu_layers: usize,
     ram: Option<RamTier>,
     cpu_mode: CpuExperts,
+    /// How misses were reached (copy where in place was asked for but not possible).
+    miss_path: MissPath,
+    /// Missed experts the GPU read in place, per token.
+    read_in_place_per_token: f64,
     cpu_per_token: f64,
     cpu_ms_per_token: f64,
     /// Seconds to copy one expert (measured at provisioning) and to compute j = 0..=k on the
@@ -130,6 +134,15 @@ pub fn moe_vram(a: &MoeArgs, file: &ModelFile) -> Result<()> {
     } else {
         a.cpu_experts.clone()
     };
+    let paths = if a.miss_path.is_empty() {
+        vec![MissPath::InPlace]
+    } else {
+        a.miss_path.clone()
+    };
+    let combos: Vec<(CpuExperts, MissPath)> = modes
+        .iter()
+        .flat_map(|&m| paths.iter().map(move |&p| (m, p)))
+        .collect();
     let mut runs = Vec::new();
     for &budget in &budgets {
         let opts = LoadOptions {
@@ -147,10 +160,11 @@ pub fn moe_vram(a: &MoeArgs, file: &ModelFile) -> Result<()> {
         if a.routing == "uniform" {
             l.model.set_routing(Routing::UniformRandom { seed: 11 });
         }
-        for &mode in &modes {
+        for &(mode, path) in &combos {
             if let Some(p) = &l.pager {
                 p.set_cpu_experts(mode)?;
                 p.set_prefetch(a.prefetch);
+                p.set_miss_path(path);
             }
             let mut kv = l.model.new_cache(ctx)?;
             l.model.forward(&prompt, &mut kv, Logits::Last)?;
@@ -175,9 +189,10 @@ pub fn moe_vram(a: &MoeArgs, file: &ModelFile) -> Result<()> {
             let dt = t0.elapsed().as_secs_f64();
             if let Some(t) = l.pager.as_ref().and_then(|p| p.timeline_report(a.gen)) {
                 eprintln!(
-                    "device timeline of the paged layers, {} budget, cpu experts {}:\n{t}",
+                    "device timeline of the paged layers, {} budget, cpu experts {}, misses {}:\n{t}",
                     fmt_size(budget),
-                    mode.name()
+                    mode.name(),
+                    path.name()
                 );
             }
             let n = a.gen.max(1) as f64;
@@ -185,6 +200,10 @@ pub fn moe_vram(a: &MoeArgs, file: &ModelFile) -> Result<()> {
                 Some(p) => (p.n_slots, p.fraction(), true),
                 None => (layout.n_paged(), 1.0, false),
             };
+            let in_place_n = l
+                .pager
+                .as_ref()
+                .map_or(0.0, |p| p.stats().read_in_place as f64 / n);
             let (hit_rate, per_layer, bytes, copy, cpu_n, cpu_t, pf) = match &l.pager {
                 Some(p) => {
                     let st = p.stats();
@@ -228,6 +247,8 @@ pub fn moe_vram(a: &MoeArgs, file: &ModelFile) -> Result<()> {
                 cpu_layers: l.model.n_host_layers(),
                 ram,
                 cpu_mode: mode,
+                miss_path: l.pager.as_ref().map_or(path, |p| p.miss_path()),
+                read_in_place_per_token: in_place_n,
                 cpu_per_token: cpu_n,
                 cpu_ms_per_token: cpu_t,
                 costs: l.pager.as_ref().and_then(|p| p.costs()),
@@ -268,6 +289,8 @@ pub fn moe_vram(a: &MoeArgs, file: &ModelFile) -> Result<()> {
                 "vram_budget_bytes": r.budget,
                 "cpu_layers": r.cpu_layers,
                 "cpu_experts": r.cpu_mode.name(),
+                "miss_path": r.miss_path.name(),
+                "read_in_place_per_token": r.read_in_place_per_token,
                 "cpu_experts_per_token": r.cpu_per_token,
                 "cpu_ms_per_token": r.cpu_ms_per_token,
                 "expert_copy_us": r.costs.as_ref().map(|c| 1e6 * c.0),
@@ -281,7 +304,7 @@ pub fn moe_vram(a: &MoeArgs, file: &ModelFile) -> Result<()> {
                 "decode_tps": r.decode_tps,
                 "hit_rate": r.hit_rate,
                 "hit_rate_per_layer": r.hit_rate_per_layer,
-                "bytes_copied_per_token": r.bytes_per_token,
+                "bytes_moved_per_token": r.bytes_per_token,
                 "copy_ms_per_token": r.copy_ms_per_token,
                 "prefetched_experts_per_token": r.prefetched_per_token,
                 "prefetch_accuracy": r.prefetch_accuracy,
@@ -325,14 +348,15 @@ pub fn moe_vram(a: &MoeArgs, file: &ModelFile) -> Result<()> {
         );
     }
     outln!(
-        "{:>12} {:>5} {:>8} {:>8} {:>10} {:>9} {:>12} {:>10} {:>9} {:>10} {:>12} {:>12}{pf_head}",
+        "{:>12} {:>5} {:>8} {:>8} {:>8} {:>10} {:>9} {:>12} {:>10} {:>9} {:>10} {:>12} {:>12}{pf_head}",
         "vram budget",
         "cpu",
+        "misses",
         "slots",
         "cached",
         "tok/s",
         "hit rate",
-        "copied/tok",
+        "moved/tok",
         "copy/tok",
         "cpu exp/t",
         "cpu/tok",
@@ -362,9 +386,10 @@ pub fn moe_vram(a: &MoeArgs, file: &ModelFile) -> Result<()> {
             pf += &format!(" {:>9} {:>8} {:>10} {:>9}", "all", "-", "-", "-");
         }
         outln!(
-            "{:>12} {:>5} {:>8} {:>7.1}% {:>10.2} {:>8.1}% {:>12} {:>8.2}ms {:>9.1} {:>8.2}ms {:>12} {:>12}{pf}",
+            "{:>12} {:>5} {:>8} {:>8} {:>7.1}% {:>10.2} {:>8.1}% {:>12} {:>8.2}ms {:>9.1} {:>8.2}ms {:>12} {:>12}{pf}",
             fmt_size(r.budget),
             r.cpu_mode.name(),
+            r.miss_path.name(),
             r.slots,
             100.0 * r.fraction,
             r.decode_tps,
@@ -464,7 +489,7 @@ fn plot(a: &MoeArgs, prompt: &[u32], runs: &[VramRun]) -> Result<()> {
 /// Where misses in VRAM come from, in words.
 fn source(a: &MoeArgs, ram_budget: Option<u64>) -> String {
     match ram_budget {
-        None => "misses copied from page-locked host RAM".into(),
+        None => "misses read in place from (or copied out of) page-locked host RAM".into(),
         Some(b) => format!(
             "misses copied from a page-locked RAM cache (--ram-budget {}) over the model file{}",
             fmt_size(b),

@@ -77,7 +77,7 @@ mod graph;
 mod layer_timeline;
 mod paging;
 mod pinned_tier;
-pub use paging::{CpuExperts, ExpertPager, PagedLayer};
+pub use paging::{CpuExperts, ExpertPager, MissPath, PagedLayer};
 pub use pinned_tier::PinnedArenas;
 
 const COMMON_CUH: &str = include_str!("kernels/common.cuh");

@@ -246,6 +246,38 @@ impl CpuExperts {
     }
 }
 
+/// How decode reaches a missed expert that the CPU does not compute (`--miss-path`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MissPath {
+    /// Copied into a slot of the device cache (evicting another), then computed there.
+    Copy,
+    /// Read in place by the GPU's products, from page-locked host memory over the link: no
+    /// copy, no eviction in decode, and no host round trip before the products
+    /// ([`CudaBackend::moe_in_place`]). Needs every expert in page-locked host memory
+    /// (`--vram-budget` without `--ram-budget`); elsewhere misses are copied.
+    InPlace,
+}
+
+impl MissPath {
+    /// `copy` or `in-place`.
+    pub fn parse(s: &str) -> Result<MissPath> {
+        match s {
+            "copy" => Ok(MissPath::Copy),
+            "in-place" => Ok(MissPath::InPlace),
+            _ => Err(EngineError::Invalid(format!(
+                "--miss-path {s}: expected copy or in-place"
+            ))),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            MissPath::Copy => "copy",
+            MissPath::InPlace => "in-place",
+        }
+    }
+}
+
 /// The provisioned cache: slots and their bookkeeping.
 struct Slots {
     map: SlotMap,
@@ -336,7 +368,7 @@ pub struct ExpertPager {
     /// of what the cost model says ([`ExpertPager::set_fixed_share`]).
     fixed_share: Mutex<Option<usize>>,
     /// Decode reads a missed expert in place, from page-locked host memory over the link,
-    /// instead of copying it into a slot first ([`ExpertPager::set_in_place`]).
+    /// instead of copying it into a slot first ([`ExpertPager::set_miss_path`]).
     in_place_on: AtomicBool,
     copy_stream: OnceLock<flowgate_cuda::Stream>,
     /// The prediction queued on the device, read back with the next routes: (layer, k, ids
@@ -867,9 +899,7 @@ impl ExpertPager {
                     .ok()
                     .and_then(|v| v.parse().ok()),
             ),
-            in_place_on: AtomicBool::new(
-                std::env::var("FLOWGATE_MISS_PATH").is_ok_and(|v| v == "in-place"),
-            ),
+            in_place_on: AtomicBool::new(true),
             copy_stream: OnceLock::new(),
             predicted: Mutex::new(None),
             guess: Mutex::new(None),
@@ -1192,8 +1222,18 @@ impl ExpertPager {
     /// themselves (`on`), or copied into a slot first, evicting another. In place, decode
     /// changes no residency (the slots keep what prefill left) and the GPU never waits for
     /// the host: see [`CudaBackend::moe_in_place`].
-    pub fn set_in_place(&self, on: bool) {
-        self.in_place_on.store(on, Ordering::Relaxed);
+    pub fn set_miss_path(&self, path: MissPath) {
+        self.in_place_on
+            .store(path == MissPath::InPlace, Ordering::Relaxed);
+    }
+
+    /// The miss path decode takes now (in place only where the host tier allows it).
+    pub fn miss_path(&self) -> MissPath {
+        if self.in_place() {
+            MissPath::InPlace
+        } else {
+            MissPath::Copy
+        }
     }
 
     /// Under `--cpu-experts auto`, `Some(n)` gives the CPU n of each layer's misses (fewer
@@ -1210,10 +1250,12 @@ impl ExpertPager {
         }
     }
 
-    /// Whether decode reads misses in place: asked for, and the host tier allows it (every
-    /// expert page-locked where the device maps it, i.e. no RAM cache under the slots).
+    /// Whether decode reads misses in place: asked for, the host tier allows it (every
+    /// expert page-locked where the device maps it, i.e. no RAM cache under the slots), and
+    /// no speculative prefetch is on (it copies into slots ahead of the layer).
     pub fn in_place(&self) -> bool {
         self.in_place_on.load(Ordering::Relaxed)
+            && !self.prefetch()
             && self.host.get().is_some_and(|h| h.reads_in_place())
     }
 
@@ -1559,7 +1601,7 @@ impl CudaBackend {
     }
 
     /// One token through a paged layer whose misses are read in place
-    /// ([`ExpertPager::set_in_place`]), `routed` holding the `k` routes on the device (ids
+    /// ([`ExpertPager::set_miss_path`]), `routed` holding the `k` routes on the device (ids
     /// then weights). The GPU never waits for the host: one kernel splits the routes by the
     /// layer's residency flags and a table of CPU shares passed by value (for m misses, the
     /// last `j(m)` in route order are the CPU's), the routes are published, and the GPU's
@@ -1664,6 +1706,8 @@ impl CudaBackend {
             .map(|&i| (chosen[i], weights[i]))
             .collect();
         let (seq, job, start) = cpu_share_job(pager, p.layer, experts, &h_host);
+        // Measured from the routes' arrival on the host, as for the copy path.
+        pager.note_lag(|l| &mut l.cpu);
         start();
         self.join_cpu_share(e, pager, seq, job, out)
     }
@@ -2416,6 +2460,20 @@ fn cpu_share_done(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn miss_paths_parse_and_the_kernel_arguments_keep_their_c_layout() {
+        for p in [super::MissPath::Copy, super::MissPath::InPlace] {
+            assert_eq!(super::MissPath::parse(p.name()).unwrap(), p);
+        }
+        let e = super::MissPath::parse("zero-copy").unwrap_err().to_string();
+        assert!(e.contains("copy or in-place"), "{e}");
+        // struct MoePage / MoeSplit in moe.cu: 2 ints, 4 × 64 4-byte arrays, 3 × 64 u64; 65
+        // ints. Both passed by value, within the 4 KiB of kernel parameters.
+        assert_eq!(std::mem::size_of::<super::MoePage>(), 8 + 4 * 256 + 3 * 512);
+        assert_eq!(std::mem::offset_of!(super::MoePage, a), 8 + 4 * 256);
+        assert_eq!(std::mem::size_of::<super::MoeSplit>(), 4 * 65);
+    }
+
     #[test]
     fn slots_are_mapped_in_the_chunks_that_hold_the_most() {
         use super::chunking;
