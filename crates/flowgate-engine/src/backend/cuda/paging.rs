@@ -53,6 +53,23 @@
 //!   48.0 with the flag, moe30b at 3 GiB). Results differ from all-GPU ones by the CPU
 //!   kernels' own rounding (8-bit activations per 256 instead of per 32).
 //!
+//! - **Misses read in place** (`--miss-path in-place`, the default where every expert is
+//!   page-locked in host RAM, i.e. `--vram-budget` without `--ram-budget`; no speculative
+//!   prefetch). Page-locked host memory is mapped into the device's address space, so a
+//!   product kernel can read a missed expert where it lies, over the link, at the link's
+//!   speed: no copy, no eviction, and no host round trip before the products. Each paged
+//!   layer's device table then holds a valid address for every expert (its slot, or its host
+//!   memory) and a residency flag; the table is rewritten whole whenever the layer's
+//!   residency changed since ([`ExpertPager`]'s per-layer generation: prefill still copies
+//!   its waves into slots). Per token, after the router's top-k on the device, one kernel
+//!   (`moe_split_mask`) takes the CPU's share out of the routes by the flags and a table of
+//!   CPU shares passed by value (for m misses, the last `j(m)` in route order), the routes
+//!   are published, and the products are queued before the host waits for them; the host
+//!   reads the routes, finds the same CPU experts from the same residency and table, and
+//!   hands them to the team as above. Q4_K products of a layer read in place stage their
+//!   rows through shared memory in whole 16-byte words (`matvec1q8xs_q4_k`): the per-row
+//!   kernel's small, line-straddling loads ran the link at ~30 GB/s, the staged one ~48.
+//!   `FLOWGATE_CPU_SHARE=n` fixes the CPU's share at n misses a layer (measurements).
 //! - **Speculative prefetch** (Mixtral-offloading's idea; off by default, `--expert-prefetch`
 //!   on the commands that run a model, `bench moe --prefetch`): before a sparse layer's router runs, the next sparse layer's router is
 //!   applied to the same input on the device ([`super::Backend::moe_predict`]); its top-k
