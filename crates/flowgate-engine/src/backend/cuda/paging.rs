@@ -270,7 +270,7 @@ pub enum MissPath {
     Copy,
     /// Read in place by the GPU's products, from page-locked host memory over the link: no
     /// copy, no eviction in decode, and no host round trip before the products
-    /// ([`CudaBackend::moe_in_place`]). Needs every expert in page-locked host memory
+    /// (`CudaBackend::moe_in_place`). Needs every expert in page-locked host memory
     /// (`--vram-budget` without `--ram-budget`); elsewhere misses are copied.
     InPlace,
 }
@@ -1238,7 +1238,7 @@ impl ExpertPager {
     /// Missed experts in decode: read in place from page-locked host memory by the products
     /// themselves (`on`), or copied into a slot first, evicting another. In place, decode
     /// changes no residency (the slots keep what prefill left) and the GPU never waits for
-    /// the host: see [`CudaBackend::moe_in_place`].
+    /// the host: see `CudaBackend::moe_in_place`.
     pub fn set_miss_path(&self, path: MissPath) {
         self.in_place_on
             .store(path == MissPath::InPlace, Ordering::Relaxed);
