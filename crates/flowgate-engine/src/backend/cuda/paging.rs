@@ -67,8 +67,10 @@
 //!   are published, and the products are queued before the host waits for them; the host
 //!   reads the routes, finds the same CPU experts from the same residency and table, and
 //!   hands them to the team as above. Q4_K products of a layer read in place stage their
-//!   rows through shared memory in whole 16-byte words (`matvec1q8xs_q4_k`): the per-row
-//!   kernel's small, line-straddling loads ran the link at ~30 GB/s, the staged one ~48.
+//!   rows through shared memory in whole 16-byte words (`matvec1q8xs_q4_k`): with the
+//!   per-row kernel's small, line-straddling loads, reading in place was slower than copying
+//!   (H100, moe30b at 8 GiB, all misses on the GPU: 54–56 against 60–64 tok/s), staged it is
+//!   faster (docs/benchmarks.md).
 //!   `FLOWGATE_CPU_SHARE=n` fixes the CPU's share at n misses a layer (measurements).
 //! - **Speculative prefetch** (Mixtral-offloading's idea; off by default, `--expert-prefetch`
 //!   on the commands that run a model, `bench moe --prefetch`): before a sparse layer's router runs, the next sparse layer's router is
