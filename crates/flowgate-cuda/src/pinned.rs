@@ -80,14 +80,8 @@ impl PinnedBuffer {
     /// The address at which kernels reach these bytes (the memory is device-mapped): device
     /// writes there land in host memory, over the link.
     pub fn device_ptr(&self) -> Result<sys::CUdeviceptr, CudaError> {
-        self.device.bind()?;
-        let mut dev: sys::CUdeviceptr = 0;
-        // SAFETY: ptr is page-locked host memory from cuMemHostAlloc(DEVICEMAP); dev is an
-        // out-pointer.
-        check("cuMemHostGetDevicePointer", unsafe {
-            sys::cuMemHostGetDevicePointer_v2(&mut dev, self.ptr.cast(), 0)
-        })?;
-        Ok(dev)
+        // SAFETY: ptr is page-locked host memory from cuMemHostAlloc(DEVICEMAP), alive with self.
+        unsafe { mapped_device_ptr(&self.device, self.ptr) }
     }
 
     /// Always false.
@@ -145,6 +139,20 @@ impl Drop for PinnedBuffer {
             let _ = unsafe { sys::cuMemFreeHost(self.ptr.cast()) };
         }
     }
+}
+
+/// The device address of page-locked, device-mapped host memory at `ptr`.
+///
+/// # Safety
+/// `ptr` must lie in host memory allocated or registered with the DEVICEMAP flag, still so.
+unsafe fn mapped_device_ptr(device: &Device, ptr: *mut u8) -> Result<u64, CudaError> {
+    device.bind()?;
+    let mut dev: sys::CUdeviceptr = 0;
+    // SAFETY: the caller's contract; `dev` is a valid out-pointer.
+    check("cuMemHostGetDevicePointer", unsafe {
+        sys::cuMemHostGetDevicePointer_v2(&mut dev, ptr.cast(), 0)
+    })?;
+    Ok(dev)
 }
 
 /// An existing host buffer pinned in place with `cuMemHostRegister`; unregistered on drop.
@@ -271,14 +279,8 @@ impl HostPin {
     /// addressing, and where the device can use host pointers for registered memory, it is
     /// the host address itself.
     pub fn device_ptr(&self) -> Result<u64, CudaError> {
-        self.device.bind()?;
-        let mut dev: sys::CUdeviceptr = 0;
-        // SAFETY: the range is registered with DEVICEMAP (new) and stays so while self lives;
-        // `dev` is a valid out-pointer.
-        check("cuMemHostGetDevicePointer", unsafe {
-            sys::cuMemHostGetDevicePointer_v2(&mut dev, self.ptr.cast(), 0)
-        })?;
-        Ok(dev)
+        // SAFETY: the range is registered with DEVICEMAP (new) and stays so while self lives.
+        unsafe { mapped_device_ptr(&self.device, self.ptr) }
     }
 }
 

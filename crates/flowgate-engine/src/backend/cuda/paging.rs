@@ -436,6 +436,13 @@ pub struct PagedLayer {
     synced: AtomicU64,
 }
 
+/// `e`'s link to its pager; an error naming `what` for resident experts.
+fn paged_of<'a>(e: &'a CudaExperts, what: &str) -> Result<&'a PagedLayer> {
+    e.paged
+        .as_ref()
+        .ok_or_else(|| EngineError::Invalid(format!("{what} on resident experts")))
+}
+
 /// Expert `e`'s projection `stem` in layer `l`: a slice of the merged tensor, or its own.
 fn expert_view(
     map: &HashMap<String, HostTensor>,
@@ -1574,6 +1581,21 @@ impl CudaBackend {
         })
     }
 
+    /// One split layer in [`SIDE_EVERY`]: the last sample is read into the lags and the
+    /// first event of this one recorded (the caller records the second after its GPU part).
+    fn side_sample<'a>(&self, pager: &'a ExpertPager) -> Option<&'a (Event, Event)> {
+        let sample = pager
+            .side_tick
+            .fetch_add(1, Ordering::Relaxed)
+            .is_multiple_of(SIDE_EVERY);
+        pager.side_events(&self.device).filter(|ev| {
+            sample && {
+                pager.read_side(ev);
+                ev.0.record(&self.stream).is_ok()
+            }
+        })
+    }
+
     /// Writes `p`'s whole table (every expert: its slot, or its host memory read in place,
     /// and which) if the layer's residency changed since it was last written.
     fn sync_table(&self, e: &CudaExperts, p: &PagedLayer) -> Result<()> {
@@ -1636,10 +1658,7 @@ impl CudaBackend {
         h: &super::CudaBuf,
         out: &mut super::CudaBuf,
     ) -> Result<()> {
-        let p = e
-            .paged
-            .as_ref()
-            .ok_or_else(|| EngineError::Invalid("moe_in_place on resident experts".into()))?;
+        let p = paged_of(e, "moe_in_place")?;
         let pager = &p.pager;
         if k == 0 || k > PAGE_MAX {
             return Err(EngineError::Invalid(format!("{k} routes read in place")));
@@ -1658,17 +1677,7 @@ impl CudaBackend {
         let (ids, w) = (routed.ptr(), routed.ptr() + 4 * k as u64);
         // One layer in SIDE_EVERY times the GPU's part on the device (mask to products done):
         // its time beyond the experts it reads in place is the GPU's fixed part in `split`.
-        let sample = cpu_on
-            && pager
-                .side_tick
-                .fetch_add(1, Ordering::Relaxed)
-                .is_multiple_of(SIDE_EVERY);
-        let side = pager.side_events(&self.device).filter(|ev| {
-            sample && {
-                pager.read_side(ev);
-                ev.0.record(&self.stream).is_ok()
-            }
-        });
+        let side = cpu_on.then(|| self.side_sample(pager)).flatten();
         self.launch(
             &self.kernels.moe_split_mask,
             LaunchConfig {
@@ -1745,10 +1754,7 @@ impl CudaBackend {
         h_host: &[f32],
         out: &mut super::CudaBuf,
     ) -> Result<()> {
-        let p = e
-            .paged
-            .as_ref()
-            .ok_or_else(|| EngineError::Invalid("moe_split on resident experts".into()))?;
+        let p = paged_of(e, "moe_split")?;
         let pager = &p.pager;
         pager.timeline.probe("0 split entered");
         let resident = |x: usize| {
@@ -1785,16 +1791,7 @@ impl CudaBackend {
         // The GPU's part, between two events that measure its fixed part (see `Lags`).
         // One split layer in SIDE_EVERY measures the GPU part's fixed time (a moving average
         // needs no more, and reading and recording the events cost ~5 µs before the copies).
-        let sample = pager
-            .side_tick
-            .fetch_add(1, Ordering::Relaxed)
-            .is_multiple_of(SIDE_EVERY);
-        let side = pager.side_events(&self.device).filter(|ev| {
-            sample && {
-                pager.read_side(ev);
-                ev.0.record(&self.stream).is_ok()
-            }
-        });
+        let side = self.side_sample(pager);
         let gpu_part = self.moe_split_gpu(e, p, routed, &gpu, j, h, out);
         // Started by now unless nothing was copied (or the GPU's part failed first).
         pager.start_share();
