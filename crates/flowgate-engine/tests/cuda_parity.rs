@@ -44,6 +44,11 @@
 //!   twins), with two caches interleaved, and recorded over device memory left dirty by
 //!   another backend; the whole-model checks above run with graphs on (the default).
 
+// Only the fixture paths and the HF list are used here.
+#[allow(dead_code)]
+#[path = "model_common/mod.rs"]
+mod model_common;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -58,6 +63,7 @@ use flowgate_engine::runtime::{self, LoadOptions};
 use flowgate_engine::sampling::argmax;
 use flowgate_engine::weights::HostTensor;
 use flowgate_formats::{DType, RopeStyle};
+use model_common::{fixtures, HF_ARCHS};
 use rand::{Rng, SeedableRng};
 
 /// The CUDA backend, or `None` (the test then skips) where there is none. On the GPU machine
@@ -84,10 +90,6 @@ fn cuda() -> Option<CudaBackend> {
             None
         }
     }
-}
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
 }
 
 fn rel_err(a: &[f32], b: &[f32]) -> f64 {
@@ -1109,16 +1111,7 @@ fn hf_fixtures_match_transformers_on_cuda() {
     if cuda().is_none() {
         return;
     }
-    for arch in [
-        "llama",
-        "mistral",
-        "qwen2",
-        "qwen3",
-        "mixtral",
-        "qwen2_moe",
-        "qwen3_moe",
-        "olmoe",
-    ] {
+    for arch in HF_ARCHS {
         let dir = fixtures().join(arch);
         let r = reference_files(&dir.join("ref.json"), &dir.join("logits.f32"));
         float_case(arch, &dir, &r);

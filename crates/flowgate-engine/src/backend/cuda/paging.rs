@@ -1705,26 +1705,23 @@ impl CudaBackend {
         self.moe_experts_with(e, &gpu, k, Some(&[]), false, h, out)?;
         let timed = side.is_some_and(|ev| ev.1.record(&self.stream).is_ok());
         let (chosen, weights, h_host) = self.collect(pager, sent)?;
-        let hits = lock(&pager.slots)
-            .as_mut()
-            .ok_or_else(|| EngineError::Invalid("expert slots were not provisioned".into()))?
-            .map
-            .lookup(p.layer, &chosen);
-        let misses: Vec<usize> = (0..k).filter(|&i| !hits[i]).collect();
-        let j = split.j[misses.len()] as usize;
+        let (misses, j) = {
+            let mut g = lock(&pager.slots);
+            let sl = g
+                .as_mut()
+                .ok_or_else(|| EngineError::Invalid("expert slots were not provisioned".into()))?;
+            let hits = sl.map.lookup(p.layer, &chosen);
+            let misses: Vec<usize> = (0..k).filter(|&i| !hits[i]).collect();
+            let j = split.j[misses.len()] as usize;
+            let st = sl.map.stats_mut();
+            // The CPU's misses are counted when its share ends (`cpu_share_done`).
+            st.misses[p.layer] -= j as u64;
+            st.read_in_place += (misses.len() - j) as u64;
+            st.bytes_read += ((misses.len() - j) * pager.shape.part.iter().sum::<usize>()) as u64;
+            (misses, j)
+        };
         if timed {
             *lock(&pager.side_copies) = Some(misses.len() - j);
-        }
-        {
-            let mut g = lock(&pager.slots);
-            if let Some(sl) = g.as_mut() {
-                let st = sl.map.stats_mut();
-                // The CPU's misses are counted when its share ends (`cpu_share_done`).
-                st.misses[p.layer] -= j as u64;
-                st.read_in_place += (misses.len() - j) as u64;
-                st.bytes_read +=
-                    ((misses.len() - j) * pager.shape.part.iter().sum::<usize>()) as u64;
-            }
         }
         if j == 0 {
             return self.check();
