@@ -55,7 +55,7 @@ use std::sync::Arc;
 
 use flowgate_engine::backend::cpu::CpuBackend;
 use flowgate_engine::backend::cuda::{
-    CpuExperts, Cuda, CudaBackend, MissPath, PrefillAttention, MATVEC_MAX_TOKENS,
+    CpuExperts, CpuGate, Cuda, CudaBackend, MissPath, PrefillAttention, MATVEC_MAX_TOKENS,
 };
 use flowgate_engine::backend::{AttnParams, Backend};
 use flowgate_engine::models::{Logits, Model, Routing};
@@ -1407,6 +1407,21 @@ fn vram_paging_with_one_slot_per_layer_matches_resident() {
                 if fixed.is_some() {
                     // One miss of each layer on the CPU, the others in place: both sides work.
                     assert!(st.read_in_place > 0 && st.cpu_computed > 0, "no split");
+                    // The same under the fallback gates (the stream's own wait on the flag, a
+                    // host function) as under the default polling kernel.
+                    for gate in [CpuGate::Stream, CpuGate::Host] {
+                        pager.set_cpu_gate(gate);
+                        let (_, gd, _) = run(&paged.model, &tokens, 0);
+                        let eg = rel_err(&gd, &fd);
+                        eprintln!("    CPU gate {}: decode {eg:.1e} vs resident", gate.name());
+                        assert!(
+                            eg <= bound,
+                            "{}: gate {} {eg:.2e}",
+                            path.display(),
+                            gate.name()
+                        );
+                    }
+                    pager.set_cpu_gate(CpuGate::Kernel);
                 }
                 // Decode's misses are read in place or computed on the CPU (prefill's, also
                 // counted, are copied).
@@ -1625,7 +1640,24 @@ fn decode_graphs_replay_eager_steps_exactly() {
             ));
         }
     }
-    for (path, m) in &models {
+    for (name, m) in &mut models {
+        // MoE models twice: with their router, then with uniform routing drawn on the device.
+        let routings = if m.spec.moe.is_some() {
+            vec![Routing::Router, Routing::UniformRandom { seed: 11 }]
+        } else {
+            vec![Routing::Router]
+        };
+        for routing in routings {
+            m.set_routing(routing);
+            let path = format!("{name} ({routing:?})");
+            graphs_replay_eager_steps(&path, m);
+        }
+    }
+}
+
+/// [`decode_graphs_replay_eager_steps_exactly`] on one model as its routing stands.
+fn graphs_replay_eager_steps(path: &str, m: &Model<CudaBackend>) {
+    {
         let mut rng = rand::rngs::StdRng::seed_from_u64(0x6A4F);
         let mut toks = |n: usize| -> Vec<u32> {
             (0..n)
@@ -1653,8 +1685,10 @@ fn decode_graphs_replay_eager_steps_exactly() {
         // lazily (zeroed counters, uploaded tables) would only be recorded, never run, and
         // would read as garbage.
         dirty_device_memory();
+        let before = m.backend.decode_graph_counts();
         let graphed = play(true);
-        let (rec, rep) = m.backend.decode_graph_counts();
+        let after = m.backend.decode_graph_counts();
+        let (rec, rep) = (after.0 - before.0, after.1 - before.1);
         let eager = play(false);
         let steps = script.iter().filter(|(_, t)| t.len() == 1).count() as u64;
         eprintln!("{path}: {steps} steps, {rec} recorded as graphs, {rep} replayed");

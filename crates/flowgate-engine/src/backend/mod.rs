@@ -329,6 +329,21 @@ pub trait Backend: Send + Sync + Sized {
         ))
     }
 
+    /// Uniform routing's draw for the token at `pos` of sparse layer `layer` (`routes`, as the
+    /// model drew them on the host from `seed`), then [`Backend::moe_decode_routed`]. A
+    /// backend may draw the same routes on the device instead, so that the step needs nothing
+    /// from the host (and can replay as a graph).
+    fn moe_decode_uniform(
+        &self,
+        experts: &Self::Experts,
+        routes: &[(usize, f32)],
+        _draw: (u64, usize, usize),
+        h: &Self::Buf,
+        out: &mut Self::Buf,
+    ) -> Result<()> {
+        self.moe_decode_routed(experts, routes, h, out)
+    }
+
     /// Sparse layer `layer`'s experts paged through this backend's own expert cache (the CUDA
     /// backend under `--vram-budget`), or `None`: the layer then loads its experts from the
     /// tensors as usual.
@@ -371,6 +386,10 @@ pub trait Backend: Send + Sync + Sized {
     fn step_graph_end(&self, _logits: Option<&Self::Buf>) -> bool {
         false
     }
+
+    /// Drops every recorded step: what a step does changed (the model's routing), so that
+    /// none of them may replay.
+    fn forget_step_graphs(&self) {}
 }
 
 /// What [`Backend::step_graph`] did.

@@ -294,6 +294,10 @@ impl<B: Backend> Model<B> {
 
     /// Sets how MoE tokens pick experts ([`Routing::UniformRandom`] is a benchmarking aid).
     pub fn set_routing(&mut self, r: Routing) {
+        if r != self.routing {
+            // A step recorded under the other routing must not replay.
+            self.backend.forget_step_graphs();
+        }
         self.routing = r;
     }
 
@@ -361,11 +365,11 @@ impl<B: Backend> Model<B> {
         self.finish(logits, cache, n, t0)
     }
 
-    /// Whether a one-token step runs wholly on the backend: the model's router and every
-    /// sparse layer's experts on the device (no routes or logits read back mid-step).
+    /// Whether a one-token step runs wholly on the backend: every sparse layer's experts on
+    /// the device, routed there by the model's router or by uniform routing's draw (no routes
+    /// or logits read back mid-step; a backend that draws on the host declines to record).
     fn step_is_device_only(&self) -> bool {
-        self.routing == Routing::Router
-            && self.host.is_none()
+        self.host.is_none()
             && self.layers.iter().all(|l| match &l.ffn {
                 Ffn::Dense(_) => true,
                 Ffn::Moe(m) => m.decodes_on_device(),

@@ -251,12 +251,12 @@ impl<B: Backend> MoeFfn<B> {
             self.add_shared(b, h, n, &mut out)?;
             return Ok(out);
         }
-        if let (1, Routing::UniformRandom { seed }, Experts::Device, Some(dev)) =
-            (n, routing, &self.experts, &self.device)
-        {
+        // One token under uniform routing with experts on the device (resident or paged): the
+        // backend takes the draw (the CUDA backend makes it on the device when resident).
+        if let (1, Routing::UniformRandom { seed }, Some(dev)) = (n, routing, &self.device) {
             let r = uniform_route(seed, self.layer, start, n_exp, self.n_used);
             let mut out = b.buf_zeros(0)?;
-            b.moe_decode_routed(dev, &r, h, &mut out)?;
+            b.moe_decode_uniform(dev, &r, (seed, self.layer, start), h, &mut out)?;
             self.add_shared(b, h, n, &mut out)?;
             return Ok(out);
         }

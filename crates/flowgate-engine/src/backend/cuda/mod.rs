@@ -77,7 +77,7 @@ mod graph;
 mod layer_timeline;
 mod paging;
 mod pinned_tier;
-pub use paging::{CpuExperts, ExpertPager, MissPath, PagedLayer};
+pub use paging::{CpuExperts, CpuGate, ExpertPager, MissPath, PagedLayer};
 pub use pinned_tier::PinnedArenas;
 
 const COMMON_CUH: &str = include_str!("kernels/common.cuh");
@@ -423,6 +423,8 @@ struct Kernels {
     moe_combine: K,
     moe_page: K,
     moe_split_mask: K,
+    moe_cpu_join: K,
+    moe_uniform_routes: K,
     /// A paged layer's routes (and hidden vector) into mapped host memory, then a flag.
     publish_back: K,
     dequant: Vec<K>,
@@ -532,6 +534,8 @@ impl Kernels {
             moe_combine: k(&moe, "moe_combine")?,
             moe_page: k(&moe, "moe_page")?,
             moe_split_mask: k(&moe, "moe_split_mask")?,
+            moe_cpu_join: k(&moe, "moe_cpu_join")?,
+            moe_uniform_routes: k(&moe, "moe_uniform_routes")?,
             publish_back: k(&moe, "publish_back")?,
             dequant,
             rms_norm: k(&norm, "rms_norm")?,
@@ -2525,6 +2529,43 @@ impl Backend for CudaBackend {
         self.check()
     }
 
+    /// Experts on the device: the same draw made there (`moe_uniform_routes`), the position
+    /// read from the step slot while recording, so that the step replays as a graph. Paged
+    /// experts take the host's routes, read back as a router's would be.
+    fn moe_decode_uniform(
+        &self,
+        e: &CudaExperts,
+        routes: &[(usize, f32)],
+        (seed, layer, pos): (u64, usize, usize),
+        h: &CudaBuf,
+        out: &mut CudaBuf,
+    ) -> Result<()> {
+        let k = routes.len();
+        if e.paged.is_some() || k == 0 || k > 64 || k > e.n || pos > i32::MAX as usize {
+            return self.moe_decode_routed(e, routes, h, out);
+        }
+        let routed = self.new_buf(2 * k)?;
+        self.launch(
+            &self.kernels.moe_uniform_routes,
+            LaunchConfig {
+                grid_dim: (1, 1, 1),
+                block_dim: (32, 1, 1),
+                shared_mem_bytes: 0,
+            },
+            &[
+                Arg::P(self.recording_step().unwrap_or(0)),
+                Arg::I(pos as i32),
+                Arg::P(seed),
+                Arg::I(layer as i32),
+                Arg::I(e.n as i32),
+                Arg::I(k as i32),
+                Arg::P(routed.ptr()),
+                Arg::P(routed.ptr() + 4 * k as u64),
+            ],
+        );
+        self.moe_experts(e, &routed, k, None, h, out)
+    }
+
     fn moe_decode_routed(
         &self,
         e: &CudaExperts,
@@ -2580,6 +2621,10 @@ impl Backend for CudaBackend {
 
     fn step_graph(&self, kv: &[CudaKv], token: u32, pos: usize) -> Result<StepGraph> {
         self.graph_step(kv, token, pos)
+    }
+
+    fn forget_step_graphs(&self) {
+        self.forget_graphs();
     }
 
     fn step_graph_end(&self, logits: Option<&CudaBuf>) -> bool {

@@ -97,7 +97,9 @@ use flowgate_io::AlignedBuf;
 
 use super::layer_timeline::{LayerTimeline, Mark};
 use super::pinned_tier::{PinnedTier, Resident};
-use super::{cuda_err, dtype_index, lock, Arg, CudaBackend, CudaExperts, CudaWeight, WMem};
+use super::{
+    cuda_err, dtype_index, grid_1d, lock, Arg, CudaBackend, CudaExperts, CudaWeight, WMem,
+};
 use crate::backend::cpu::experts::ExpertSum;
 use crate::backend::cpu::team::Team;
 use crate::backend::cpu::{CpuBackend, CpuWeight};
@@ -201,6 +203,54 @@ impl MoePage {
             p.w[i] = w;
         }
         Some(p)
+    }
+}
+
+/// How the stream waits for a CPU share's sum (`FLOWGATE_CPU_GATE=kernel|stream|host`,
+/// measuring; each falls back to the next where the device cannot do it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum CpuGate {
+    /// A kernel polls the flag over the link, then adds the sum read in place
+    /// (`moe_cpu_join`): one operation, the flag seen within a read's round trip.
+    Kernel,
+    /// The stream's own wait on the flag (`cuStreamWaitValue32`), then a copy and an add.
+    Stream,
+    /// A host function that waits for the job, then a copy and an add.
+    Host,
+}
+
+impl CpuGate {
+    fn from_env() -> CpuGate {
+        std::env::var("FLOWGATE_CPU_GATE")
+            .ok()
+            .and_then(|v| CpuGate::parse(&v).ok())
+            .unwrap_or(CpuGate::Kernel)
+    }
+
+    /// `kernel`, `stream` or `host`.
+    pub fn parse(s: &str) -> Result<CpuGate> {
+        [CpuGate::Kernel, CpuGate::Stream, CpuGate::Host]
+            .into_iter()
+            .find(|g| g.name() == s)
+            .ok_or_else(|| {
+                EngineError::Invalid(format!("CPU gate {s}: expected kernel, stream or host"))
+            })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            CpuGate::Kernel => "kernel",
+            CpuGate::Stream => "stream",
+            CpuGate::Host => "host",
+        }
+    }
+
+    fn from_u8(v: u8) -> CpuGate {
+        [CpuGate::Kernel, CpuGate::Stream, CpuGate::Host]
+            .into_iter()
+            .find(|g| *g as u8 == v)
+            .unwrap_or(CpuGate::Host)
     }
 }
 
@@ -373,10 +423,11 @@ pub struct ExpertPager {
     /// reported yet.
     cpu_out: Mutex<PinnedBuffer>,
     /// Raised to a share's sequence number once its sum is in `cpu_out`; the stream waits on
-    /// it ([`HostFlag`]), or at a host-function gate where the device cannot wait on memory.
+    /// it (see [`CpuGate`]).
     cpu_flag: HostFlag,
     cpu_seq: AtomicU32,
-    host_gate: AtomicBool,
+    /// How the stream waits for a CPU share: a [`CpuGate`] as u8.
+    gate: AtomicU8,
     failure: Mutex<Option<String>>,
     /// The threads that compute the CPU share (started when CPU experts are first on).
     team: OnceLock<Team>,
@@ -914,9 +965,7 @@ impl ExpertPager {
             ),
             cpu_flag: HostFlag::new(&backend.device).map_err(cuda_err)?,
             cpu_seq: AtomicU32::new(0),
-            host_gate: AtomicBool::new(
-                std::env::var_os("FLOWGATE_CPU_GATE").is_some_and(|v| v == "host"),
-            ),
+            gate: AtomicU8::new(CpuGate::from_env() as u8),
             failure: Mutex::new(None),
             team: OnceLock::new(),
             prefetch_on: AtomicBool::new(false),
@@ -1267,6 +1316,12 @@ impl ExpertPager {
     /// measured costs might not pick, and to measure one.
     pub fn set_fixed_share(&self, n: Option<usize>) {
         *lock(&self.fixed_share) = n;
+    }
+
+    /// How the stream waits for the CPU share from now on (the others are fallbacks, kept
+    /// tested through this).
+    pub fn set_cpu_gate(&self, gate: CpuGate) {
+        self.gate.store(gate as u8, Ordering::Relaxed);
     }
 
     /// `layer`'s residency changed (see `gens`).
@@ -1813,8 +1868,40 @@ impl CudaBackend {
         job: Arc<CpuJob>,
         out: &mut super::CudaBuf,
     ) -> Result<()> {
+        let gate = CpuGate::from_u8(pager.gate.load(Ordering::Relaxed));
+        if gate == CpuGate::Kernel && self.ensure(out, e.hidden) {
+            // Not under the lock past this statement: the share's worker takes it to write
+            // the sum, and the queueing below may wait on the stream (the timeline does).
+            let part = lock(&pager.cpu_out).device_ptr();
+            match part {
+                Ok(part) => {
+                    // The job just submitted always raises the flag to `seq` when it ends
+                    // (see below), and no later share writes the sum before this kernel ran
+                    // (the next starts after the next read-back, queued after this).
+                    self.launch(
+                        &self.kernels.moe_cpu_join,
+                        grid_1d(e.hidden as u64, 256),
+                        &[
+                            Arg::P(pager.cpu_flag.device_ptr()),
+                            Arg::I(seq as i32),
+                            Arg::P(part),
+                            Arg::P(out.ptr()),
+                            Arg::I(e.hidden as i32),
+                        ],
+                    );
+                    pager
+                        .timeline
+                        .mark(&self.device, &self.stream, Mark::Joined);
+                    return self.check();
+                }
+                Err(err) => {
+                    tracing::warn!(%err, "the CPU share's sum is not mapped for the device; the stream waits on its flag");
+                    pager.gate.store(CpuGate::Stream as u8, Ordering::Relaxed);
+                }
+            }
+        }
         let mut gated = false;
-        if !pager.host_gate.load(Ordering::Relaxed) {
+        if gate != CpuGate::Host {
             // SAFETY: the job just submitted always raises the flag to `seq` when it ends
             // (its completion sets it even when a chunk failed, see `cpu_share_done`), and
             // the flag lives in the pager, which the job holds.
@@ -1822,7 +1909,7 @@ impl CudaBackend {
                 Ok(()) => gated = true,
                 Err(err) => {
                     tracing::warn!(%err, "the device cannot wait on host memory; CPU experts use a host-function gate");
-                    pager.host_gate.store(true, Ordering::Relaxed);
+                    pager.gate.store(CpuGate::Host as u8, Ordering::Relaxed);
                 }
             }
         }
@@ -2478,6 +2565,15 @@ mod tests {
         for p in [super::MissPath::Copy, super::MissPath::InPlace] {
             assert_eq!(super::MissPath::parse(p.name()).unwrap(), p);
         }
+        for g in [
+            super::CpuGate::Kernel,
+            super::CpuGate::Stream,
+            super::CpuGate::Host,
+        ] {
+            assert_eq!(super::CpuGate::parse(g.name()).unwrap(), g);
+            assert_eq!(super::CpuGate::from_u8(g as u8), g);
+        }
+        assert!(super::CpuGate::parse("event").is_err());
         let e = super::MissPath::parse("zero-copy").unwrap_err().to_string();
         assert!(e.contains("copy or in-place"), "{e}");
         // struct MoePage / MoeSplit in moe.cu: 2 ints, 4 × 64 4-byte arrays, 3 × 64 u64; 65

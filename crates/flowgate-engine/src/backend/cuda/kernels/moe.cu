@@ -206,6 +206,81 @@ extern "C" __global__ void moe_split_mask(const u64* resident, const int* ids, c
     }
 }
 
+// Uniform routing drawn on the device (Routing::UniformRandom, a benchmarking aid): the same
+// draw as `uniform_route` in models/moe.rs, which defines it — k distinct experts of n, each
+// weighted 1/k, by the first k steps of a Fisher–Yates shuffle of 0..n driven by SplitMix64
+// seeded with seed ^ layer << 40 ^ pos · 0x9E3779B97F4A7C15 (the swaps kept as a list, k ≤ 64).
+// The position comes from the step slot (token, position) while a step is recorded as a
+// graph, else from `pos`. One thread.
+__device__ __forceinline__ int shuffled(const int* at, const int* val, int m, int i) {
+    for (int t = 0; t < m; t++)
+        if (at[t] == i) return val[t];
+    return i;
+}
+
+__device__ __forceinline__ void shuffle_set(int* at, int* val, int* m, int i, int v) {
+    for (int t = 0; t < *m; t++)
+        if (at[t] == i) {
+            val[t] = v;
+            return;
+        }
+    at[*m] = i;
+    val[*m] = v;
+    (*m)++;
+}
+
+extern "C" __global__ void moe_uniform_routes(const int* step, int pos, u64 seed, int layer,
+                                              int n, int k, int* ids, float* w) {
+    if (threadIdx.x != 0 || blockIdx.x != 0) return;
+    u64 p = (u64)(unsigned)(step ? step[1] : pos);
+    u64 state = seed ^ ((u64)layer << 40) ^ (p * 0x9E3779B97F4A7C15ull);
+    int at[2 * PAGE_MAX], val[2 * PAGE_MAX], m = 0;
+    for (int i = 0; i < k; i++) {
+        state += 0x9E3779B97F4A7C15ull;
+        u64 z = state;
+        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+        z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+        z ^= z >> 31;
+        int j = i + (int)(z % (u64)(n - i));
+        int vi = shuffled(at, val, m, i), vj = shuffled(at, val, m, j);
+        shuffle_set(at, val, &m, i, vj);
+        shuffle_set(at, val, &m, j, vi);
+    }
+    for (int i = 0; i < k; i++) {
+        ids[i] = shuffled(at, val, m, i);
+        w[i] = 1.0f / (float)k;
+    }
+}
+
+// The CPU's share of a paged layer joins the stream (paging.rs, `join_cpu_share`): each
+// block waits until the host raised `*flag` to `seq` (compared cyclically, as
+// cuStreamWaitValue32's GEQ does), reading it over the link with acquire semantics, then
+// adds the CPU's sum `part` (page-locked, device-mapped, read in place past the caches) into
+// `out`. One operation instead of the stream's wait, a copy and an add, and the flag is seen
+// within a read's round trip over the link (the stream's own wait passed ~8 µs later on the
+// H100 box). A flag that never comes traps after 10 s rather than hang the stream (the host
+// raises it even when the share failed).
+__device__ __forceinline__ unsigned int ld_acquire_sys(const unsigned int* p) {
+    unsigned int v;
+    asm volatile("ld.acquire.sys.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+    return v;
+}
+
+extern "C" __global__ void moe_cpu_join(const unsigned int* flag, unsigned int seq,
+                                        const float* part, float* out, int n) {
+    if (threadIdx.x == 0) {
+        u64 t0, t;
+        asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
+        while ((int)(ld_acquire_sys(flag) - seq) < 0) {
+            asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+            if (t - t0 > 10000000000ull) __trap();
+        }
+    }
+    __syncthreads();
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) out[i] += __ldcv(part + i);
+}
+
 // A paged layer's read-back without a host synchronisation: copies up to three device ranges
 // (`n*` 4-byte words each, a null source skipped) into page-locked, device-mapped host memory
 // at `dst + at*` bytes, then raises `*flag` to `seq` once every word is visible to the host
