@@ -152,20 +152,20 @@ fn decode(a: DecodeArgs) -> Result<()> {
             let (recorded, replayed) = be.decode_graph_counts();
             eprintln!("decode steps as CUDA graphs: {recorded} recorded, {replayed} replayed");
             if be.profiling() {
-                cuda_profile(&l)?;
+                cuda_profile(&l, a.prompt.unwrap_or(512))?;
             }
             Ok(())
         }
     }
 }
 
-/// With `FLOWGATE_CUDA_PROFILE=1`: device time per kernel of a 512-token prefill and of 32
-/// decode steps after it, printed to stderr (each launch timed with events, so the totals are
-/// a little above a plain run's).
-fn cuda_profile(l: &Loaded<CudaBackend>) -> Result<()> {
+/// With `FLOWGATE_CUDA_PROFILE=1`: device time per kernel of a prefill of `n_prompt` tokens
+/// (`--prompt`, 512 by default) and of 32 decode steps after it, printed to stderr (each
+/// launch timed with events, so the totals are a little above a plain run's).
+fn cuda_profile(l: &Loaded<CudaBackend>, n_prompt: usize) -> Result<()> {
     let m = &l.model;
     let mut rng = rand::rngs::StdRng::seed_from_u64(2);
-    let prompt: Vec<u32> = (0..512)
+    let prompt: Vec<u32> = (0..n_prompt.max(1))
         .map(|_| rng.random_range(0..m.spec.vocab_size as u32))
         .collect();
     let steps = 32;
