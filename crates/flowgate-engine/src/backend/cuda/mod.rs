@@ -327,13 +327,30 @@ struct K {
 /// 132 SMs) do, its gate/up pair (28,672 rows) does not (two steps gained nothing there).
 const ONE_WAVE_WARPS_PER_SM: usize = 48;
 
-/// How the decode attention splits the keys: about `keys_per_warp` keys per warp of a split,
-/// at most `max` splits (≤ 128, `MAXSPLITS` in attention.cu). Defaults 2 and 128
-/// (`FLOWGATE_CUDA_ATTN_KEYS_PER_WARP`, `FLOWGATE_CUDA_ATTN_MAX_SPLITS` change them).
+/// How the decode attention splits the keys: about `keys_per_warp` keys per warp of a split
+/// (default 2, `FLOWGATE_CUDA_ATTN_KEYS_PER_WARP`), at most `max` splits (`MAXSPLITS`, 128, in
+/// attention.cu; `FLOWGATE_CUDA_ATTN_MAX_SPLITS`). By default the most is what makes about
+/// [`ATTN_BLOCKS_PER_SM`] blocks a SM.
 #[derive(Clone, Copy)]
 struct AttnSplits {
     keys_per_warp: usize,
-    max: usize,
+    max: Option<usize>,
+}
+
+/// Decode attention blocks per SM that the splits aim at, at most. On the H100 (moe30b, 32
+/// heads: 17 splits) against the former cap of 128 splits, the attention of a decode step took
+/// 0.88 against 1.61 ms after 512 positions, 1.93 against 3.11 ms after 2048, and the same
+/// after 64 or 128 (`FLOWGATE_CUDA_PROFILE=1 bench decode`): more splits than that only add
+/// blocks whose fixed work (the query's norm and rotation, the merge) outweighs their keys.
+const ATTN_BLOCKS_PER_SM: usize = 4;
+
+impl AttnSplits {
+    /// The most splits for `blocks` (token, head) blocks on `sms` SMs.
+    fn max_for(&self, blocks: usize, sms: usize) -> usize {
+        self.max
+            .unwrap_or_else(|| (ATTN_BLOCKS_PER_SM * sms).div_ceil(blocks.max(1)))
+            .clamp(1, 128)
+    }
 }
 
 impl AttnSplits {
@@ -347,7 +364,7 @@ impl AttnSplits {
             keys_per_warp: var("FLOWGATE_CUDA_ATTN_KEYS_PER_WARP")
                 .filter(|&k| k > 0)
                 .unwrap_or(2),
-            max: var("FLOWGATE_CUDA_ATTN_MAX_SPLITS").map_or(128, |v| v.clamp(1, 128)),
+            max: var("FLOWGATE_CUDA_ATTN_MAX_SPLITS").map(|v| v.clamp(1, 128)),
         }
     }
 }
@@ -2921,10 +2938,8 @@ impl CudaBackend {
         // the step slot) launches the most and idles the rest.
         let warps = 4usize;
         let want = (2 * self.sms).div_ceil(blocks);
-        let AttnSplits {
-            keys_per_warp,
-            max: max_splits,
-        } = self.attn_splits;
+        let keys_per_warp = self.attn_splits.keys_per_warp;
+        let max_splits = self.attn_splits.max_for(blocks, self.sms);
         let split_keys = if p.n_tokens == 1 {
             keys_per_warp * warps
         } else {
@@ -3357,5 +3372,26 @@ mod tests {
             assert_eq!(dtype_index(DType::ALL[i]), Some(i));
         }
         assert_eq!(dtype_index(DType::Q8K), None);
+    }
+
+    #[test]
+    fn attention_splits_aim_at_a_few_blocks_per_sm() {
+        let auto = AttnSplits {
+            keys_per_warp: 2,
+            max: None,
+        };
+        // 32 heads of one token on 132 SMs: 17 splits (528 blocks); one head: the kernel's 128;
+        // a prefill's many (token, head) blocks: 1.
+        assert_eq!(auto.max_for(32, 132), 17);
+        assert_eq!(auto.max_for(64, 132), 9);
+        assert_eq!(auto.max_for(1, 132), 128);
+        assert_eq!(auto.max_for(4096, 132), 1);
+        assert_eq!(auto.max_for(0, 132), 128);
+        // FLOWGATE_CUDA_ATTN_MAX_SPLITS wins.
+        let fixed = AttnSplits {
+            keys_per_warp: 2,
+            max: Some(100),
+        };
+        assert_eq!(fixed.max_for(32, 132), 100);
     }
 }
