@@ -1657,57 +1657,54 @@ fn decode_graphs_replay_eager_steps_exactly() {
 
 /// [`decode_graphs_replay_eager_steps_exactly`] on one model as its routing stands.
 fn graphs_replay_eager_steps(path: &str, m: &Model<CudaBackend>) {
-    {
-        let mut rng = rand::rngs::StdRng::seed_from_u64(0x6A4F);
-        let mut toks = |n: usize| -> Vec<u32> {
-            (0..n)
-                .map(|_| rng.random_range(0..m.spec.vocab_size as u32))
-                .collect()
-        };
-        // (cache, tokens): prefills and single steps, in order; the very first call is a step
-        // (recorded on a backend that has not run attention yet).
-        let mut script: Vec<(usize, Vec<u32>)> = (0..3).map(|_| (0, toks(1))).collect();
-        script.push((0, toks(5)));
-        script.extend((0..6).map(|_| (0, toks(1))));
-        script.push((1, toks(3)));
-        script.extend((0..4).flat_map(|_| [(0, toks(1)), (1, toks(1))]));
-        script.push((2, toks(70)));
-        script.extend((0..3).flat_map(|_| [(1, toks(1)), (0, toks(1))]));
-        let play = |graphs: bool| -> Vec<Vec<f32>> {
-            m.backend.set_decode_graphs(graphs);
-            let mut caches: Vec<_> = (0..3).map(|_| m.new_cache(96).unwrap()).collect();
-            script
-                .iter()
-                .map(|(c, t)| m.forward(t, &mut caches[*c], Logits::Last).unwrap())
-                .collect()
-        };
-        // Graphs first, on device memory other work has left dirty: state a recording set up
-        // lazily (zeroed counters, uploaded tables) would only be recorded, never run, and
-        // would read as garbage.
-        dirty_device_memory();
-        let before = m.backend.decode_graph_counts();
-        let graphed = play(true);
-        let after = m.backend.decode_graph_counts();
-        let (rec, rep) = (after.0 - before.0, after.1 - before.1);
-        let eager = play(false);
-        let steps = script.iter().filter(|(_, t)| t.len() == 1).count() as u64;
-        eprintln!("{path}: {steps} steps, {rec} recorded as graphs, {rep} replayed");
-        for (i, (e, g)) in eager.iter().zip(&graphed).enumerate() {
-            let same =
-                e.len() == g.len() && e.iter().zip(g).all(|(a, b)| a.to_bits() == b.to_bits());
-            assert!(
-                same,
-                "{path}: call {i} of the script differs with graphs (rel err {:.3e})",
-                rel_err(g, e)
-            );
-        }
-        // The first step may be queued without a graph: the backend's rope table is uploaded
-        // on its first use, which a recording declines to do.
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x6A4F);
+    let mut toks = |n: usize| -> Vec<u32> {
+        (0..n)
+            .map(|_| rng.random_range(0..m.spec.vocab_size as u32))
+            .collect()
+    };
+    // (cache, tokens): prefills and single steps, in order; the very first call is a step
+    // (recorded on a backend that has not run attention yet).
+    let mut script: Vec<(usize, Vec<u32>)> = (0..3).map(|_| (0, toks(1))).collect();
+    script.push((0, toks(5)));
+    script.extend((0..6).map(|_| (0, toks(1))));
+    script.push((1, toks(3)));
+    script.extend((0..4).flat_map(|_| [(0, toks(1)), (1, toks(1))]));
+    script.push((2, toks(70)));
+    script.extend((0..3).flat_map(|_| [(1, toks(1)), (0, toks(1))]));
+    let play = |graphs: bool| -> Vec<Vec<f32>> {
+        m.backend.set_decode_graphs(graphs);
+        let mut caches: Vec<_> = (0..3).map(|_| m.new_cache(96).unwrap()).collect();
+        script
+            .iter()
+            .map(|(c, t)| m.forward(t, &mut caches[*c], Logits::Last).unwrap())
+            .collect()
+    };
+    // Graphs first, on device memory other work has left dirty: state a recording set up
+    // lazily (zeroed counters, uploaded tables) would only be recorded, never run, and
+    // would read as garbage.
+    dirty_device_memory();
+    let before = m.backend.decode_graph_counts();
+    let graphed = play(true);
+    let after = m.backend.decode_graph_counts();
+    let (rec, rep) = (after.0 - before.0, after.1 - before.1);
+    let eager = play(false);
+    let steps = script.iter().filter(|(_, t)| t.len() == 1).count() as u64;
+    eprintln!("{path}: {steps} steps, {rec} recorded as graphs, {rep} replayed");
+    for (i, (e, g)) in eager.iter().zip(&graphed).enumerate() {
+        let same = e.len() == g.len() && e.iter().zip(g).all(|(a, b)| a.to_bits() == b.to_bits());
         assert!(
-            rec == 2 && (steps - 3..=steps - 2).contains(&rep),
-            "{path}: {rec} recorded and {rep} replayed of {steps} steps"
+            same,
+            "{path}: call {i} of the script differs with graphs (rel err {:.3e})",
+            rel_err(g, e)
         );
     }
+    // The first step may be queued without a graph: the backend's rope table is uploaded
+    // on its first use, which a recording declines to do.
+    assert!(
+        rec == 2 && (steps - 3..=steps - 2).contains(&rep),
+        "{path}: {rec} recorded and {rep} replayed of {steps} steps"
+    );
 }
 
 /// Allocates device buffers of many small sizes on a backend of its own, fills them with NaN
