@@ -17,16 +17,9 @@ fn fixtures_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
 }
 
-const ARCHS: [&str; 8] = [
-    "llama",
-    "mistral",
-    "qwen2",
-    "qwen3",
-    "mixtral",
-    "qwen2_moe",
-    "qwen3_moe",
-    "olmoe",
-];
+#[path = "../../../tests/fixtures/hf_archs.rs"]
+mod hf_archs;
+use hf_archs::HF_ARCHS as ARCHS;
 
 fn read_bytes(t: &TensorInfo, files: &[PathBuf]) -> Vec<u8> {
     let mut f = std::fs::File::open(&files[t.file]).unwrap();

@@ -11,19 +11,12 @@ pub fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
 }
 
+#[path = "../../../../tests/fixtures/hf_archs.rs"]
+mod hf_archs;
 /// The Hugging Face fixtures (tests/fixtures/NAME). Not every test crate that includes this
 /// module uses it.
-#[allow(dead_code)]
-pub const HF_ARCHS: [&str; 8] = [
-    "llama",
-    "mistral",
-    "qwen2",
-    "qwen3",
-    "mixtral",
-    "qwen2_moe",
-    "qwen3_moe",
-    "olmoe",
-];
+#[allow(unused_imports)]
+pub use hf_archs::HF_ARCHS;
 
 /// (model directory, reference json) of the Hugging Face fixture `name`.
 pub fn hf_case(name: &str) -> (PathBuf, PathBuf) {

@@ -422,6 +422,9 @@ pub struct ExpertPager {
     /// The CPU share's weighted sum (`hidden` floats, page-locked), and a CPU failure not
     /// reported yet.
     cpu_out: Mutex<PinnedBuffer>,
+    /// `cpu_out`'s device address, which the join kernel reads (`None`: not mapped; the
+    /// stream then waits on the flag and copies the sum).
+    cpu_out_dev: Option<u64>,
     /// Raised to a share's sequence number once its sum is in `cpu_out`; the stream waits on
     /// it (see [`CpuGate`]).
     cpu_flag: HostFlag,
@@ -933,6 +936,11 @@ impl ExpertPager {
         // ids and weights (k each), then the token's hidden vector.
         let ids_back =
             PinnedBuffer::new(&backend.device, HIDDEN_BACK + 4 * spec.hidden).map_err(cuda_err)?;
+        let cpu_out = PinnedBuffer::new(&backend.device, 4 * spec.hidden).map_err(cuda_err)?;
+        let cpu_out_dev = cpu_out
+            .device_ptr()
+            .map_err(|err| tracing::warn!(%err, "the CPU share's sum is not mapped for the device; the stream waits on its flag"))
+            .ok();
         Ok(Arc::new(ExpertPager {
             n_experts: m.n_experts,
             gens: sparse.iter().map(|_| AtomicU64::new(0)).collect(),
@@ -960,9 +968,8 @@ impl ExpertPager {
             side_copies: Mutex::new(None),
             side_tick: AtomicU32::new(0),
             pending_share: Mutex::new(None),
-            cpu_out: Mutex::new(
-                PinnedBuffer::new(&backend.device, 4 * spec.hidden).map_err(cuda_err)?,
-            ),
+            cpu_out: Mutex::new(cpu_out),
+            cpu_out_dev,
             cpu_flag: HostFlag::new(&backend.device).map_err(cuda_err)?,
             cpu_seq: AtomicU32::new(0),
             gate: AtomicU8::new(CpuGate::from_env() as u8),
@@ -1869,36 +1876,26 @@ impl CudaBackend {
         out: &mut super::CudaBuf,
     ) -> Result<()> {
         let gate = CpuGate::from_u8(pager.gate.load(Ordering::Relaxed));
-        if gate == CpuGate::Kernel && self.ensure(out, e.hidden) {
-            // Not under the lock past this statement: the share's worker takes it to write
-            // the sum, and the queueing below may wait on the stream (the timeline does).
-            let part = lock(&pager.cpu_out).device_ptr();
-            match part {
-                Ok(part) => {
-                    // The job just submitted always raises the flag to `seq` when it ends
-                    // (see below), and no later share writes the sum before this kernel ran
-                    // (the next starts after the next read-back, queued after this).
-                    self.launch(
-                        &self.kernels.moe_cpu_join,
-                        grid_1d(e.hidden as u64, 256),
-                        &[
-                            Arg::P(pager.cpu_flag.device_ptr()),
-                            Arg::I(seq as i32),
-                            Arg::P(part),
-                            Arg::P(out.ptr()),
-                            Arg::I(e.hidden as i32),
-                        ],
-                    );
-                    pager
-                        .timeline
-                        .mark(&self.device, &self.stream, Mark::Joined);
-                    return self.check();
-                }
-                Err(err) => {
-                    tracing::warn!(%err, "the CPU share's sum is not mapped for the device; the stream waits on its flag");
-                    pager.gate.store(CpuGate::Stream as u8, Ordering::Relaxed);
-                }
-            }
+        let part = pager.cpu_out_dev.filter(|_| gate == CpuGate::Kernel);
+        if let (Some(part), true) = (part, self.ensure(out, e.hidden)) {
+            // The job just submitted always raises the flag to `seq` when it ends (see below),
+            // and no later share writes the sum before this kernel ran (the next starts after
+            // the next read-back, queued after this).
+            self.launch(
+                &self.kernels.moe_cpu_join,
+                grid_1d(e.hidden as u64, 256),
+                &[
+                    Arg::P(pager.cpu_flag.device_ptr()),
+                    Arg::I(seq as i32),
+                    Arg::P(part),
+                    Arg::P(out.ptr()),
+                    Arg::I(e.hidden as i32),
+                ],
+            );
+            pager
+                .timeline
+                .mark(&self.device, &self.stream, Mark::Joined);
+            return self.check();
         }
         let mut gated = false;
         if gate != CpuGate::Host {
