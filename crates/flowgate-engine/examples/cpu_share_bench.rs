@@ -4,7 +4,9 @@
 //! that reads are cold), against one thread computing the same experts matrix by matrix.
 //!
 //! cargo run --release -p flowgate-engine --example cpu_share_bench -- [WORKERS]
-//! (FLOWGATE_CPU_CHUNK_ROWS and FLOWGATE_CPU_PREFETCH change the chunking and the prefetch.)
+//! (FLOWGATE_CPU_CHUNK_ROWS and FLOWGATE_CPU_PREFETCH change the chunking and the prefetch;
+//! CSB_EXPERTS=8 reuses 8 experts, warm in the cache; CSB_PAR=N then also runs N threads at
+//! once, each computing whole experts alone, the team's ceiling on this machine.)
 use flowgate_engine::backend::cpu::experts::ExpertSum;
 use flowgate_engine::backend::cpu::kernels::{rows_dot, OwnedAct};
 use flowgate_engine::backend::cpu::team::{Team, TeamJob};
@@ -72,7 +74,12 @@ fn main() {
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or(2);
-    let (ffn, hidden, n_exp) = (768, 2048, 256);
+    // CSB_EXPERTS=N: fewer distinct experts (N ≤ 8: the same ones again, warm in cache).
+    let n_exp: usize = std::env::var("CSB_EXPERTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(256);
+    let (ffn, hidden) = (768, 2048);
     let experts: Vec<[CpuWeight; 3]> = (0..n_exp as u64)
         .map(|e| {
             [
@@ -87,7 +94,16 @@ fn main() {
         .collect();
     let team = Team::new(threads, Duration::from_millis(5)).unwrap();
     let mut k = 0usize;
-    for j in [1usize, 2, 3, 4, 8] {
+    // CSB_GAP=µs between jobs (200: the decode thread's pace; 0: back to back).
+    let gap: u64 = std::env::var("CSB_GAP")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200);
+    let js: Vec<usize> = std::env::var("CSB_J")
+        .ok()
+        .map(|v| v.split(',').filter_map(|x| x.parse().ok()).collect())
+        .unwrap_or_else(|| vec![1, 2, 3, 4, 8]);
+    for j in js {
         let (mut tot, mut f0, mut f1, mut build) = (vec![], vec![], vec![], vec![]);
         for _ in 0..60 {
             let ws: Vec<([CpuWeight; 3], f32)> = (0..j)
@@ -112,7 +128,9 @@ fn main() {
             f0.push(p.first[0].load(Ordering::Relaxed) as f64 / 1e3);
             f1.push(p.first[1].load(Ordering::Relaxed) as f64 / 1e3);
             tot.push(p.end.load(Ordering::Relaxed) as f64 / 1e3);
-            std::thread::sleep(Duration::from_micros(200));
+            if gap > 0 {
+                std::thread::sleep(Duration::from_micros(gap));
+            }
         }
         let med = |v: &mut Vec<f64>| {
             v.sort_by(f64::total_cmp);
@@ -137,5 +155,48 @@ fn main() {
         }
         println!("j={j} team {threads}: built {:.1} us, first chunk {:.1}, phase 2 at {:.1}, done {:.1} us | one thread alone {:.0} us",
             med(&mut build), med(&mut f0), med(&mut f1), med(&mut tot), med(&mut st));
+    }
+    // CSB_PAR=N: N threads at once, each computing experts alone (no team), cold: how one
+    // core's speed holds up as more cores compute.
+    if let Some(par) = std::env::var("CSB_PAR")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+    {
+        let experts = Arc::new(experts);
+        let x = Arc::new(x);
+        let hs: Vec<_> = (0..par)
+            .map(|t| {
+                let (experts, x) = (experts.clone(), x.clone());
+                std::thread::spawn(move || {
+                    let mut times = vec![];
+                    let mut k = t * 4;
+                    for _ in 0..40 {
+                        let t0 = Instant::now();
+                        for _ in 0..4 {
+                            let [g, u, d] = &experts[k % n_exp];
+                            k += 4 * par;
+                            let xa = OwnedAct::new(DType::Q4K, &x);
+                            let mut o = vec![0f32; ffn];
+                            rows_dot(&g.matrix(), 0..ffn, &xa.src(), &mut o);
+                            rows_dot(&u.matrix(), 0..ffn, &xa.src(), &mut o);
+                            let ha = OwnedAct::new(DType::Q4K, &o);
+                            let mut y = vec![0f32; hidden];
+                            rows_dot(&d.matrix(), 0..hidden, &ha.src(), &mut y);
+                            std::hint::black_box(&y);
+                        }
+                        times.push(t0.elapsed().as_secs_f64() * 1e6 / 4.0);
+                    }
+                    times.sort_by(f64::total_cmp);
+                    times[times.len() / 2]
+                })
+            })
+            .collect();
+        let per: Vec<f64> = hs.into_iter().map(|h| h.join().unwrap()).collect();
+        let mean = per.iter().sum::<f64>() / per.len() as f64;
+        println!(
+            "{par} threads alone at once: {mean:.0} us an expert per thread ({:.1} GB/s per thread, {:.1} GB/s in all)",
+            2.654e6 / mean / 1e3,
+            2.654e6 / mean / 1e3 * par as f64
+        );
     }
 }

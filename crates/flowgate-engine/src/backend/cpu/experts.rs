@@ -208,11 +208,18 @@ impl TeamJob for ExpertSum {
             Some(f) => Err(f),
             None => {
                 // Σ w_e · y_e, experts in order (as the one-at-a-time path adds them).
+                // SAFETY: every chunk has completed (the team runs `finish` after the last
+                // one, ordered by its AcqRel counter), so nothing writes `ys` any more; an
+                // AtomicU32 has u32's (and so f32's) size and alignment. Read as plain floats,
+                // the sum vectorises (per-element atomic loads do not).
+                let ys: &[f32] = unsafe {
+                    std::slice::from_raw_parts(self.ys.as_ptr().cast::<f32>(), self.ys.len())
+                };
                 let mut y = vec![0f32; self.hidden];
                 for (e, (_, w)) in self.experts.iter().enumerate() {
-                    let ye = &self.ys[e * self.hidden..(e + 1) * self.hidden];
+                    let ye = &ys[e * self.hidden..(e + 1) * self.hidden];
                     for (a, v) in y.iter_mut().zip(ye) {
-                        *a += w * f32::from_bits(v.load(Ordering::Relaxed));
+                        *a += w * v;
                     }
                 }
                 Ok(y)

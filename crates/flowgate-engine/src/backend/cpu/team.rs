@@ -38,14 +38,26 @@ pub trait TeamJob: Send + Sync {
     fn failed(&self, msg: String);
 }
 
+/// `T` alone on its cache lines (two, for the adjacent-line prefetcher): the counters every
+/// worker updates per chunk must not share a line with what the others only read.
+#[repr(align(128))]
+struct Line<T>(T);
+
+impl<T> std::ops::Deref for Line<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.0
+    }
+}
+
 /// One submitted job and its progress.
 struct Run {
     job: Arc<dyn TeamJob>,
     /// `phase << 32 | next chunk to claim`.
-    claim: AtomicU64,
+    claim: Line<AtomicU64>,
     /// Chunks of the current phase completed.
-    done: AtomicUsize,
-    finished: AtomicBool,
+    done: Line<AtomicUsize>,
+    finished: Line<AtomicBool>,
 }
 
 const CHUNK_BITS: u32 = 32;
@@ -195,9 +207,9 @@ impl Team {
     pub fn submit(&self, job: Arc<dyn TeamJob>) {
         let run = Arc::new(Run {
             job,
-            claim: AtomicU64::new(0),
-            done: AtomicUsize::new(0),
-            finished: AtomicBool::new(false),
+            claim: Line(AtomicU64::new(0)),
+            done: Line(AtomicUsize::new(0)),
+            finished: Line(AtomicBool::new(false)),
         });
         // Empty leading phases are skipped here (and an empty job finishes here).
         match run.next_phase(0) {
