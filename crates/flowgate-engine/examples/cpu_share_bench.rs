@@ -193,8 +193,10 @@ fn main() {
             .collect();
         let per: Vec<f64> = hs.into_iter().map(|h| h.join().unwrap()).collect();
         let mean = per.iter().sum::<f64>() / per.len() as f64;
+        let slowest = per.iter().fold(0f64, |a, &b| a.max(b));
+        let fastest = per.iter().fold(f64::MAX, |a, &b| a.min(b));
         println!(
-            "{par} threads alone at once: {mean:.0} us an expert per thread ({:.1} GB/s per thread, {:.1} GB/s in all)",
+            "{par} threads alone at once: {mean:.0} us an expert per thread ({:.1} GB/s per thread, {:.1} GB/s in all); fastest thread {fastest:.0} us, slowest {slowest:.0} us",
             2.654e6 / mean / 1e3,
             2.654e6 / mean / 1e3 * par as f64
         );

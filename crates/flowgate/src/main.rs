@@ -3,10 +3,6 @@
 //! Commands: `run` (chat or complete, streaming), `inspect`, `logits`, `generate`, `synth`
 //! (synthetic GGUF models of real shapes), `demo` and `bench`. Each lives in `commands/`.
 
-// The `bench moe --json` record is one `serde_json::json!` literal deeper than the default
-// limit allows.
-#![recursion_limit = "256"]
-
 #[macro_use]
 mod common;
 mod commands;

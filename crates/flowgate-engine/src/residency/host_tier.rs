@@ -212,9 +212,6 @@ pub struct CacheStats {
     /// Missed experts the GPU read in place from page-locked host memory (no copy; their
     /// bytes count in `bytes_read`).
     pub read_in_place: u64,
-    /// Of those, how many had their down matrix copied into device memory during the gate and
-    /// up products (the in-place path's read ahead).
-    pub down_read_ahead: u64,
 }
 
 impl CacheStats {

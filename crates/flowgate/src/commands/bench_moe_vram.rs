@@ -65,8 +65,6 @@ struct VramRun {
     miss_path: MissPath,
     /// Missed experts the GPU read in place, per token.
     read_in_place_per_token: f64,
-    /// Of those, misses whose down matrix was copied into device memory during gate and up.
-    down_read_ahead_per_token: f64,
     cpu_per_token: f64,
     cpu_ms_per_token: f64,
     /// Seconds to copy one expert (measured at provisioning) and to compute j = 0..=k on the
@@ -202,10 +200,10 @@ pub fn moe_vram(a: &MoeArgs, file: &ModelFile) -> Result<()> {
                 Some(p) => (p.n_slots, p.fraction(), true),
                 None => (layout.n_paged(), 1.0, false),
             };
-            let (in_place_n, ahead_n) = l.pager.as_ref().map_or((0.0, 0.0), |p| {
-                let st = p.stats();
-                (st.read_in_place as f64 / n, st.down_read_ahead as f64 / n)
-            });
+            let in_place_n = l
+                .pager
+                .as_ref()
+                .map_or(0.0, |p| p.stats().read_in_place as f64 / n);
             let (hit_rate, per_layer, bytes, copy, cpu_n, cpu_t, pf) = match &l.pager {
                 Some(p) => {
                     let st = p.stats();
@@ -251,7 +249,6 @@ pub fn moe_vram(a: &MoeArgs, file: &ModelFile) -> Result<()> {
                 cpu_mode: mode,
                 miss_path: l.pager.as_ref().map_or(path, |p| p.miss_path()),
                 read_in_place_per_token: in_place_n,
-                down_read_ahead_per_token: ahead_n,
                 cpu_per_token: cpu_n,
                 cpu_ms_per_token: cpu_t,
                 costs: l.pager.as_ref().and_then(|p| p.costs()),
@@ -294,7 +291,6 @@ pub fn moe_vram(a: &MoeArgs, file: &ModelFile) -> Result<()> {
                 "cpu_experts": r.cpu_mode.name(),
                 "miss_path": r.miss_path.name(),
                 "read_in_place_per_token": r.read_in_place_per_token,
-                "down_read_ahead_per_token": r.down_read_ahead_per_token,
                 "cpu_experts_per_token": r.cpu_per_token,
                 "cpu_ms_per_token": r.cpu_ms_per_token,
                 "expert_copy_us": r.costs.as_ref().map(|c| 1e6 * c.0),

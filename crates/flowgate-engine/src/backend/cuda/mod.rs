@@ -77,7 +77,6 @@ mod graph;
 mod layer_timeline;
 mod paging;
 mod pinned_tier;
-use paging::DownAhead;
 pub use paging::{CpuExperts, CpuGate, ExpertPager, MissPath, PagedLayer};
 pub use pinned_tier::PinnedArenas;
 
@@ -404,7 +403,7 @@ struct RopeInAttention {
 /// each may start (and the mat-vecs prefetch their weights into L2) while the kernel before
 /// it finishes. The decode step is a chain of ~10 such kernels per layer.
 /// `FLOWGATE_CUDA_PDL=0` turns it off.
-const PDL_KERNELS: [&str; 16] = [
+const PDL_KERNELS: [&str; 15] = [
     "rms_norm",
     "add_rms_norm",
     "add_rms_norm_rows1",
@@ -417,7 +416,6 @@ const PDL_KERNELS: [&str; 16] = [
     "matvec1q8u_q4_k",
     "matvec1q8x_q4_k",
     "matvec1q8xs_q4_k",
-    "matvec1q8xs_fetch_q4_k",
     "add",
     "add_sigmoid_gated",
     "silu_mul",
@@ -437,9 +435,6 @@ struct Kernels {
     /// `matvec1q8x_q4_k` with the rows staged in shared memory: for weights read in place
     /// from host memory.
     matvec1q8xs_q4_k: K,
-    /// `matvec1q8xs_q4_k` for gate and up that also copies the down matrices of the misses
-    /// into device memory in the same launch (see [`DownAhead`]).
-    matvec1q8xs_fetch_q4_k: K,
     quantize_q8: K,
     router_topk: K,
     moe_combine: K,
@@ -551,7 +546,6 @@ impl Kernels {
             matvec1x,
             matvec1q8x,
             matvec1q8xs_q4_k: k(&mvq, "matvec1q8xs_q4_k")?,
-            matvec1q8xs_fetch_q4_k: k(&mvq, "matvec1q8xs_fetch_q4_k")?,
             quantize_q8: k(&mvq, "quantize_q8")?,
             router_topk: k(&moe, "router_topk")?,
             moe_combine: k(&moe, "moe_combine")?,
@@ -2734,12 +2728,11 @@ impl CudaBackend {
         h: &CudaBuf,
         out: &mut CudaBuf,
     ) -> Result<()> {
-        self.moe_experts_with(e, routed, k, chosen, true, None, h, out)
+        self.moe_experts_with(e, routed, k, chosen, true, h, out)
     }
 
     /// [`CudaBackend::moe_experts`]; with `page` false, paged experts were made resident (all
-    /// `k` at once, within the layer's quota) by the caller. With `ahead`, the misses' down
-    /// matrices are copied into device memory during the gate and up products.
+    /// `k` at once, within the layer's quota) by the caller.
     #[allow(clippy::too_many_arguments)]
     fn moe_experts_with(
         &self,
@@ -2748,7 +2741,6 @@ impl CudaBackend {
         k: usize,
         chosen: Option<&[usize]>,
         page: bool,
-        ahead: Option<&DownAhead>,
         h: &CudaBuf,
         out: &mut CudaBuf,
     ) -> Result<()> {
@@ -2778,8 +2770,6 @@ impl CudaBackend {
                 self.page_in(e, p, &c[o..o + kw])?;
             }
             let wave_ids = ids + 4 * o as u64;
-            // Read ahead only when the whole set is one wave (the tables it fills are k long).
-            let ahead = ahead.filter(|_| kw == k);
             self.matvec1_experts(
                 (t(0), t(1)),
                 wave_ids,
@@ -2790,7 +2780,6 @@ impl CudaBackend {
                 gu.ptr(),
                 (e.kind, e.ffn, e.hidden, e.row_bytes),
                 in_place,
-                ahead.map(|a| (t(2), a)),
             );
             let n = (kw * e.ffn) as u64;
             self.launch(
@@ -2803,22 +2792,16 @@ impl CudaBackend {
                     Arg::P(0),
                 ],
             );
-            // Read ahead, every down matrix is in device memory: per-route addresses.
-            let (tables, down_ids, staged) = match ahead {
-                Some(a) => ((a.dptr, a.dptr), a.dids, false),
-                None => ((t(2), t(2)), wave_ids, in_place),
-            };
             self.matvec1_experts(
-                tables,
-                down_ids,
+                (t(2), t(2)),
+                wave_ids,
                 kw,
                 kw,
                 gu.ptr(),
                 e.ffn,
                 ys.ptr() + (4 * o * e.hidden) as u64,
                 (e.down_kind, e.hidden, e.ffn, e.down_row_bytes),
-                staged,
-                None,
+                in_place,
             );
         }
         if !self.ensure(out, e.hidden) {
@@ -3169,9 +3152,7 @@ impl CudaBackend {
     /// Expert-indexed single-token products (`matvec1x_*` / `matvec1q8x_*`): job j of
     /// `jobs` multiplies expert `ids[j % k]` of table `ta` (j < k) or `tb` with the input at
     /// `x + (j % k) * stride` into `y + j * rows`. With `staged` (some experts are read in
-    /// place from host memory), Q4_K blocks stage their rows in shared memory first; with
-    /// `fetch` as well (the down table and a [`DownAhead`]), the same launch copies the
-    /// misses' down matrices into device memory.
+    /// place from host memory), Q4_K blocks stage their rows in shared memory first.
     #[allow(clippy::too_many_arguments)]
     fn matvec1_experts(
         &self,
@@ -3184,7 +3165,6 @@ impl CudaBackend {
         y: u64,
         (kind, rows, cols, row_bytes): (usize, usize, usize, usize),
         staged: bool,
-        fetch: Option<(u64, &DownAhead)>,
     ) {
         if self.q8_on(kind, cols).is_some() {
             let xs: Vec<u64> = if x_stride_floats == 0 {
@@ -3206,38 +3186,33 @@ impl CudaBackend {
                 q8_bytes(cols)
             };
             // 8 rows a block; the staged kernel keeps them in (at most 48 KiB of) shared memory.
-            let staged = staged && 8 * row_bytes <= 48 << 10;
-            let smem = if staged {
+            let smem = if staged && 8 * row_bytes <= 48 << 10 {
                 kq = &self.kernels.matvec1q8xs_q4_k;
                 8 * row_bytes as u32
             } else {
                 0
             };
-            let fetch = fetch.filter(|_| staged);
-            let mut args = vec![
-                Arg::P(ta),
-                Arg::P(tb),
-                Arg::P(ids),
-                Arg::I(k as i32),
-                Arg::P(q.ptr()),
-                Arg::P(stride as u64),
-                Arg::P(y),
-                Arg::I(rows as i32),
-                Arg::I(cols as i32),
-                Arg::P(row_bytes as u64),
-            ];
-            let mut grid_y = jobs as u32;
-            if let Some((tc, a)) = fetch {
-                kq = &self.kernels.matvec1q8xs_fetch_q4_k;
-                grid_y += k as u32;
-                args.extend([Arg::P(tc), Arg::P(a.dptr), Arg::P(a.down_bytes)]);
-            }
             let cfg = LaunchConfig {
-                grid_dim: ((rows as u32).div_ceil(8), grid_y, 1),
+                grid_dim: ((rows as u32).div_ceil(8), jobs as u32, 1),
                 block_dim: (256, 1, 1),
                 shared_mem_bytes: smem,
             };
-            self.launch(kq, cfg, &args);
+            self.launch(
+                kq,
+                cfg,
+                &[
+                    Arg::P(ta),
+                    Arg::P(tb),
+                    Arg::P(ids),
+                    Arg::I(k as i32),
+                    Arg::P(q.ptr()),
+                    Arg::P(stride as u64),
+                    Arg::P(y),
+                    Arg::I(rows as i32),
+                    Arg::I(cols as i32),
+                    Arg::P(row_bytes as u64),
+                ],
+            );
             return;
         }
         let wpr = warps_per_row(rows * jobs, cols);

@@ -206,24 +206,6 @@ impl MoePage {
     }
 }
 
-/// A paged layer's down matrices read ahead: the GPU's misses read in place have their down
-/// matrices copied into device memory (`scratch`, one matrix per route) by extra blocks of the
-/// gate and up launch (`matvec1q8xs_fetch_q4_k`), and the down product then reads device
-/// memory only. The link so carries a miss's three matrices in one launch instead of two
-/// with the SiLU and the quantisation between them. `moe_split_mask` fills the per-route
-/// tables: `dptr[i]` the route's down matrix (its slot when resident, else its place in
-/// `scratch`), `dids[i]` = i, or -1 for the CPU's routes. Measured on the H100 box (moe30b,
-/// uniform routing, 3 and 8 GiB, CPU share on): faster in 18 of 24 alternated pairs, by 3.5%
-/// on average (docs/benchmarks.md, session 20); results are the same to the bit.
-pub(super) struct DownAhead {
-    pub(super) dptr: u64,
-    pub(super) dids: u64,
-    pub(super) down_bytes: u64,
-    /// What `dptr` and `dids` point into.
-    _tables: super::CudaBuf,
-    scratch: super::CudaBuf,
-}
-
 /// How the stream waits for a CPU share's sum (`FLOWGATE_CPU_GATE=kernel|stream|host`,
 /// measuring; each falls back to the next where the device cannot do it).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -461,9 +443,6 @@ pub struct ExpertPager {
     /// Decode reads a missed expert in place, from page-locked host memory over the link,
     /// instead of copying it into a slot first ([`ExpertPager::set_miss_path`]).
     in_place_on: AtomicBool,
-    /// In place, the down matrices of the GPU's misses are copied into device memory during
-    /// the gate and up products (see [`DownAhead`]); `FLOWGATE_DOWN_AHEAD=0` turns it off.
-    down_ahead_on: AtomicBool,
     copy_stream: OnceLock<flowgate_cuda::Stream>,
     /// The prediction queued on the device, read back with the next routes: (layer, k, ids
     /// then weights).
@@ -1003,9 +982,6 @@ impl ExpertPager {
                     .and_then(|v| v.parse().ok()),
             ),
             in_place_on: AtomicBool::new(true),
-            down_ahead_on: AtomicBool::new(
-                std::env::var("FLOWGATE_DOWN_AHEAD").map_or(true, |v| v != "0"),
-            ),
             copy_stream: OnceLock::new(),
             predicted: Mutex::new(None),
             guess: Mutex::new(None),
@@ -1331,12 +1307,6 @@ impl ExpertPager {
     pub fn set_miss_path(&self, path: MissPath) {
         self.in_place_on
             .store(path == MissPath::InPlace, Ordering::Relaxed);
-    }
-
-    /// Whether misses read in place copy their down matrices into device memory during the
-    /// gate and up products (on by default; see [`DownAhead`]).
-    pub fn set_down_ahead(&self, on: bool) {
-        self.down_ahead_on.store(on, Ordering::Relaxed);
     }
 
     /// The miss path decode takes now (in place only where the host tier allows it).
@@ -1733,34 +1703,6 @@ impl CudaBackend {
         self.check()
     }
 
-    /// The buffers for reading a layer's down matrices ahead ([`DownAhead`]) when the pager
-    /// asks for it and the layer's products take the staged Q4_K kernel.
-    fn down_ahead(
-        &self,
-        e: &CudaExperts,
-        pager: &ExpertPager,
-        k: usize,
-    ) -> Result<Option<DownAhead>> {
-        let down_bytes = (e.hidden * e.down_row_bytes) as u64;
-        if !pager.down_ahead_on.load(Ordering::Relaxed)
-            || self.q8_on(e.kind, e.hidden).is_none()
-            || 8 * e.row_bytes > 48 << 10
-            || !down_bytes.is_multiple_of(16)
-        {
-            return Ok(None);
-        }
-        // k addresses (u64), then k ids (i32).
-        let tables = self.new_buf(3 * k)?;
-        let scratch = self.new_buf((k as u64 * down_bytes / 4) as usize)?;
-        Ok(Some(DownAhead {
-            dptr: tables.ptr(),
-            dids: tables.ptr() + 8 * k as u64,
-            down_bytes,
-            _tables: tables,
-            scratch,
-        }))
-    }
-
     /// One token through a paged layer whose misses are read in place
     /// ([`ExpertPager::set_miss_path`]), `routed` holding the `k` routes on the device (ids
     /// then weights). The GPU never waits for the host: one kernel splits the routes by the
@@ -1794,7 +1736,6 @@ impl CudaBackend {
             }
         }
         let gpu = self.new_buf(2 * k)?;
-        let ahead = self.down_ahead(e, pager, k)?;
         let (ids, w) = (routed.ptr(), routed.ptr() + 4 * k as u64);
         // One layer in SIDE_EVERY times the GPU's part on the device (mask to products done):
         // its time beyond the experts it reads in place is the GPU's fixed part in `split`.
@@ -1814,11 +1755,6 @@ impl CudaBackend {
                 Arg::S(&split),
                 Arg::P(gpu.ptr()),
                 Arg::P(gpu.ptr() + 4 * k as u64),
-                Arg::P(e.tables.ptr() + 2 * 8 * e.n as u64),
-                Arg::P(ahead.as_ref().map_or(0, |a| a.scratch.ptr())),
-                Arg::P(ahead.as_ref().map_or(0, |a| a.down_bytes)),
-                Arg::P(ahead.as_ref().map_or(0, |a| a.dptr)),
-                Arg::P(ahead.as_ref().map_or(0, |a| a.dids)),
             ],
         );
         let sent = self.publish(
@@ -1828,7 +1764,7 @@ impl CudaBackend {
             true,
             cpu_on.then_some((h.ptr(), e.hidden)),
         )?;
-        self.moe_experts_with(e, &gpu, k, Some(&[]), false, ahead.as_ref(), h, out)?;
+        self.moe_experts_with(e, &gpu, k, Some(&[]), false, h, out)?;
         let timed = side.is_some_and(|ev| ev.1.record(&self.stream).is_ok());
         let (chosen, weights, h_host) = self.collect(pager, sent)?;
         let (misses, j) = {
@@ -1843,9 +1779,6 @@ impl CudaBackend {
             // The CPU's misses are counted when its share ends (`cpu_share_done`).
             st.misses[p.layer] -= j as u64;
             st.read_in_place += (misses.len() - j) as u64;
-            if ahead.is_some() {
-                st.down_read_ahead += (misses.len() - j) as u64;
-            }
             st.bytes_read += ((misses.len() - j) * pager.shape.part.iter().sum::<usize>()) as u64;
             (misses, j)
         };
@@ -2069,7 +2002,7 @@ impl CudaBackend {
             }
             let routed = self.new_buf(2 * gpu.len())?;
             self.launch_page(e, &upd, routed.ptr(), routed.ptr() + 4 * gpu.len() as u64);
-            self.moe_experts_with(e, &routed, gpu.len(), Some(&ids), !paged_in, None, h, out)?;
+            self.moe_experts_with(e, &routed, gpu.len(), Some(&ids), !paged_in, h, out)?;
         }
         Ok(())
     }

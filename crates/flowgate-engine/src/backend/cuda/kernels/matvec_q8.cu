@@ -179,10 +179,12 @@ extern "C" __global__ void matvec1q8x_q4_k(const u64* ta, const u64* tb, const i
 // warp computes its row from there. The per-row kernel's loads (a 16-byte header shared by 8
 // lanes, quants straddling lines) cost the link several small requests per line. Dynamic
 // shared memory: 8 · row_bytes. Same sums in the same order as matvec1q8x_q4_k.
-__device__ __forceinline__ void mvq_staged_q4_k(uint4* staged, const u64* ta, const u64* tb,
-                                                const int* ids, int k, const u8* xq,
-                                                u64 x_stride, float* y, int rows, int cols,
-                                                u64 row_bytes, int j) {
+extern "C" __global__ void matvec1q8xs_q4_k(const u64* ta, const u64* tb, const int* ids, int k,
+                                            const u8* xq, u64 x_stride, float* y, int rows,
+                                            int cols, u64 row_bytes) {
+    extern __shared__ uint4 staged[];
+    grid_dep_wait();
+    int j = blockIdx.y;
     int id = ids[j % k];
     if (id < 0) return;  // computed elsewhere (moe_split_mask)
     const u8* W = (const u8*)(j < k ? ta : tb)[id];
@@ -197,56 +199,4 @@ __device__ __forceinline__ void mvq_staged_q4_k(uint4* staged, const u64* ta, co
     if (warp >= nr) return;
     mvq_q4_k<1, 1>((const u8*)staged, row_bytes, xq + (u64)(j % k) * x_stride,
                    y + (u64)j * rows + r0, nr, cols, warp, lane);
-}
-
-extern "C" __global__ void matvec1q8xs_q4_k(const u64* ta, const u64* tb, const int* ids, int k,
-                                            const u8* xq, u64 x_stride, float* y, int rows,
-                                            int cols, u64 row_bytes) {
-    extern __shared__ uint4 staged[];
-    grid_dep_wait();
-    mvq_staged_q4_k(staged, ta, tb, ids, k, xq, x_stride, y, rows, cols, row_bytes,
-                    blockIdx.y);
-}
-
-// The gate and up products of a paged layer whose misses are read in place (jobs y < 2k, as
-// matvec1q8xs_q4_k) and, in the same launch, jobs 2k + i that copy route i's down matrix
-// (`down_bytes`, expert id ids[i] of table tc) into the device buffer at dptr[i], where
-// moe_split_mask pointed it away from the table (a miss the GPU reads): the down product then
-// reads device memory only, and the link carries a miss's three matrices in one launch instead
-// of two with the SiLU and the quantisation between them. The blocks of a copy job each take
-// an equal run of 16-byte words, four in flight per thread.
-extern "C" __global__ void matvec1q8xs_fetch_q4_k(const u64* ta, const u64* tb, const int* ids,
-                                                  int k, const u8* xq, u64 x_stride, float* y,
-                                                  int rows, int cols, u64 row_bytes,
-                                                  const u64* tc, const u64* dptr,
-                                                  u64 down_bytes) {
-    extern __shared__ uint4 staged[];
-    grid_dep_wait();
-    int j = blockIdx.y;
-    if (j < 2 * k) {
-        mvq_staged_q4_k(staged, ta, tb, ids, k, xq, x_stride, y, rows, cols, row_bytes, j);
-        return;
-    }
-    int i = j - 2 * k;
-    int id = ids[i];
-    if (id < 0) return;
-    const uint4* src = (const uint4*)tc[id];
-    uint4* dst = (uint4*)dptr[i];
-    if ((u64)src == (u64)dst) return;  // resident: the down product reads its slot
-    u64 n16 = down_bytes / 16;
-    u64 per = (n16 + gridDim.x - 1) / gridDim.x;
-    u64 a = (u64)blockIdx.x * per, b = min(n16, a + per);
-    for (u64 base = a + threadIdx.x; base < b; base += 4 * (u64)blockDim.x) {
-        uint4 v[4];
-#pragma unroll
-        for (int u = 0; u < 4; u++) {
-            u64 q = base + (u64)u * blockDim.x;
-            if (q < b) v[u] = src[q];
-        }
-#pragma unroll
-        for (int u = 0; u < 4; u++) {
-            u64 q = base + (u64)u * blockDim.x;
-            if (q < b) dst[q] = v[u];
-        }
-    }
 }

@@ -183,17 +183,12 @@ extern "C" __global__ void moe_page(u64* table, int n_experts, MoePage p, int* i
 // the CPU's; the GPU's routes (gids, gw) are the same with those replaced by id -1, weight 0
 // (the products skip them, moe_combine adds nothing for them). The host reads the routes back
 // and picks the same experts from the same table. One thread: k ≤ 64.
-// With dptr (not null), for the down product read ahead (matvec1q8xs_fetch_q4_k): dids[i] is
-// i, or -1 for the CPU's routes, and dptr[i] where route i's down matrix is read from: its
-// slot (down[id]) when resident, else scratch + i · down_bytes, where the fetch copies it.
 struct MoeSplit {
     int j[PAGE_MAX + 1];  // CPU experts for m misses
 };
 
 extern "C" __global__ void moe_split_mask(const u64* resident, const int* ids, const float* w,
-                                          int k, MoeSplit split, int* gids, float* gw,
-                                          const u64* down, u64 scratch, u64 down_bytes,
-                                          u64* dptr, int* dids) {
+                                          int k, MoeSplit split, int* gids, float* gw) {
     if (threadIdx.x != 0) return;
     int m = 0;
     for (int i = 0; i < k; i++) m += resident[ids[i]] == 0;
@@ -208,10 +203,6 @@ extern "C" __global__ void moe_split_mask(const u64* resident, const int* ids, c
         }
         gids[i] = cpu ? -1 : id;
         gw[i] = cpu ? 0.0f : w[i];
-        if (dptr) {
-            dids[i] = cpu ? -1 : i;
-            dptr[i] = resident[id] != 0 ? down[id] : scratch + (u64)i * down_bytes;
-        }
     }
 }
 
