@@ -5,8 +5,10 @@
 //!
 //! cargo run --release -p flowgate-engine --example cpu_share_bench -- [WORKERS]
 //! (FLOWGATE_CPU_CHUNK_ROWS and FLOWGATE_CPU_PREFETCH change the chunking and the prefetch;
-//! CSB_EXPERTS=8 reuses 8 experts, warm in the cache; CSB_PAR=N then also runs N threads at
-//! once, each computing whole experts alone, the team's ceiling on this machine.)
+//! CSB_EXPERTS=8 reuses 8 experts, warm in the cache; CSB_J=1,2,… picks the job sizes;
+//! CSB_GAP=µs sets the pause between jobs; CSB_PAR=N then also runs N threads at once, each
+//! computing whole experts alone, the team's ceiling on this machine; CSB_MICRO=1 instead
+//! times one thread's gate and up products whole against in 16-row calls.)
 use flowgate_engine::backend::cpu::experts::ExpertSum;
 use flowgate_engine::backend::cpu::kernels::{rows_dot, OwnedAct};
 use flowgate_engine::backend::cpu::team::{Team, TeamJob};
@@ -51,8 +53,12 @@ impl TeamJob for Probe {
         self.inner.chunks(p)
     }
     fn run(&self, p: usize, c: usize) {
-        let now = self.t0.elapsed().as_nanos() as u64;
-        self.first[p.min(1)].fetch_min(now, Ordering::Relaxed);
+        // Only the first chunk of a phase writes (a write per chunk would pull the line the
+        // main thread spins on away from it every chunk).
+        let first = &self.first[p.min(1)];
+        if first.load(Ordering::Relaxed) == u64::MAX {
+            first.fetch_min(self.t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        }
         self.inner.run(p, c)
     }
     fn between(&self, p: usize) {
@@ -92,6 +98,45 @@ fn main() {
     let x: Vec<f32> = (0..hidden)
         .map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0)
         .collect();
+    if std::env::var("CSB_MICRO").is_ok() {
+        // One thread: gate and up of 8 experts, as whole matrices, in 16-row calls of one
+        // matrix at a time, and in 16-row calls alternating gate and up (the team's chunks).
+        let xa = OwnedAct::new(DType::Q4K, &x);
+        let mut o = vec![0f32; ffn];
+        for round in 0..3 {
+            for mode in 0..3 {
+                let t0 = Instant::now();
+                for [g, u, _] in experts.iter().take(8) {
+                    match mode {
+                        0 => {
+                            rows_dot(&g.matrix(), 0..ffn, &xa.src(), &mut o);
+                            rows_dot(&u.matrix(), 0..ffn, &xa.src(), &mut o);
+                        }
+                        1 => {
+                            for w in [g, u] {
+                                for r in (0..ffn).step_by(16) {
+                                    rows_dot(&w.matrix(), r..r + 16, &xa.src(), &mut o[r..r + 16]);
+                                }
+                            }
+                        }
+                        _ => {
+                            for r in (0..ffn).step_by(16) {
+                                rows_dot(&g.matrix(), r..r + 16, &xa.src(), &mut o[r..r + 16]);
+                                rows_dot(&u.matrix(), r..r + 16, &xa.src(), &mut o[r..r + 16]);
+                            }
+                        }
+                    }
+                }
+                std::hint::black_box(&o);
+                println!(
+                    "round {round} mode {}: {:.0} us for 8 experts' gate and up",
+                    ["whole", "16-row calls", "16-row calls, gate/up alternating"][mode],
+                    t0.elapsed().as_secs_f64() * 1e6
+                );
+            }
+        }
+        return;
+    }
     let team = Team::new(threads, Duration::from_millis(5)).unwrap();
     let mut k = 0usize;
     // CSB_GAP=µs between jobs (200: the decode thread's pace; 0: back to back).

@@ -26,24 +26,28 @@ use super::kernels::{rows_dot, OwnedAct};
 use super::team::TeamJob;
 use super::CpuWeight;
 
-/// Rows of gate (and as many of up) per chunk of phase 1, and of down per chunk of phase 2,
-/// for a team of more than [`FEW_WORKERS`]. On the H100 box (12 workers, moe30b, set with
-/// `FLOWGATE_CPU_CHUNK_ROWS`): 16/64 was the best of 16/64, 32/128 and 64/256 (one expert in
-/// 101–110 µs against 113–129), and the same as the layout before on a second machine.
-const GATE_UP_ROWS: usize = 16;
-const DOWN_ROWS: usize = 64;
-/// A team this small takes larger chunks: on the 2-core VM (2 workers) 64/256 took one expert
-/// in 87 µs, 16/64 in 170 and the layout before in 122.
-const FEW_WORKERS: usize = 4;
-const FEW_GATE_UP_ROWS: usize = 64;
-const FEW_DOWN_ROWS: usize = 256;
+/// Chunks per worker and phase that a job aims at: enough for the team to even out workers
+/// of unequal speed (on the H100 box, 12 threads computing at once ran 1.5–2× apart), few
+/// enough that each chunk's fixed cost stays small (single-threaded, 16-row chunks took ~30%
+/// longer than 256-row ones on the same rows: each chunk starts its own streams).
+const CHUNKS_PER_WORKER: usize = 4;
+/// Bounds on the rows of gate (and as many of up) per chunk of phase 1, and of down per chunk
+/// of phase 2.
+const MIN_GATE_UP_ROWS: usize = 16;
+const MIN_DOWN_ROWS: usize = 64;
 /// The most rows a chunk takes (its results live on the worker's stack).
 const MAX_ROWS: usize = 256;
 
-/// The chunk sizes for the default team, or `FLOWGATE_CPU_CHUNK_ROWS=gate_up,down` (measuring).
-fn chunk_rows() -> (usize, usize) {
-    static ROWS: OnceLock<(usize, usize)> = OnceLock::new();
-    *ROWS.get_or_init(|| {
+/// Rows per chunk (gate and up, down) for `j` experts of `ffn × hidden` on a team of
+/// `workers`: about [`CHUNKS_PER_WORKER`] chunks per worker and phase, in multiples of 16
+/// rows. On the H100 box (12 workers, moe30b) the fixed 16/64 this replaces was the best of
+/// the fixed sizes for one expert, and 25–40% slower than 128–256-row chunks for 4–8.
+/// `FLOWGATE_CPU_CHUNK_ROWS=gate_up,down` fixes them (measuring).
+fn chunk_rows(j: usize, ffn: usize, hidden: usize) -> (usize, usize) {
+    static WORKERS: OnceLock<usize> = OnceLock::new();
+    let workers = *WORKERS.get_or_init(super::team::Team::default_threads);
+    static FIXED: OnceLock<Option<(usize, usize)>> = OnceLock::new();
+    let fixed = *FIXED.get_or_init(|| {
         std::env::var("FLOWGATE_CPU_CHUNK_ROWS")
             .ok()
             .and_then(|v| {
@@ -53,12 +57,19 @@ fn chunk_rows() -> (usize, usize) {
             .filter(|&(a, b): &(usize, usize)| {
                 (1..=MAX_ROWS).contains(&a) && (1..=MAX_ROWS).contains(&b)
             })
-            .unwrap_or(if super::team::Team::default_threads() <= FEW_WORKERS {
-                (FEW_GATE_UP_ROWS, FEW_DOWN_ROWS)
-            } else {
-                (GATE_UP_ROWS, DOWN_ROWS)
-            })
-    })
+    });
+    fixed.unwrap_or_else(|| rows_per_chunk(j, ffn, hidden, workers))
+}
+
+/// [`chunk_rows`] without the override: for `workers`.
+fn rows_per_chunk(j: usize, ffn: usize, hidden: usize, workers: usize) -> (usize, usize) {
+    let per = |rows: usize, min: usize| {
+        (rows * j)
+            .div_ceil(CHUNKS_PER_WORKER * workers.max(1))
+            .next_multiple_of(16)
+            .clamp(min, MAX_ROWS)
+    };
+    (per(ffn, MIN_GATE_UP_ROWS), per(hidden, MIN_DOWN_ROWS))
 }
 
 /// What to do with the sum (or the first failure) once the job is done.
@@ -104,7 +115,7 @@ impl ExpertSum {
             ys: (0..experts.len() * hidden)
                 .map(|_| AtomicU32::new(0))
                 .collect(),
-            rows: chunk_rows(),
+            rows: chunk_rows(experts.len(), ffn, hidden),
             experts,
             ffn,
             hidden,
@@ -286,8 +297,28 @@ mod tests {
     }
 
     /// The team's fused sum equals the one-expert-at-a-time path bit for bit, for K-quant,
-    /// Q8_0 and float experts, in both chunk layouts and a ragged one (row counts that do not
-    /// divide ffn or hidden).
+    /// Q8_0 and float experts, in the chunk layouts of a large and a one-worker team, the
+    /// smallest chunks, and a ragged layout (row counts that do not divide ffn or hidden).
+    /// About four chunks per worker and phase, in multiples of 16 rows, within the bounds
+    /// (moe30b's experts, 768 × 2048, on 12 workers and on 1).
+    #[test]
+    fn chunks_follow_the_experts_and_the_team() {
+        assert_eq!(rows_per_chunk(1, 768, 2048, 12), (16, 64));
+        assert_eq!(rows_per_chunk(2, 768, 2048, 12), (32, 96));
+        assert_eq!(rows_per_chunk(4, 768, 2048, 12), (64, 176));
+        assert_eq!(rows_per_chunk(8, 768, 2048, 12), (128, 256));
+        assert_eq!(rows_per_chunk(1, 768, 2048, 1), (192, 256));
+        // Never below the floor, never above MAX_ROWS, whatever the team.
+        for j in 1..=16 {
+            for w in [1, 2, 12, 64] {
+                let (a, b) = rows_per_chunk(j, 768, 2048, w);
+                assert!((MIN_GATE_UP_ROWS..=MAX_ROWS).contains(&a), "{j} {w}: {a}");
+                assert!((MIN_DOWN_ROWS..=MAX_ROWS).contains(&b), "{j} {w}: {b}");
+                assert!(a % 16 == 0 && b % 16 == 0);
+            }
+        }
+    }
+
     #[test]
     fn expert_sum_matches_swiglu_exactly() {
         let team = Team::new(3, Duration::from_millis(1)).unwrap();
@@ -332,8 +363,9 @@ mod tests {
             }
             assert!(want.iter().any(|v| *v != 0.0), "{dtype}: a zero reference");
             for (gate_up, down) in [
-                (GATE_UP_ROWS, DOWN_ROWS),
-                (FEW_GATE_UP_ROWS, FEW_DOWN_ROWS),
+                rows_per_chunk(3, ffn, hidden, 12),
+                rows_per_chunk(3, ffn, hidden, 1),
+                (MIN_GATE_UP_ROWS, MIN_DOWN_ROWS),
                 (7, 5),
             ] {
                 let slot = Arc::new((Mutex::new(None), Condvar::new()));
