@@ -38,10 +38,11 @@ const MIN_DOWN_ROWS: usize = 64;
 /// The most rows a chunk takes (its results live on the worker's stack).
 const MAX_ROWS: usize = 256;
 
-/// Rows per chunk (gate and up, down) for `j` experts of `ffn × hidden` on a team of
-/// `workers`: about [`CHUNKS_PER_WORKER`] chunks per worker and phase, in multiples of 16
-/// rows. On the H100 box (12 workers, moe30b) the fixed 16/64 this replaces was the best of
-/// the fixed sizes for one expert, and 25–40% slower than 128–256-row chunks for 4–8.
+/// Rows per chunk (gate and up, down) for `j` experts of `ffn × hidden` on the default team
+/// ([`super::team::Team::default_threads`] workers): about [`CHUNKS_PER_WORKER`] chunks per
+/// worker and phase, in multiples of 16 rows. On the H100 box (12 workers, moe30b) the fixed
+/// 16/64 this replaces was the best of the fixed sizes for one expert, and 11–21% slower than
+/// these for 2–8 (cold experts; docs/benchmarks.md, session 20).
 /// `FLOWGATE_CPU_CHUNK_ROWS=gate_up,down` fixes them (measuring).
 fn chunk_rows(j: usize, ffn: usize, hidden: usize) -> (usize, usize) {
     static WORKERS: OnceLock<usize> = OnceLock::new();
