@@ -297,9 +297,6 @@ mod tests {
         CpuBackend.weight(t).unwrap()
     }
 
-    /// The team's fused sum equals the one-expert-at-a-time path bit for bit, for K-quant,
-    /// Q8_0 and float experts, in the chunk layouts of a large and a one-worker team, the
-    /// smallest chunks, and a ragged layout (row counts that do not divide ffn or hidden).
     /// About four chunks per worker and phase, in multiples of 16 rows, within the bounds
     /// (moe30b's experts, 768 × 2048, on 12 workers and on 1).
     #[test]
@@ -320,6 +317,9 @@ mod tests {
         }
     }
 
+    /// The team's fused sum equals the one-expert-at-a-time path bit for bit, for K-quant,
+    /// Q8_0 and float experts, in the chunk layouts of a large and a one-worker team, the
+    /// smallest chunks, and a ragged layout (row counts that do not divide ffn or hidden).
     #[test]
     fn expert_sum_matches_swiglu_exactly() {
         let team = Team::new(3, Duration::from_millis(1)).unwrap();

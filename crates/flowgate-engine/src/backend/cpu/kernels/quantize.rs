@@ -239,8 +239,8 @@ mod tests {
     }
 
     /// The AVX2 quantiser gives the scalar one's blocks bit for bit: random blocks of several
-    /// magnitudes, blocks of ties (values landing on k + 0.5 after scaling), blocks with
-    /// infinities, NaN, zeros, one huge value, and an all-zero block.
+    /// magnitudes, a block of ties (values landing on k + 0.5 after scaling), blocks with NaN
+    /// and signed zeros, a huge value, or infinities, and an all-zero block.
     #[test]
     fn q8k_vector_code_matches_scalar_exactly() {
         use rand::{Rng, SeedableRng};
@@ -264,14 +264,20 @@ mod tests {
                 v
             }
         }));
-        let mut odd: Vec<f32> = (0..256).map(|_| rng.random_range(-2.0f32..2.0)).collect();
-        for (i, v) in [f32::NAN, 0.0, -0.0, f32::INFINITY, f32::NEG_INFINITY, 1e30]
-            .into_iter()
-            .enumerate()
-        {
-            odd[37 * i + 5] = v;
+        // Odd values among random ones, a block for each kind that changes the scale:
+        // NaN (ignored by the maximum, quantised to 0) with zeros of both signs, a huge
+        // value, and infinities (the scale becomes infinite, every quant 0).
+        for odd in [
+            &[f32::NAN, 0.0, -0.0][..],
+            &[1e30, -1e-30],
+            &[f32::INFINITY, f32::NEG_INFINITY],
+        ] {
+            let mut block: Vec<f32> = (0..256).map(|_| rng.random_range(-2.0f32..2.0)).collect();
+            for (i, &v) in odd.iter().enumerate() {
+                block[37 * i + 5] = v;
+            }
+            x.extend(block);
         }
-        x.extend(odd);
         x.extend(std::iter::repeat_n(0.0, 256));
         let n = x.len() / 256;
         let mut a = vec![BlockQ8K::default(); n];
