@@ -825,6 +825,15 @@ fn grid_1d(n: u64, threads: u32) -> LaunchConfig {
     }
 }
 
+/// One block of `threads` (the small bookkeeping kernels: routes, masks, tables).
+fn one_block(threads: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (1, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
 impl CudaBackend {
     /// Opens device `ordinal`, compiles (or loads from the disk cache) the kernels, and sets
     /// the memory budget to the device's free memory less a headroom.
@@ -2564,11 +2573,7 @@ impl Backend for CudaBackend {
         let routed = self.new_buf(2 * k)?;
         self.launch(
             &self.kernels.moe_uniform_routes,
-            LaunchConfig {
-                grid_dim: (1, 1, 1),
-                block_dim: (32, 1, 1),
-                shared_mem_bytes: 0,
-            },
+            one_block(32),
             &[
                 Arg::P(self.recording_step().unwrap_or(0)),
                 Arg::I(pos as i32),

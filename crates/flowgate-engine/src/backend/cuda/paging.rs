@@ -89,7 +89,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use flowgate_cuda::cudarc::driver::{sys, LaunchConfig};
+use flowgate_cuda::cudarc::driver::sys;
 use flowgate_cuda::{Event, HostFlag, HostPin, PinnedBuffer, VmmArena};
 use flowgate_formats::catalog::names;
 use flowgate_formats::{DType, ModelSpec};
@@ -98,7 +98,8 @@ use flowgate_io::AlignedBuf;
 use super::layer_timeline::{LayerTimeline, Mark};
 use super::pinned_tier::{PinnedTier, Resident};
 use super::{
-    cuda_err, dtype_index, grid_1d, lock, Arg, CudaBackend, CudaExperts, CudaWeight, WMem,
+    cuda_err, dtype_index, grid_1d, lock, one_block, Arg, CudaBackend, CudaExperts, CudaWeight,
+    WMem,
 };
 use crate::backend::cpu::experts::ExpertSum;
 use crate::backend::cpu::team::Team;
@@ -221,6 +222,8 @@ pub enum CpuGate {
 }
 
 impl CpuGate {
+    const ALL: [CpuGate; 3] = [CpuGate::Kernel, CpuGate::Stream, CpuGate::Host];
+
     fn from_env() -> CpuGate {
         std::env::var("FLOWGATE_CPU_GATE")
             .ok()
@@ -230,7 +233,7 @@ impl CpuGate {
 
     /// `kernel`, `stream` or `host`.
     pub fn parse(s: &str) -> Result<CpuGate> {
-        [CpuGate::Kernel, CpuGate::Stream, CpuGate::Host]
+        CpuGate::ALL
             .into_iter()
             .find(|g| g.name() == s)
             .ok_or_else(|| {
@@ -247,7 +250,7 @@ impl CpuGate {
     }
 
     fn from_u8(v: u8) -> CpuGate {
-        [CpuGate::Kernel, CpuGate::Stream, CpuGate::Host]
+        CpuGate::ALL
             .into_iter()
             .find(|g| *g as u8 == v)
             .unwrap_or(CpuGate::Host)
@@ -1546,11 +1549,7 @@ impl CudaBackend {
         let (c, nc) = part(h.map(|x| x.0), 4 * hidden);
         self.launch(
             &self.kernels.publish_back,
-            LaunchConfig {
-                grid_dim: (1, 1, 1),
-                block_dim: (256, 1, 1),
-                shared_mem_bytes: 0,
-            },
+            one_block(256),
             &[
                 Arg::P(a),
                 Arg::I(na),
@@ -1742,11 +1741,7 @@ impl CudaBackend {
         let side = cpu_on.then(|| self.side_sample(pager)).flatten();
         self.launch(
             &self.kernels.moe_split_mask,
-            LaunchConfig {
-                grid_dim: (1, 1, 1),
-                block_dim: (32, 1, 1),
-                shared_mem_bytes: 0,
-            },
+            one_block(32),
             &[
                 Arg::P(e.tables.ptr() + 3 * 8 * e.n as u64),
                 Arg::P(ids),
@@ -2351,11 +2346,7 @@ impl CudaBackend {
     pub(super) fn launch_page(&self, e: &CudaExperts, upd: &MoePage, ids: u64, w: u64) {
         self.launch(
             &self.kernels.moe_page,
-            LaunchConfig {
-                grid_dim: (1, 1, 1),
-                block_dim: (PAGE_MAX as u32, 1, 1),
-                shared_mem_bytes: 0,
-            },
+            one_block(PAGE_MAX as u32),
             &[
                 Arg::P(e.tables.ptr()),
                 Arg::I(e.n as i32),
